@@ -1,0 +1,1 @@
+//! marklb Kubernetes API types.

@@ -1,0 +1,45 @@
+// SPDX-License-Identifier: GPL-2.0 OR MIT
+//! Flows, established connections and flow marks.
+
+/// A connection's 5-tuple. IPv4 addresses use word 0 only, the other words are zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    /// Client address, network byte order.
+    pub src_be: [u32; 4],
+    /// VIP address, network byte order.
+    pub dst_be: [u32; 4],
+    /// Client port, network byte order.
+    pub sport_be: u16,
+    /// VIP port, network byte order.
+    pub dport_be: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+
+
+/// Value of the connection table: the real an established flow was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnEntry {
+    pub real_id: u32,
+    /// `RealDef::generation` when the flow was assigned; a mismatch means the real left.
+    pub real_gen: u32,
+}
+const _: () = assert!(core::mem::size_of::<ConnEntry>() == 8);
+
+/// Value of the mark map (`MARKS[mark]`): where packets carrying the mark go.
+/// Per-flow marks identify one connection, per-real marks one (VIP, real) pair; the
+/// datapath treats both the same. `real_id == 0` is an invalid (free) mark.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MarkEntry {
+    pub real_id: u32,
+    /// Must equal the real's current generation, otherwise the mark is stale.
+    pub real_gen: u32,
+    /// VIP whose counters the packet is accounted to.
+    pub vip_id: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<MarkEntry>() == 16);

@@ -1,0 +1,47 @@
+// SPDX-License-Identifier: GPL-2.0 OR MIT
+//! Types and constants shared by the marklb XDP program (`marklb-ebpf`) and user space.
+//!
+//! Every map key and value is defined here exactly once, `#[repr(C)]` with explicit padding
+//! so that it is plain old data on both sides. Addresses and ports are kept in network byte
+//! order (`_be` in field docs) because the datapath copies them straight from packets.
+#![no_std]
+
+pub mod config;
+pub mod consts;
+pub mod counters;
+pub mod event;
+pub mod flow;
+pub mod hash;
+pub mod real;
+pub mod stats;
+pub mod vip;
+
+pub use config::*;
+pub use consts::*;
+pub use counters::Counter;
+pub use event::NewFlowEvent;
+pub use flow::{ConnEntry, FlowKey, MarkEntry};
+pub use real::RealDef;
+pub use stats::TrafficStats;
+pub use vip::{VipKey, VipMeta};
+
+/// Marks a type as plain old data for aya in user space. Each type listed here is
+/// `#[repr(C)]` without implicit padding (checked by the size asserts in its module).
+#[cfg(feature = "user")]
+macro_rules! impl_pod {
+    ($($t:ty),* $(,)?) => { $( unsafe impl aya::Pod for $t {} )* };
+}
+#[cfg(feature = "user")]
+impl_pod!(
+    LbConfig,
+    EventBucket,
+    FlowKey,
+    ConnEntry,
+    MarkEntry,
+    NewFlowEvent,
+    RealDef,
+    TrafficStats,
+    VipKey,
+    VipMeta,
+    BenchFrame,
+);

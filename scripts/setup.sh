@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Installs everything a fresh Debian (bookworm) machine lacks to build and test marklb.
+# Idempotent and quick when everything is already present: each step checks first.
+set -euo pipefail
+
+log() { printf '[setup] %s\n' "$*"; }
+
+APT_PACKAGES=(
+  # eBPF toolchain: bpf-linker links through LLVM 22
+  llvm-22-dev libpolly-22-dev clang-22 libclang-22-dev zlib1g-dev libzstd-dev
+  # network-namespace tests and the demo
+  iproute2 ethtool iputils-ping netcat-openbsd procps
+  # metrics checks
+  prometheus
+)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  log "apt-get install ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # the Debian prometheus package may try to start a service; we run our own instances only.
+  pkill -x prometheus 2>/dev/null || true
+fi
+
+export PATH="$HOME/.cargo/bin:$PATH"
+
+if ! rustup toolchain list | grep -q '^nightly'; then
+  log "rustup toolchain install nightly"
+  rustup toolchain install nightly --profile minimal
+fi
+if ! rustup component list --toolchain nightly --installed | grep -q '^rust-src'; then
+  log "rustup component add rust-src (nightly)"
+  rustup component add rust-src --toolchain nightly
+fi
+for c in rustfmt clippy; do
+  rustup component list --installed | grep -q "^$c" || rustup component add "$c"
+done
+
+if ! command -v bpf-linker >/dev/null || ! bpf-linker --version 2>/dev/null | grep -q '0\.13'; then
+  log "cargo install bpf-linker 0.13 (LLVM 22)"
+  LLVM_PREFIX=/usr/lib/llvm-22 LLVM_SYS_221_PREFIX=/usr/lib/llvm-22 \
+    cargo install bpf-linker --version '^0.13' --locked --no-default-features --features llvm-22
+fi
+
+log "ready"
