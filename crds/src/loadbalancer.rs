@@ -1,0 +1,534 @@
+//! `LoadBalancer` (`marklb.io/v1alpha1`): what a user writes, and what a node agent programs.
+//!
+//! The same spec is three things at once, which is why it is strict and fully defaulted:
+//! the CR users apply, the `lb` field of every `LoadBalancerNodeState` the operator derives from
+//! it, and the standalone config file of `marklb-agent run --config lb.yaml`. Every field has a
+//! serde default (so a three-line manifest is complete) and unknown fields are errors (so a typo
+//! such as `adress` never silently drops a backend).
+//!
+//! Validation lives in three layers that check the same rules where they can:
+//! - [`LoadBalancerSpec::validate`](crate::validate) in Rust, for the agent without an apiserver
+//!   and for the operator before it fans a spec out to nodes;
+//! - the OpenAPI schema bounds (`maxItems`, `minimum`, `pattern`, `enum`, list-map keys), which
+//!   every apiserver enforces, including 1.20;
+//! - CEL `x-kubernetes-validations` (rules below), for what a schema cannot express (IP syntax,
+//!   address families, weight sums, uniqueness of names), on apiservers that know CEL.
+//!
+//! Only the Maglev table size being prime has no apiserver-side rule (CEL has no loop to test
+//! it); the Rust validation catches it and the operator reports it as a condition.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use crate::validate::{IpPrefix, parse_ip, parse_mac, parse_prefix};
+
+/// Most VIPs one LoadBalancer may carry. Bounds the apiserver's CEL cost estimate (rules that
+/// walk `vips` are charged for this many entries) and the size of the datapath's VIP map share.
+pub const MAX_VIPS: usize = 256;
+/// Most backends one VIP may carry (CEL cost bound, and far above any sane Maglev fan-out).
+pub const MAX_BACKENDS_PER_VIP: usize = 1024;
+/// Default Maglev table size: prime, and the size Katran uses (good spread up to ~650 reals).
+pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 65_537;
+/// Smallest accepted Maglev table size (smallest prime that still spreads a handful of reals).
+pub const MIN_MAGLEV_TABLE_SIZE: u32 = 7;
+/// Largest accepted Maglev table size: the first prime above one million; bigger tables only
+/// cost memory and rebuild time per VIP.
+pub const MAX_MAGLEV_TABLE_SIZE: u32 = 1_000_003;
+/// Largest mark capacity: NIC flow marks are 16 bits on mlx5 and mark 0 means "no mark".
+pub const MAX_MARK_CAPACITY: u32 = 65_535;
+/// Longest accepted idle timeout of a flow mark (one day).
+pub const MAX_MARK_IDLE_TIMEOUT_SECONDS: u32 = 86_400;
+/// Smallest accepted MTU: the IPv6 minimum link MTU, so IPv6 reals always work.
+pub const MIN_MTU: u32 = 1280;
+/// Largest accepted MTU: the usual jumbo-frame ceiling of data-centre NICs.
+pub const MAX_MTU: u32 = 9216;
+/// Required prefix length of `encap.sourcePrefixV4`: the datapath fills the low 16 bits of the
+/// outer source address from a hash of the flow (Katran's scheme), so the prefix is exactly /16.
+pub const ENCAP_V4_PREFIX_LEN: u8 = 16;
+/// Required prefix length of `encap.sourcePrefixV6`: the low 32 bits come from the flow hash.
+pub const ENCAP_V6_PREFIX_LEN: u8 = 96;
+/// Default `encap.sourcePrefixV4`.
+pub const DEFAULT_ENCAP_PREFIX_V4: &str = "172.16.0.0/16";
+/// Default `encap.sourcePrefixV6` (`6d6c:62` spells "mlb").
+pub const DEFAULT_ENCAP_PREFIX_V6: &str = "fc00:6d6c:62::/96";
+
+/// Desired state of a load balancer: its VIPs and their backends, and how every selected node's
+/// XDP datapath serves them. Every field has a default.
+// Several `printcolumn(...)` entries repeat `type_ = ...`, which clippy mistakes for duplicates.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "marklb.io",
+    version = "v1alpha1",
+    kind = "LoadBalancer",
+    plural = "loadbalancers",
+    shortname = "mlb",
+    namespaced,
+    status = "LoadBalancerStatus",
+    derive = "PartialEq",
+    doc = "An XDP L4 load balancer: VIPs, their backends, and how nodes program them.",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        description = "Whether every selected node programmed the datapath",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "VIPs",
+        type_ = "string",
+        description = "VIP addresses (kubectl shows the first)",
+        json_path = ".spec.vips[*].address"
+    ),
+    printcolumn(
+        name = "Nodes",
+        type_ = "integer",
+        description = "Nodes whose datapath is ready",
+        json_path = ".status.nodesReady"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[x_kube(
+    validation = Rule::new(
+        "!has(self.vips) || self.vips.all(v, !has(v.name) || self.vips.exists_one(w, has(w.name) && w.name == v.name))"
+    ).message("VIP names must be unique").field_path(".vips"),
+    validation = Rule::new(
+        "!has(self.vips) || !has(self.hashing) || !has(self.hashing.maglevTableSize) || self.vips.all(v, !has(v.backends) || size(v.backends) < self.hashing.maglevTableSize)"
+    ).message("maglevTableSize must exceed the number of backends of every VIP").field_path(".hashing.maglevTableSize"),
+)]
+pub struct LoadBalancerSpec {
+    /// Virtual IPs served by this load balancer. A VIP is identified by address, port and
+    /// protocol; the same address may appear with several ports, and with port 0 (all ports)
+    /// next to specific ports.
+    #[serde(default)]
+    #[schemars(length(max = 256))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["address".into(), "port".into(), "protocol".into()]))]
+    pub vips: Vec<Vip>,
+
+    /// Consistent hashing of new flows onto backends.
+    #[serde(default)]
+    pub hashing: Hashing,
+
+    /// NIC flow-mark acceleration.
+    #[serde(default)]
+    pub flow_marks: FlowMarks,
+
+    /// MTU of the path to the backends and what to do with packets that no longer fit once
+    /// encapsulated.
+    #[serde(default)]
+    pub mtu: Mtu,
+
+    /// Answer ICMP/ICMPv6 echo requests sent to a VIP address from the datapath.
+    #[serde(default = "default_true")]
+    pub icmp_echo: bool,
+
+    /// Where encapsulated packets are sent. When absent (or empty) the agent resolves the
+    /// default gateway of the interface through netlink.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_hop: Option<NextHop>,
+
+    /// Outer source addresses of encapsulated packets.
+    #[serde(default)]
+    pub encap: Encap,
+
+    /// Nodes that serve this load balancer (label selector, all must match). Absent: every
+    /// node the operator's DaemonSet can run on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+
+    /// Network interface to attach to on every node. Absent: the interface of the node's
+    /// default route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 15), regex(pattern = r"^[^/:\s]+$"))]
+    #[x_kube(validation = Rule::new("self != '.' && self != '..'").message("must be a network interface name"))]
+    pub interface: Option<String>,
+}
+
+impl Default for LoadBalancerSpec {
+    fn default() -> Self {
+        Self {
+            vips: Vec::new(),
+            hashing: Hashing::default(),
+            flow_marks: FlowMarks::default(),
+            mtu: Mtu::default(),
+            icmp_echo: true,
+            next_hop: None,
+            encap: Encap::default(),
+            node_selector: None,
+            interface: None,
+        }
+    }
+}
+
+/// One virtual IP: address, port and protocol, and the backends ("reals") behind it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[x_kube(
+    validation = Rule::new(
+        "!has(self.backends) || size(self.backends) == 0 || self.backends.exists(b, !has(b.weight) || b.weight > 0)"
+    ).message("total backend weight must be greater than 0 (a VIP without backends is allowed and drops)").field_path(".backends"),
+    validation = Rule::new(
+        "!isIP(self.address) || ip(self.address).family() == 4 || !has(self.backends) || self.backends.all(b, !isIP(b.address) || ip(b.address).family() == 6)"
+    ).message("an IPv6 VIP needs IPv6 backends").field_path(".backends"),
+    validation = Rule::new(
+        "!has(self.backends) || self.backends.all(b, !isIP(b.address) || ip(b.address).family() == 4) || self.backends.all(b, !isIP(b.address) || ip(b.address).family() == 6)"
+    ).message("backends of one VIP must all be IPv4 or all IPv6").field_path(".backends"),
+)]
+pub struct Vip {
+    /// Optional name, unique within the load balancer; used in metrics and status messages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: Option<String>,
+
+    /// VIP address, IPv4 or IPv6, in canonical form (`10.0.0.1`, `2001:db8::1`).
+    #[schemars(length(max = 45))]
+    #[x_kube(
+        validation = Rule::new("isIP(self)").message("must be an IPv4 or IPv6 address (IPv4-mapped IPv6 is not allowed)"),
+        validation = Rule::new("!isIP(self) || ip.isCanonical(self)").message("must be written in canonical form (lower case, zeros compressed as in RFC 5952)")
+    )]
+    pub address: String,
+
+    /// Destination port; 0 (or omitted) serves every port of the address and protocol.
+    #[serde(default)]
+    pub port: u16,
+
+    /// Transport protocol.
+    #[serde(default)]
+    pub protocol: Protocol,
+
+    /// Backends ("reals") that receive the VIP's flows, encapsulated (IPIP/IP6IP6; an IPv4 VIP
+    /// may use IPv6 reals). Empty: the VIP is served but its packets are dropped.
+    #[serde(default)]
+    #[schemars(length(max = 1024))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["address".into()]))]
+    pub backends: Vec<Backend>,
+}
+
+impl Vip {
+    /// The parsed address; `None` only for a spec that fails [`LoadBalancerSpec::validate`].
+    pub fn ip(&self) -> Option<IpAddr> {
+        parse_ip(&self.address).ok()
+    }
+
+    /// A short human name: the `name` if set, else `address:port/protocol`.
+    pub fn label(&self) -> String {
+        match &self.name {
+            Some(name) => name.clone(),
+            None => self.endpoint(),
+        }
+    }
+
+    /// `10.0.0.1:80/TCP`, `[2001:db8::1]:53/UDP`; port 0 prints as `*`.
+    pub fn endpoint(&self) -> String {
+        let port = match self.port {
+            0 => "*".to_string(),
+            p => p.to_string(),
+        };
+        if self.address.contains(':') {
+            format!("[{}]:{port}/{}", self.address, self.protocol)
+        } else {
+            format!("{}:{port}/{}", self.address, self.protocol)
+        }
+    }
+}
+
+/// One backend ("real") of a VIP.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Backend {
+    /// Backend address, IPv4 or IPv6, in canonical form.
+    #[schemars(length(max = 45))]
+    #[x_kube(
+        validation = Rule::new("isIP(self)").message("must be an IPv4 or IPv6 address (IPv4-mapped IPv6 is not allowed)"),
+        validation = Rule::new("!isIP(self) || ip.isCanonical(self)").message("must be written in canonical form (lower case, zeros compressed as in RFC 5952)")
+    )]
+    pub address: String,
+
+    /// Relative share of new flows. 0 drains the backend: it gets no new flows, while flows it
+    /// already serves stay until they end (they are found in the LRU or by their mark).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+impl Backend {
+    /// The parsed address; `None` only for a spec that fails [`LoadBalancerSpec::validate`].
+    pub fn ip(&self) -> Option<IpAddr> {
+        parse_ip(&self.address).ok()
+    }
+}
+
+/// Transport protocol of a VIP.
+#[derive(
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+)]
+pub enum Protocol {
+    #[default]
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "UDP")]
+    Udp,
+}
+
+impl Protocol {
+    /// The IP protocol number (`IPPROTO_TCP`, `IPPROTO_UDP`), as the datapath keys VIPs.
+    pub fn ip_proto(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+        }
+    }
+
+    /// `TCP` or `UDP`, as written in the spec.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Consistent hashing settings.
+#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Hashing {
+    /// Entries of each VIP's Maglev lookup table. Must be a prime (Maglev's permutation needs
+    /// it), greater than the VIP's number of backends, between 7 and 1000003. Larger tables
+    /// spread load more evenly and disrupt fewer flows when backends change.
+    #[schemars(range(min = 7, max = 1_000_003))]
+    pub maglev_table_size: u32,
+}
+
+impl Default for Hashing {
+    fn default() -> Self {
+        Self {
+            maglev_table_size: DEFAULT_MAGLEV_TABLE_SIZE,
+        }
+    }
+}
+
+/// NIC flow-mark acceleration settings.
+#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct FlowMarks {
+    /// What one mark identifies: PerFlow, PerReal, or "Off" (quote it: YAML 1.1 parsers such as
+    /// kubectl's read a bare Off as false).
+    pub scope: MarkScope,
+
+    /// Most marks in use at once on a node (marks are 16-bit on mlx5, and 0 means no mark).
+    #[schemars(range(min = 1, max = 65_535))]
+    pub capacity: u32,
+
+    /// A mark unused for this long is released and its NIC rule removed.
+    #[schemars(range(min = 1, max = 86_400))]
+    pub idle_timeout_seconds: u32,
+}
+
+impl Default for FlowMarks {
+    fn default() -> Self {
+        Self {
+            scope: MarkScope::PerFlow,
+            capacity: MAX_MARK_CAPACITY,
+            idle_timeout_seconds: 30,
+        }
+    }
+}
+
+/// What one NIC flow mark identifies. Write `Off` quoted (`scope: "Off"`): YAML 1.1 parsers,
+/// kubectl's among them, read a bare `Off` as the boolean false.
+#[derive(
+    Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Hash,
+)]
+pub enum MarkScope {
+    /// One mark per connection: exact, one mark-map entry per flow.
+    #[default]
+    PerFlow,
+    /// One mark per (VIP, backend): few, cache-hot mark-map entries; the NIC rule still
+    /// matches the flow's 5-tuple.
+    PerReal,
+    /// No marks: every packet takes the normal (LRU or Maglev) path.
+    Off,
+}
+
+/// MTU settings.
+#[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Mtu {
+    /// MTU of the path from this node to the backends, in bytes.
+    #[schemars(range(min = 1280, max = 9216))]
+    pub size: u32,
+
+    /// What to do with a packet that exceeds `size` once encapsulated.
+    pub too_big: TooBig,
+}
+
+impl Default for Mtu {
+    fn default() -> Self {
+        Self {
+            size: 1500,
+            too_big: TooBig::Icmp,
+        }
+    }
+}
+
+/// Handling of packets too big to encapsulate.
+#[derive(
+    Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Hash,
+)]
+pub enum TooBig {
+    /// Answer with ICMP "fragmentation needed" / ICMPv6 "packet too big" so the client lowers
+    /// its path MTU.
+    #[default]
+    Icmp,
+    /// Drop silently (and count).
+    Drop,
+}
+
+/// Where encapsulated packets go: the L2 next hop of the load balancer node.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NextHop {
+    /// Destination MAC address, `aa:bb:cc:dd:ee:ff`. Takes precedence over `address`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$"))]
+    pub mac: Option<String>,
+
+    /// Next-hop IP address whose MAC the agent resolves (neighbour table).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 45))]
+    #[x_kube(
+        validation = Rule::new("isIP(self)").message("must be an IPv4 or IPv6 address (IPv4-mapped IPv6 is not allowed)"),
+        validation = Rule::new("!isIP(self) || ip.isCanonical(self)").message("must be written in canonical form (lower case, zeros compressed as in RFC 5952)")
+    )]
+    pub address: Option<String>,
+}
+
+impl NextHop {
+    /// The parsed MAC; `None` if unset (or invalid, which validation rejects).
+    pub fn mac_bytes(&self) -> Option<[u8; 6]> {
+        self.mac.as_deref().and_then(|m| parse_mac(m).ok())
+    }
+
+    /// The parsed next-hop address; `None` if unset (or invalid, which validation rejects).
+    pub fn ip(&self) -> Option<IpAddr> {
+        self.address.as_deref().and_then(|a| parse_ip(a).ok())
+    }
+}
+
+/// Outer source addresses of encapsulated packets. Reals see these as the tunnel source; the
+/// low bits vary per flow so that NIC receive-side scaling on the reals spreads the flows.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Encap {
+    /// IPv4 prefix (exactly /16, no host bits) for IPIP outer source addresses.
+    #[serde(default = "default_prefix_v4")]
+    #[schemars(length(max = 18))]
+    #[x_kube(validation = Rule::new(
+        "isCIDR(self) && cidr(self).ip().family() == 4 && cidr(self).prefixLength() == 16 && cidr(self).masked() == cidr(self)"
+    ).message("sourcePrefixV4 must be an IPv4 prefix of length 16 without host bits, e.g. 172.16.0.0/16"))]
+    pub source_prefix_v4: String,
+
+    /// IPv6 prefix (exactly /96, no host bits) for IP6IP6 outer source addresses.
+    #[serde(default = "default_prefix_v6")]
+    #[schemars(length(max = 43))]
+    #[x_kube(validation = Rule::new(
+        "isCIDR(self) && cidr(self).ip().family() == 6 && cidr(self).prefixLength() == 96 && cidr(self).masked() == cidr(self)"
+    ).message("sourcePrefixV6 must be an IPv6 prefix of length 96 without host bits, e.g. fc00:6d6c:62::/96"))]
+    pub source_prefix_v6: String,
+}
+
+impl Default for Encap {
+    fn default() -> Self {
+        Self {
+            source_prefix_v4: default_prefix_v4(),
+            source_prefix_v6: default_prefix_v6(),
+        }
+    }
+}
+
+impl Encap {
+    /// The parsed IPv4 prefix; `None` only for a spec that fails validation.
+    pub fn v4_prefix(&self) -> Option<IpPrefix> {
+        parse_prefix(&self.source_prefix_v4).ok()
+    }
+
+    /// The parsed IPv6 prefix; `None` only for a spec that fails validation.
+    pub fn v6_prefix(&self) -> Option<IpPrefix> {
+        parse_prefix(&self.source_prefix_v6).ok()
+    }
+}
+
+/// Observed state of a LoadBalancer, rolled up by the operator from its node states.
+// Not `deny_unknown_fields`: an older operator must be able to read a newer status.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadBalancerStatus {
+    /// `metadata.generation` of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// `Ready`, `Programmed`, `Offloaded`, `Degraded`, `Conflict` (see `conditions`).
+    #[serde(default)]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+
+    /// Nodes selected by `nodeSelector` (one LoadBalancerNodeState each).
+    #[serde(default)]
+    pub nodes_desired: u32,
+
+    /// Selected nodes whose datapath is attached and programmed with the current generation.
+    #[serde(default)]
+    pub nodes_ready: u32,
+
+    /// Ready nodes whose NIC accepted flow-mark rules.
+    #[serde(default)]
+    pub nodes_offloaded: u32,
+
+    /// Flow marks in use, summed over nodes.
+    #[serde(default)]
+    pub marks_in_use: u64,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+fn default_prefix_v4() -> String {
+    DEFAULT_ENCAP_PREFIX_V4.to_string()
+}
+
+fn default_prefix_v6() -> String {
+    DEFAULT_ENCAP_PREFIX_V6.to_string()
+}
