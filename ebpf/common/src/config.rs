@@ -9,6 +9,8 @@ pub const CFG_F_ENABLED: u32 = 1 << 0;
 pub const CFG_F_ICMP_TOO_BIG: u32 = 1 << 1;
 /// Answer ICMP / ICMPv6 echo requests sent to a VIP address.
 pub const CFG_F_ICMP_ECHO: u32 = 1 << 2;
+/// Emit new-flow events (flow marks are on).
+pub const CFG_F_EVENTS: u32 = 1 << 3;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -25,21 +27,24 @@ pub struct LbConfig {
     pub encap_src_v4_be: u32,
     /// Outer IPv6 source prefix (/96, network byte order); the last word comes from the flow.
     pub encap_src_v6_be: [u32; 4],
-    /// New-flow events allowed per second per CPU (0: no events, e.g. marks are off).
-    pub events_per_sec: u32,
+    /// Minimum spacing of new-flow events per CPU, in ns (`1e9 / events per second`;
+    /// 0 with `CFG_F_EVENTS`: unlimited).
+    pub event_interval_ns: u32,
     /// Burst of events a CPU may emit at once.
     pub events_burst: u32,
 }
-const _: () = assert!(core::mem::size_of::<LbConfig>() == 48);
+const _: () = assert!(core::mem::size_of::<LbConfig>() == 44);
 
-/// Per-CPU token bucket that bounds new-flow events (a SYN flood must not starve user space).
+/// Per-CPU limiter state for new-flow events (a SYN flood must not starve user space).
+/// It is GCRA: each event pushes the theoretical arrival time forward by one interval
+/// (`event_interval_ns`); an event is allowed while that time stays within
+/// `events_burst` intervals of now.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EventBucket {
-    /// Tokens available, in events.
-    pub tokens: u64,
-    /// Last refill time (`bpf_ktime_get_ns`).
-    pub last_ns: u64,
+    /// Theoretical arrival time of the next event (`bpf_ktime_get_ns` clock).
+    pub tat_ns: u64,
+    pub _reserved: u64,
 }
 const _: () = assert!(core::mem::size_of::<EventBucket>() == 16);
 
@@ -55,10 +60,14 @@ pub struct BenchFrame {
     pub flows: u32,
     /// Byte offset of the 16-bit source port that varies (network byte order).
     pub sport_off: u32,
-    /// Whether the mark follows the flow (`mark + i`), for per-flow marks with many flows.
-    pub mark_per_flow: u32,
+    /// Byte offset of the low 16 bits of the source address; flow `i` adds `i >> 16`
+    /// there, so more than 65,536 flows stay distinct.
+    pub saddr_off: u32,
+    /// With many flows, flow `i` carries mark `mark + i % mark_span` (0: always `mark`):
+    /// `flows` for per-flow marks, the number of reals for per-real marks.
+    pub mark_span: u32,
     /// Repetition counter (wrapper-owned).
     pub seq: u32,
     pub data: [u8; crate::consts::BENCH_FRAME_MAX],
 }
-const _: () = assert!(core::mem::size_of::<BenchFrame>() == 24 + crate::consts::BENCH_FRAME_MAX);
+const _: () = assert!(core::mem::size_of::<BenchFrame>() == 28 + crate::consts::BENCH_FRAME_MAX);

@@ -10,7 +10,7 @@ pub const MAX_VIP_ADDRS: u32 = 4096;
 pub const MAX_REALS: u32 = 4096;
 /// Flow marks; mlx5 delivers 16-bit marks, and mark 0 means "unknown flow".
 pub const MAX_MARKS: u32 = 1 << 16;
-/// Default size (entries, u32 real ids) of the shared Maglev ring storage.
+/// Default size (slots, one u32 real id each; even) of the shared Maglev ring storage.
 pub const DEFAULT_RING_CAPACITY: u32 = 1 << 22;
 /// Default connection-table size (established flows).
 pub const DEFAULT_CONN_TABLE_SIZE: u32 = 1 << 18;
@@ -32,6 +32,7 @@ pub mod map_names {
     pub const CONFIG: &str = "CONFIG";
     pub const VIPS: &str = "VIPS";
     pub const VIP_ADDRS: &str = "VIP_ADDRS";
+    pub const VIP_GENS: &str = "VIP_GENS";
     pub const REALS: &str = "REALS";
     pub const RINGS: &str = "RINGS";
     pub const CONN_TABLE: &str = "CONN_TABLE";

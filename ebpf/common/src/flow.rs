@@ -19,15 +19,20 @@ pub struct FlowKey {
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 
 
-/// Value of the connection table: the real an established flow was sent to.
+/// Value of the connection table: the real an established flow was sent to, and its VIP,
+/// so an established packet needs no VIP lookup (the VIP's generation proves it is
+/// still there).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnEntry {
     pub real_id: u32,
     /// `RealDef::generation` when the flow was assigned; a mismatch means the real left.
     pub real_gen: u32,
+    pub vip_id: u32,
+    /// `VipMeta::generation` when the flow was assigned; a mismatch means the VIP left.
+    pub vip_gen: u32,
 }
-const _: () = assert!(core::mem::size_of::<ConnEntry>() == 8);
+const _: () = assert!(core::mem::size_of::<ConnEntry>() == 16);
 
 /// Value of the mark map (`MARKS[mark]`): where packets carrying the mark go.
 /// Per-flow marks identify one connection, per-real marks one (VIP, real) pair; the

@@ -21,7 +21,7 @@ pub use consts::*;
 pub use counters::Counter;
 pub use event::NewFlowEvent;
 pub use flow::{ConnEntry, FlowKey, MarkEntry};
-pub use real::RealDef;
+pub use real::{REAL_F_IPV6, RealDef};
 pub use stats::TrafficStats;
 pub use vip::{VipKey, VipMeta};
 

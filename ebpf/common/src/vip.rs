@@ -26,7 +26,8 @@ pub struct VipMeta {
     pub ring_off: u32,
     /// Maglev table size (a prime); 0 means the VIP has no reals and drops.
     pub ring_size: u32,
-    /// Reserved for per-VIP options; written as 0.
-    pub flags: u32,
+    /// Generation of the `vip_id` slot (also in `VIP_GENS[vip_id]`): connection-table
+    /// entries remember it, so flows of a removed VIP never use a reused slot.
+    pub generation: u32,
 }
 const _: () = assert!(core::mem::size_of::<VipMeta>() == 16);

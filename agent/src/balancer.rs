@@ -1,0 +1,303 @@
+//! Programming VIPs, reals and Maglev rings into the datapath.
+//!
+//! Invariants that keep every packet on a valid real while things change:
+//! - a VIP's ring is written into a fresh region and switched in with one VIP-map update
+//!   (hash map updates replace the whole value), then the old region is freed;
+//! - a real's slot is cleared only after no ring references it, and cleared slots get a
+//!   new generation when reused, so connection-table entries and marks that remember the
+//!   old generation can never reach whoever holds the slot next;
+//! - a real that is still listed (even drained, weight 0) keeps its slot, so established
+//!   flows to it keep their real.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+};
+
+use marklb_common::{
+    IPPROTO_TCP, IPPROTO_UDP, MAX_REALS, MAX_VIPS, REAL_F_IPV6, RealDef, VipKey, VipMeta,
+};
+
+use crate::{
+    datapath::{Datapath, DatapathError, Result},
+    maglev::{self, Backend},
+    ring_alloc::RingAllocator,
+};
+
+/// Network-order address words as the datapath stores them (IPv4: word 0 only).
+pub fn addr_words(addr: IpAddr) -> [u32; 4] {
+    match addr {
+        IpAddr::V4(a) => [u32::from_ne_bytes(a.octets()), 0, 0, 0],
+        IpAddr::V6(a) => {
+            let o = a.octets();
+            let w = |i: usize| u32::from_ne_bytes(o[i..i + 4].try_into().expect("4 bytes"));
+            [w(0), w(4), w(8), w(12)]
+        }
+    }
+}
+
+/// The inverse of [`addr_words`]; `v6` says which family the words hold.
+pub fn words_addr(w: &[u32; 4], v6: bool) -> IpAddr {
+    if v6 {
+        let mut o = [0u8; 16];
+        for i in 0..4 {
+            o[i * 4..i * 4 + 4].copy_from_slice(&w[i].to_ne_bytes());
+        }
+        IpAddr::from(o)
+    } else {
+        IpAddr::from(w[0].to_ne_bytes())
+    }
+}
+
+/// A VIP's identity: address, port (0 = all ports) and protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VipId {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub proto: u8,
+}
+
+impl VipId {
+    pub fn tcp(addr: IpAddr, port: u16) -> Self {
+        Self { addr, port, proto: IPPROTO_TCP }
+    }
+
+    pub fn udp(addr: IpAddr, port: u16) -> Self {
+        Self { addr, port, proto: IPPROTO_UDP }
+    }
+
+    pub fn key(&self) -> VipKey {
+        VipKey {
+            addr_be: addr_words(self.addr),
+            port_be: self.port.to_be(),
+            proto: self.proto,
+            _pad: 0,
+        }
+    }
+}
+
+/// A real whose last reference went away: its slot is cleared by [`Balancer::retire`]
+/// once its marks are invalidated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetiringReal {
+    pub addr: IpAddr,
+    pub id: u32,
+    pub generation: u32,
+}
+
+#[derive(Clone, Debug)]
+struct RealSlot {
+    id: u32,
+    generation: u32,
+    refs: u32,
+}
+
+#[derive(Clone, Debug)]
+struct VipState {
+    vip_id: u32,
+    generation: u32,
+    /// Ring region (offset, size); None when the VIP has no live backend.
+    ring: Option<(u32, u32)>,
+    backends: Vec<Backend>,
+    table_size: u32,
+}
+
+/// User-space model of what is programmed, kept in step with the maps.
+#[derive(Debug)]
+pub struct Balancer {
+    reals: HashMap<IpAddr, RealSlot>,
+    free_real_ids: Vec<u32>,
+    /// Last generation handed to a real or VIP slot (one counter serves both).
+    last_generation: u32,
+    vips: HashMap<VipId, VipState>,
+    free_vip_ids: Vec<u32>,
+    rings: RingAllocator,
+}
+
+impl Balancer {
+    /// A balancer for an empty datapath.
+    pub fn new(dp: &Datapath) -> Self {
+        Self {
+            reals: HashMap::new(),
+            // Popped from the end: hand out low ids first. Id 0 is never used.
+            free_real_ids: (1..MAX_REALS.min(dp.reals_capacity())).rev().collect(),
+            last_generation: 0,
+            vips: HashMap::new(),
+            free_vip_ids: (0..MAX_VIPS).rev().collect(),
+            rings: RingAllocator::new(dp.ring_capacity()),
+        }
+    }
+
+    pub fn vip_count(&self) -> usize {
+        self.vips.len()
+    }
+
+    pub fn real_count(&self) -> usize {
+        self.reals.len()
+    }
+
+    /// The slot id of a real, if it is programmed.
+    pub fn real_id(&self, addr: &IpAddr) -> Option<u32> {
+        self.reals.get(addr).map(|r| r.id)
+    }
+
+    /// The stats slot of a VIP, if it is programmed.
+    pub fn vip_stats_id(&self, vip: &VipId) -> Option<u32> {
+        self.vips.get(vip).map(|v| v.vip_id)
+    }
+
+    pub fn vip_ids(&self) -> impl Iterator<Item = &VipId> {
+        self.vips.keys()
+    }
+
+    pub fn backends(&self, vip: &VipId) -> Option<&[Backend]> {
+        self.vips.get(vip).map(|v| v.backends.as_slice())
+    }
+
+    fn next_generation(&mut self) -> u32 {
+        self.last_generation = self.last_generation.wrapping_add(1).max(1);
+        self.last_generation
+    }
+
+    fn acquire_real(&mut self, dp: &mut Datapath, addr: IpAddr) -> Result<u32> {
+        if let Some(slot) = self.reals.get_mut(&addr) {
+            slot.refs += 1;
+            return Ok(slot.id);
+        }
+        let id = self
+            .free_real_ids
+            .pop()
+            .ok_or_else(|| DatapathError::Capacity(format!("more than {} reals", MAX_REALS - 1)))?;
+        let generation = self.next_generation();
+        let def = RealDef {
+            addr_be: addr_words(addr),
+            flags: if addr.is_ipv6() { REAL_F_IPV6 } else { 0 },
+            generation,
+        };
+        dp.reset_stats(None, Some(id))?;
+        dp.set_real(id, &def)?;
+        self.reals.insert(addr, RealSlot { id, generation, refs: 1 });
+        Ok(id)
+    }
+
+    /// Drops one reference; returns the real if that was the last one.
+    fn release_real(&mut self, addr: &IpAddr) -> Option<RetiringReal> {
+        let slot = self.reals.get_mut(addr)?;
+        slot.refs -= 1;
+        if slot.refs > 0 {
+            return None;
+        }
+        let slot = self.reals.remove(addr)?;
+        Some(RetiringReal { addr: *addr, id: slot.id, generation: slot.generation })
+    }
+
+    /// Clears the slots of reals that left (after their marks were invalidated): packets of
+    /// flows that still point at them take the normal path and get a current real.
+    pub fn retire(&mut self, dp: &mut Datapath, leaving: &[RetiringReal]) -> Result<()> {
+        for r in leaving {
+            dp.set_real(r.id, &RealDef::default())?;
+            self.free_real_ids.push(r.id);
+        }
+        Ok(())
+    }
+
+    /// Programs a VIP with these backends (new, or replacing its previous backends) and
+    /// returns the reals no VIP uses any more (pass them to [`Balancer::retire`]).
+    pub fn set_vip(
+        &mut self,
+        dp: &mut Datapath,
+        vip: VipId,
+        backends: &[Backend],
+        table_size: u32,
+    ) -> Result<Vec<RetiringReal>> {
+        if !maglev::is_prime(table_size) {
+            return Err(DatapathError::Capacity(format!("Maglev table size {table_size} is not prime")));
+        }
+        let existing = self.vips.get(&vip).cloned();
+        let (vip_id, generation) = match &existing {
+            Some(s) => (s.vip_id, s.generation),
+            None => {
+                let id = *self
+                    .free_vip_ids
+                    .last()
+                    .ok_or_else(|| DatapathError::Capacity(format!("more than {MAX_VIPS} VIPs")))?;
+                (id, self.next_generation())
+            }
+        };
+
+        // New references first, so a real in both the old and new lists keeps its slot.
+        let mut ids = Vec::with_capacity(backends.len());
+        for b in backends {
+            ids.push(self.acquire_real(dp, b.addr)?);
+        }
+        let table = maglev::build_table(backends, table_size);
+        let ring = if table.is_empty() {
+            None
+        } else {
+            let ring: Vec<u32> = table.iter().map(|&i| ids[i as usize]).collect();
+            let off = self.rings.alloc(table_size).ok_or_else(|| {
+                DatapathError::Capacity(format!(
+                    "ring storage full: {} free entries, {table_size} needed",
+                    self.rings.free_entries()
+                ))
+            })?;
+            dp.write_ring(off, &ring)?;
+            Some((off, table_size))
+        };
+        let meta = VipMeta {
+            vip_id,
+            ring_off: ring.map_or(0, |r| r.0),
+            ring_size: ring.map_or(0, |r| r.1),
+            generation,
+        };
+        let key = vip.key();
+        if existing.is_none() {
+            self.free_vip_ids.pop();
+            dp.reset_stats(Some(vip_id), None)?;
+            dp.set_vip_gen(vip_id, generation)?;
+        }
+        dp.set_vip(&key, &meta)?;
+        if existing.is_none() {
+            let refs = dp.vip_addr_refs(&key.addr_be);
+            dp.set_vip_addr_refs(&key.addr_be, refs + 1)?;
+        }
+
+        let mut leaving = Vec::new();
+        if let Some(old) = existing {
+            if let Some((off, len)) = old.ring {
+                self.rings.free(off, len);
+            }
+            for b in &old.backends {
+                leaving.extend(self.release_real(&b.addr));
+            }
+        }
+        self.vips.insert(
+            vip,
+            VipState { vip_id, generation, ring, backends: backends.to_vec(), table_size },
+        );
+        Ok(leaving)
+    }
+
+    /// Removes a VIP; returns the reals no VIP uses any more.
+    pub fn remove_vip(&mut self, dp: &mut Datapath, vip: &VipId) -> Result<Vec<RetiringReal>> {
+        let Some(state) = self.vips.remove(vip) else {
+            return Ok(Vec::new());
+        };
+        let key = vip.key();
+        dp.remove_vip(&key)?;
+        // Established flows of the VIP stop here: their entries name an old generation.
+        dp.set_vip_gen(state.vip_id, 0)?;
+        let refs = dp.vip_addr_refs(&key.addr_be);
+        dp.set_vip_addr_refs(&key.addr_be, refs.saturating_sub(1))?;
+        if let Some((off, len)) = state.ring {
+            self.rings.free(off, len);
+        }
+        self.free_vip_ids.push(state.vip_id);
+        Ok(state.backends.iter().filter_map(|b| self.release_real(&b.addr)).collect())
+    }
+
+    /// The Maglev table size a VIP was programmed with.
+    pub fn table_size(&self, vip: &VipId) -> Option<u32> {
+        self.vips.get(vip).map(|v| v.table_size)
+    }
+}

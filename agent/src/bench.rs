@@ -1,0 +1,365 @@
+//! `marklb-agent bench`: ns/packet of every datapath path, measured with
+//! `BPF_PROG_TEST_RUN` in one run, next to a floor measured the same way.
+//!
+//! Each repetition must see the original frame: the `marklb_bench_restore` wrapper puts it
+//! back (with the mark, and a varying source port for many-flow runs) and tail-calls the
+//! program under test. The wrapper in front of the trivial program is the floor that is
+//! subtracted. After each measurement the path counters must show that every repetition
+//! took the measured path; otherwise the benchmark fails instead of printing a wrong figure.
+
+use std::{
+    net::IpAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use marklb_common::{
+    BENCH_FRAME_MAX, BenchFrame, CFG_F_ENABLED, CFG_F_EVENTS, CFG_F_ICMP_ECHO, CFG_F_ICMP_TOO_BIG, Counter,
+    LbConfig, MarkEntry,
+};
+use serde::Serialize;
+
+use crate::{
+    balancer::{Balancer, VipId, addr_words},
+    datapath::{Datapath, LoadOptions, Prog},
+    maglev::Backend,
+    packet::FrameSpec,
+};
+
+/// Benchmark settings.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// Repetitions per measurement.
+    pub repeat: u32,
+    /// Measurements per figure (the median is reported).
+    pub rounds: u32,
+    /// Distinct flows of the many-flows variant.
+    pub flows: u32,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        Self { repeat: 1_000_000, rounds: 5, flows: 50_000 }
+    }
+}
+
+/// One measured figure.
+#[derive(Clone, Debug, Serialize)]
+pub struct Figure {
+    pub family: &'static str,
+    pub path: &'static str,
+    pub flows: u32,
+    /// Median ns per packet, wrapper included where the path needs it.
+    pub ns: f64,
+    /// ns above the floor measured the same way.
+    pub above_floor: f64,
+    /// above_floor(established) / above_floor(this path), same family and flow count.
+    pub speedup_vs_established: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub repeat: u32,
+    pub rounds: u32,
+    /// The trivial program alone (no wrapper).
+    pub trivial_ns: f64,
+    /// Wrapper + trivial program: the floor subtracted from wrapped paths.
+    pub floor_ns: f64,
+    pub figures: Vec<Figure>,
+    pub events_sent: u64,
+    pub events_lost: u64,
+}
+
+const REALS: u8 = 10;
+const BASE_SPORT: u16 = 10_000;
+
+struct Family {
+    name: &'static str,
+    client: IpAddr,
+    vip: IpAddr,
+    other: IpAddr,
+    reals: Vec<IpAddr>,
+}
+
+fn families() -> [Family; 2] {
+    [
+        Family {
+            name: "ipv4",
+            client: "192.0.2.10".parse().expect("ip"),
+            vip: "10.0.0.10".parse().expect("ip"),
+            other: "10.0.0.99".parse().expect("ip"),
+            reals: (1..=REALS).map(|i| format!("10.1.0.{i}").parse().expect("ip")).collect(),
+        },
+        Family {
+            name: "ipv6",
+            client: "2001:db8::10".parse().expect("ip"),
+            vip: "2001:db8:f::10".parse().expect("ip"),
+            other: "2001:db8:f::99".parse().expect("ip"),
+            reals: (1..=REALS).map(|i| format!("2001:db8:1::{i}").parse().expect("ip")).collect(),
+        },
+    ]
+}
+
+fn bench_config() -> LbConfig {
+    LbConfig {
+        flags: CFG_F_ENABLED | CFG_F_ICMP_ECHO | CFG_F_ICMP_TOO_BIG | CFG_F_EVENTS,
+        mtu: 1500,
+        next_hop_mac: [0x02, 0, 0, 0, 0, 0xfe],
+        encap_src_v4_be: u32::from_be_bytes([172, 16, 0, 0]).to_be(),
+        encap_src_v6_be: addr_words("fc00:6d6c:62::".parse().expect("ip")),
+        // Every new flow emits an event (the worst case for the new-flow path): the
+        // limiter runs but never refuses.
+        event_interval_ns: 1,
+        events_burst: u32::MAX,
+        ..Default::default()
+    }
+}
+
+/// A frame padded to a multiple of 8 bytes (the wrapper copies 8 bytes at a time).
+fn bench_frame(spec: &FrameSpec) -> Result<BenchFrame> {
+    let mut bytes = spec.build();
+    bytes.resize(bytes.len().div_ceil(8) * 8, 0);
+    ensure!(bytes.len() <= BENCH_FRAME_MAX, "frame of {} bytes too long", bytes.len());
+    let mut data = [0u8; BENCH_FRAME_MAX];
+    data[..bytes.len()].copy_from_slice(&bytes);
+    // Source port right after the IP header; low 16 bits of the source address at the
+    // end of the address field.
+    let (sport_off, saddr_off) = if spec.src.is_ipv6() { (14 + 40, 14 + 8 + 14) } else { (14 + 20, 14 + 12 + 2) };
+    Ok(BenchFrame {
+        len: bytes.len() as u32,
+        mark: 0,
+        flows: 1,
+        sport_off,
+        saddr_off,
+        mark_span: 0,
+        seq: 0,
+        data,
+    })
+}
+
+struct Bench<'a> {
+    dp: &'a mut Datapath,
+    opts: &'a BenchOptions,
+}
+
+impl Bench<'_> {
+    /// Median ns/packet of `target` behind the wrapper, checking that `expect` counted
+    /// every repetition.
+    fn wrapped(&mut self, target: Prog, frame: &BenchFrame, expect: &[Counter]) -> Result<f64> {
+        self.dp.set_bench_target(target)?;
+        let mut samples = Vec::new();
+        for _ in 0..self.opts.rounds {
+            self.dp.set_bench_frame(frame)?;
+            let before = self.dp.counters()?;
+            let input = &frame.data[..frame.len as usize];
+            let r = self.dp.test_run_repeat(Prog::BenchRestore, input, None, self.opts.repeat)?;
+            let delta = self.dp.counters()?.since(&before);
+            for c in expect {
+                let got = delta.get(*c);
+                if got != self.opts.repeat as u64 {
+                    bail!(
+                        "path check failed for {target:?}: {} counted {got} of {} repetitions \
+                         (action {}, all counters: {:?})",
+                        c.label(),
+                        self.opts.repeat,
+                        r.action,
+                        delta.0.iter().filter(|(_, v)| **v > 0).collect::<Vec<_>>()
+                    );
+                }
+            }
+            samples.push(r.ns_per_run as f64);
+        }
+        Ok(median(samples))
+    }
+
+    fn direct(&mut self, prog: Prog, frame: &[u8]) -> Result<f64> {
+        let mut samples = Vec::new();
+        for _ in 0..self.opts.rounds {
+            samples.push(self.dp.test_run_repeat(prog, frame, None, self.opts.repeat)?.ns_per_run as f64);
+        }
+        Ok(median(samples))
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Drains new-flow events on another thread while the kernel produces them.
+struct EventDrain {
+    stop: Arc<AtomicBool>,
+    seen: Arc<AtomicU64>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EventDrain {
+    fn start(dp: &mut Datapath) -> Result<Self> {
+        let mut reader = dp.take_events().context("event ring already taken")?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(AtomicU64::new(0));
+        let (s, n) = (stop.clone(), seen.clone());
+        let handle = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let mut got = 0;
+                while reader.next().is_some() {
+                    got += 1;
+                }
+                n.fetch_add(got, Ordering::Relaxed);
+                if got == 0 {
+                    std::thread::sleep(std::time::Duration::from_micros(50));
+                }
+            }
+        });
+        Ok(Self { stop, seen, handle: Some(handle) })
+    }
+
+    fn stop(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+        self.seen.load(Ordering::Relaxed)
+    }
+}
+
+/// Runs the whole benchmark.
+pub fn run(opts: &BenchOptions) -> Result<Report> {
+    ensure!(opts.flows >= 2 && opts.flows <= 60_000, "--flows must be within 2..=60000");
+    let mut dp = Datapath::load(&LoadOptions::default())
+        .context("loading the datapath (the benchmark needs root and bpf())")?;
+    dp.set_config(&bench_config())?;
+    let mut lb = Balancer::new(&dp);
+    let drain = EventDrain::start(&mut dp)?;
+
+    let mut bench = Bench { dp: &mut dp, opts };
+    let trivial_ns = bench.direct(Prog::BenchTrivial, &FrameSpec::tcp(families()[0].client, 1, families()[0].vip, 80, true).build())?;
+    let mut figures = Vec::new();
+    let mut floor_ns = 0.0;
+
+    for (fi, fam) in families().iter().enumerate() {
+        let vip = VipId::tcp(fam.vip, 80);
+        let backends: Vec<Backend> = fam.reals.iter().map(|&addr| Backend { addr, weight: 1 }).collect();
+        let leaving = lb.set_vip(bench.dp, vip, &backends, 65_537)?;
+        lb.retire(bench.dp, &leaving)?;
+        let vip_stats_id = lb.vip_stats_id(&vip).context("vip programmed")?;
+
+        let syn = bench_frame(&FrameSpec::tcp(fam.client, BASE_SPORT, fam.vip, 80, true))?;
+        let ack = bench_frame(&FrameSpec::tcp(fam.client, BASE_SPORT, fam.vip, 80, false))?;
+        let other = bench_frame(&FrameSpec::tcp(fam.client, BASE_SPORT, fam.other, 80, false))?;
+
+        let floor = bench.wrapped(Prog::BenchTrivial, &ack, &[])?;
+        if fi == 0 {
+            floor_ns = floor;
+        }
+        let mut rows: Vec<(&'static str, u32, f64)> = Vec::new();
+        rows.push(("non-VIP pass", 1, bench.wrapped(Prog::Balancer, &other, &[Counter::PassNotVip])?));
+        rows.push(("new flow (SYN)", 1, bench.wrapped(Prog::Balancer, &syn, &[Counter::NewFlow])?));
+        rows.push(("established (conn table)", 1, bench.wrapped(Prog::Balancer, &ack, &[Counter::ConnHit])?));
+
+        // The mark of the measured flow points where the normal path sent it.
+        let flow = FrameSpec::tcp(fam.client, BASE_SPORT, fam.vip, 80, false).flow();
+        let conn = bench.dp.conn(&flow).context("flow learned by the SYN runs")?;
+        let entry = MarkEntry { real_id: conn.real_id, real_gen: conn.real_gen, vip_id: conn.vip_id, _pad: 0 };
+        bench.dp.set_mark(1, &entry)?;
+        let marked = BenchFrame { mark: 1, ..ack };
+        rows.push(("mark fast path, per flow", 1, bench.wrapped(Prog::Balancer, &marked, &[Counter::MarkHit])?));
+        // Per real: the same datapath work; one mark per (VIP, real) shared by its flows.
+        let real_mark = 100 + conn.real_id;
+        bench.dp.set_mark(real_mark, &entry)?;
+        let marked_real = BenchFrame { mark: real_mark, ..ack };
+        rows.push(("mark fast path, per real", 1, bench.wrapped(Prog::Balancer, &marked_real, &[Counter::MarkHit])?));
+        bench.dp.chain_nic_to_balancer()?;
+        bench.dp.set_nic_flow(&flow, 1)?;
+        rows.push(("emulated NIC + mark path", 1, bench.wrapped(Prog::EmulatedNic, &ack, &[Counter::NicMarked, Counter::MarkHit])?));
+        bench.dp.remove_nic_flow(&flow)?;
+
+        // Many flows: learn them all, then measure with the source port varying.
+        let n = opts.flows;
+        let many = |f: &BenchFrame| BenchFrame { flows: n, seq: 0, ..*f };
+        let saved_repeat = bench.opts.repeat;
+        let learn_opts = BenchOptions { repeat: n, rounds: 1, ..bench.opts.clone() };
+        let mut learner = Bench { dp: &mut *bench.dp, opts: &learn_opts };
+        learner.wrapped(Prog::Balancer, &many(&syn), &[Counter::NewFlow])?;
+        let _ = saved_repeat;
+        rows.push(("established (conn table)", n, bench.wrapped(Prog::Balancer, &many(&ack), &[Counter::ConnHit])?));
+        // Per-flow marks: flow i carries mark 1000 + i and its own real.
+        for i in 0..n {
+            let spec = FrameSpec::tcp(fam.client, BASE_SPORT.wrapping_add(i as u16), fam.vip, 80, false);
+            let c = bench.dp.conn(&spec.flow()).context("flow learned")?;
+            let e = MarkEntry { real_id: c.real_id, real_gen: c.real_gen, vip_id: vip_stats_id, _pad: 0 };
+            bench.dp.set_mark(1_000 + i, &e)?;
+            bench.dp.set_nic_flow(&spec.flow(), 1_000 + i)?;
+        }
+        let per_flow = BenchFrame { mark: 1_000, mark_span: n, ..many(&ack) };
+        rows.push(("mark fast path, per flow", n, bench.wrapped(Prog::Balancer, &per_flow, &[Counter::MarkHit])?));
+        // Per-real marks: the flows share one mark per real (marks 100 + real id).
+        for id in 0..=REALS as u32 + 1 {
+            let e = MarkEntry { real_id: id.max(1), real_gen: bench.dp.real(id.max(1))?.generation, vip_id: vip_stats_id, _pad: 0 };
+            bench.dp.set_mark(100 + id, &e)?;
+        }
+        let per_real = BenchFrame { mark: 101, mark_span: REALS as u32, ..many(&ack) };
+        rows.push(("mark fast path, per real", n, bench.wrapped(Prog::Balancer, &per_real, &[Counter::MarkHit])?));
+        rows.push(("emulated NIC + mark path", n, bench.wrapped(Prog::EmulatedNic, &many(&ack), &[Counter::NicMarked, Counter::MarkHit])?));
+        for i in 0..n {
+            let spec = FrameSpec::tcp(fam.client, BASE_SPORT.wrapping_add(i as u16), fam.vip, 80, false);
+            bench.dp.remove_nic_flow(&spec.flow())?;
+        }
+
+        // Last, since it evicts learned flows: every repetition a flow never seen before (the table fills up and evicts).
+        let fresh = BenchFrame { flows: u32::MAX, ..syn };
+        rows.push(("new flow (SYN), all distinct", bench.opts.repeat, bench.wrapped(Prog::Balancer, &fresh, &[Counter::NewFlow])?));
+
+        let established = |flows: u32, rows: &[(&str, u32, f64)]| {
+            rows.iter()
+                .find(|r| r.0.starts_with("established") && r.1 == flows)
+                .map(|r| r.2 - floor)
+        };
+        for (path, flows, ns) in &rows {
+            let above = ns - floor;
+            figures.push(Figure {
+                family: fam.name,
+                path,
+                flows: *flows,
+                ns: *ns,
+                above_floor: above,
+                speedup_vs_established: established(*flows, &rows).map(|e| e / above.max(0.1)),
+            });
+        }
+        let leaving = lb.remove_vip(bench.dp, &vip)?;
+        lb.retire(bench.dp, &leaving)?;
+    }
+    let counters = dp.counters()?;
+    let _seen = drain.stop();
+    Ok(Report {
+        repeat: opts.repeat,
+        rounds: opts.rounds,
+        trivial_ns,
+        floor_ns,
+        figures,
+        events_sent: counters.get(Counter::EventSent),
+        events_lost: counters.get(Counter::EventLost),
+    })
+}
+
+/// The report as a table for people.
+pub fn render(r: &Report) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "marklb datapath benchmark (BPF_PROG_TEST_RUN, {} repetitions x {} rounds, median)",
+        r.repeat, r.rounds
+    );
+    let _ = writeln!(s, "trivial XDP program alone: {:.1} ns; wrapper + trivial (floor): {:.1} ns", r.trivial_ns, r.floor_ns);
+    let _ = writeln!(s, "{:<6} {:<28} {:>7} {:>9} {:>12} {:>14}", "family", "path", "flows", "ns/pkt", "above floor", "vs established");
+    for f in &r.figures {
+        let ratio = f.speedup_vs_established.map(|x| format!("{x:.2}x")).unwrap_or_default();
+        let _ = writeln!(s, "{:<6} {:<28} {:>7} {:>9.1} {:>12.1} {:>14}", f.family, f.path, f.flows, f.ns, f.above_floor, ratio);
+    }
+    let _ = writeln!(s, "new-flow events: {} delivered, {} lost (ring full)", r.events_sent, r.events_lost);
+    s
+}

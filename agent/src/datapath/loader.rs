@@ -1,0 +1,195 @@
+//! Loading the embedded object and holding its maps and programs.
+
+use std::path::PathBuf;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, ProgramArray, RingBuf},
+    programs::Xdp,
+};
+use marklb_common::{
+    BenchFrame, ConnEntry, DEFAULT_CONN_TABLE_SIZE, DEFAULT_NIC_FLOWS, DEFAULT_RING_CAPACITY,
+    FlowKey, LbConfig, MarkEntry, RealDef, TrafficStats, VipKey, VipMeta, map_names as n,
+    prog_names,
+};
+
+use super::{DatapathError, Result, RingStore, map_err, prog_err};
+
+/// The XDP object, built by build.rs from `ebpf/prog`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/marklb-ebpf"));
+
+/// Sizes chosen at load time, and where maps are pinned (None: not pinned).
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Slots of the shared Maglev ring storage (sum of all VIPs' table sizes, plus room
+    /// for one ring being replaced).
+    pub ring_capacity: u32,
+    /// Established flows remembered (LRU beyond that).
+    pub conn_table_size: u32,
+    /// Flow rules of the emulated NIC.
+    pub nic_flows: u32,
+    /// bpffs directory where maps are pinned so a restarted agent adopts them.
+    pub pin_dir: Option<PathBuf>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            ring_capacity: DEFAULT_RING_CAPACITY,
+            conn_table_size: DEFAULT_CONN_TABLE_SIZE,
+            nic_flows: DEFAULT_NIC_FLOWS,
+            pin_dir: None,
+        }
+    }
+}
+
+/// The programs in the object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prog {
+    Balancer,
+    EmulatedNic,
+    BenchRestore,
+    BenchTrivial,
+}
+
+impl Prog {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Prog::Balancer => prog_names::BALANCER,
+            Prog::EmulatedNic => prog_names::EMULATED_NIC,
+            Prog::BenchRestore => prog_names::BENCH_RESTORE,
+            Prog::BenchTrivial => prog_names::BENCH_TRIVIAL,
+        }
+    }
+}
+
+/// Every map the agent uses, plus the object for its programs.
+pub struct Datapath {
+    pub(crate) ebpf: Ebpf,
+    pub(crate) config: Array<MapData, LbConfig>,
+    pub(crate) vips: HashMap<MapData, VipKey, VipMeta>,
+    pub(crate) vip_addrs: HashMap<MapData, [u32; 4], u32>,
+    pub(crate) vip_gens: Array<MapData, u32>,
+    pub(crate) reals: Array<MapData, RealDef>,
+    pub(crate) rings: RingStore,
+    pub(crate) conn_table: HashMap<MapData, FlowKey, ConnEntry>,
+    pub(crate) marks: Array<MapData, MarkEntry>,
+    pub(crate) vip_stats: PerCpuArray<MapData, TrafficStats>,
+    pub(crate) real_stats: PerCpuArray<MapData, TrafficStats>,
+    pub(crate) counters: PerCpuArray<MapData, u64>,
+    pub(crate) nic_flows: HashMap<MapData, FlowKey, u32>,
+    pub(crate) nic_next: ProgramArray<MapData>,
+    pub(crate) bench_frame: Array<MapData, BenchFrame>,
+    pub(crate) bench_next: ProgramArray<MapData>,
+    pub(crate) events: Option<RingBuf<MapData>>,
+    /// Keeps the ring storage map alive for the mapping.
+    _rings_map: MapData,
+}
+
+const ALL_MAPS: &[&str] = &[
+    n::CONFIG,
+    n::VIPS,
+    n::VIP_ADDRS,
+    n::VIP_GENS,
+    n::REALS,
+    n::RINGS,
+    n::CONN_TABLE,
+    n::MARKS,
+    n::VIP_STATS,
+    n::REAL_STATS,
+    n::COUNTERS,
+    n::EVENTS,
+    n::EVENT_BUCKET,
+    n::NIC_FLOWS,
+    n::NIC_NEXT,
+    n::BENCH_FRAME,
+    n::BENCH_NEXT,
+];
+
+fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map> {
+    ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))
+}
+
+macro_rules! typed {
+    ($ebpf:expr, $name:expr) => {
+        take($ebpf, $name)?.try_into().map_err(map_err($name))?
+    };
+}
+
+impl Datapath {
+    /// Loads the object: creates (or, with `pin_dir`, adopts pinned) maps. Programs are
+    /// verified on first use ([`Datapath::program`]).
+    pub fn load(opts: &LoadOptions) -> Result<Self> {
+        let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries(n::RINGS, opts.ring_capacity.div_ceil(2))
+            .map_max_entries(n::CONN_TABLE, opts.conn_table_size)
+            .map_max_entries(n::NIC_FLOWS, opts.nic_flows);
+        let pins: Vec<(&'static str, PathBuf)> = match &opts.pin_dir {
+            Some(dir) => ALL_MAPS.iter().map(|m| (*m, dir.join(m))).collect(),
+            None => Vec::new(),
+        };
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(OBJECT)?;
+
+        let rings_map = match take(&mut ebpf, n::RINGS)? {
+            Map::Array(data) => data,
+            _ => return Err(DatapathError::MissingMap(n::RINGS)),
+        };
+        let ring_entries = rings_map.info().map_err(map_err(n::RINGS))?.max_entries();
+        // Two u32 ring slots per 8-byte array element.
+        let rings = RingStore::map(rings_map.fd(), ring_entries * 2)?;
+
+        Ok(Self {
+            config: typed!(&mut ebpf, n::CONFIG),
+            vips: typed!(&mut ebpf, n::VIPS),
+            vip_addrs: typed!(&mut ebpf, n::VIP_ADDRS),
+            vip_gens: typed!(&mut ebpf, n::VIP_GENS),
+            reals: typed!(&mut ebpf, n::REALS),
+            conn_table: typed!(&mut ebpf, n::CONN_TABLE),
+            marks: typed!(&mut ebpf, n::MARKS),
+            vip_stats: typed!(&mut ebpf, n::VIP_STATS),
+            real_stats: typed!(&mut ebpf, n::REAL_STATS),
+            counters: typed!(&mut ebpf, n::COUNTERS),
+            nic_flows: typed!(&mut ebpf, n::NIC_FLOWS),
+            nic_next: typed!(&mut ebpf, n::NIC_NEXT),
+            bench_frame: typed!(&mut ebpf, n::BENCH_FRAME),
+            bench_next: typed!(&mut ebpf, n::BENCH_NEXT),
+            events: Some(typed!(&mut ebpf, n::EVENTS)),
+            rings,
+            _rings_map: rings_map,
+            ebpf,
+        })
+    }
+
+    /// The program, loaded into the kernel (verified) on first use.
+    pub fn program(&mut self, prog: Prog) -> Result<&mut Xdp> {
+        let name = prog.name();
+        let xdp: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram(name))?
+            .try_into()
+            .map_err(prog_err(name))?;
+        if xdp.fd().is_err() {
+            xdp.load().map_err(prog_err(name))?;
+        }
+        Ok(xdp)
+    }
+
+    /// Puts the balancer behind the emulated NIC (the NIC tail-calls it).
+    pub fn chain_nic_to_balancer(&mut self) -> Result<()> {
+        let fd = self.program(Prog::Balancer)?.fd().map_err(prog_err(Prog::Balancer.name()))?.try_clone();
+        let fd = fd.map_err(DatapathError::Io)?;
+        self.nic_next.set(marklb_common::NIC_NEXT_BALANCER, &fd, 0).map_err(map_err(n::NIC_NEXT))
+    }
+
+    /// Makes `prog` the target of the benchmark wrapper.
+    pub fn set_bench_target(&mut self, prog: Prog) -> Result<()> {
+        let fd = self.program(prog)?.fd().map_err(prog_err(prog.name()))?.try_clone();
+        let fd = fd.map_err(DatapathError::Io)?;
+        self.bench_next.set(marklb_common::BENCH_TARGET, &fd, 0).map_err(map_err(n::BENCH_NEXT))
+    }
+}

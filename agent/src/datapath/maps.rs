@@ -1,0 +1,217 @@
+//! Typed reads and writes of the datapath's maps.
+
+use std::collections::BTreeMap;
+
+use aya::maps::{MapData, RingBuf};
+use marklb_common::{
+    BenchFrame, ConnEntry, Counter, FlowKey, LbConfig, MarkEntry, NewFlowEvent, RealDef,
+    TrafficStats, VipKey, VipMeta, map_names as n,
+};
+
+use super::{Datapath, DatapathError, Result, map_err};
+
+/// Sum over CPUs of every path counter.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CounterSnapshot(pub BTreeMap<&'static str, u64>);
+
+impl CounterSnapshot {
+    pub fn get(&self, c: Counter) -> u64 {
+        self.0.get(c.label()).copied().unwrap_or(0)
+    }
+
+    /// Per-counter difference `self - earlier`.
+    pub fn since(&self, earlier: &CounterSnapshot) -> CounterSnapshot {
+        CounterSnapshot(
+            self.0.iter().map(|(k, v)| (*k, v.saturating_sub(earlier.0.get(k).copied().unwrap_or(0)))).collect(),
+        )
+    }
+}
+
+/// Reads new-flow events from the ring buffer.
+pub struct EventReader(pub(crate) RingBuf<MapData>);
+
+impl EventReader {
+    /// The next event, if one is waiting.
+    pub fn next(&mut self) -> Option<NewFlowEvent> {
+        let item = self.0.next()?;
+        if item.len() < std::mem::size_of::<NewFlowEvent>() {
+            return None;
+        }
+        // The ring buffer's records are 8-byte aligned; read_unaligned keeps it simple.
+        Some(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<NewFlowEvent>()) })
+    }
+
+    /// The ring buffer's fd, for epoll / tokio `AsyncFd`.
+    pub fn ring(&self) -> &RingBuf<MapData> {
+        &self.0
+    }
+}
+
+fn sum_stats(values: &[TrafficStats]) -> TrafficStats {
+    values.iter().fold(TrafficStats::default(), |a, v| TrafficStats {
+        packets: a.packets + v.packets,
+        bytes: a.bytes + v.bytes,
+    })
+}
+
+impl Datapath {
+    pub fn config(&self) -> Result<LbConfig> {
+        self.config.get(&0, 0).map_err(map_err(n::CONFIG))
+    }
+
+    pub fn set_config(&mut self, cfg: &LbConfig) -> Result<()> {
+        self.config.set(0, cfg, 0).map_err(map_err(n::CONFIG))
+    }
+
+    pub fn vip(&self, key: &VipKey) -> Option<VipMeta> {
+        self.vips.get(key, 0).ok()
+    }
+
+    pub fn vips(&self) -> Result<Vec<(VipKey, VipMeta)>> {
+        self.vips.iter().collect::<Result<_, _>>().map_err(map_err(n::VIPS))
+    }
+
+    /// Inserts or atomically replaces a VIP entry (hash map updates swap the whole value).
+    pub fn set_vip(&mut self, key: &VipKey, meta: &VipMeta) -> Result<()> {
+        self.vips.insert(key, meta, 0).map_err(map_err(n::VIPS))
+    }
+
+    pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
+        self.vips.remove(key).map_err(map_err(n::VIPS))
+    }
+
+    /// Number of VIP entries on an address, as the datapath sees it.
+    pub fn vip_addr_refs(&self, addr_be: &[u32; 4]) -> u32 {
+        self.vip_addrs.get(addr_be, 0).unwrap_or(0)
+    }
+
+    pub fn set_vip_addr_refs(&mut self, addr_be: &[u32; 4], refs: u32) -> Result<()> {
+        if refs == 0 {
+            match self.vip_addrs.remove(addr_be) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                Err(e) => Err(map_err(n::VIP_ADDRS)(e)),
+            }
+        } else {
+            self.vip_addrs.insert(addr_be, refs, 0).map_err(map_err(n::VIP_ADDRS))
+        }
+    }
+
+    /// Generation of a VIP slot (0: free).
+    pub fn vip_gen(&self, vip_id: u32) -> Result<u32> {
+        self.vip_gens.get(&vip_id, 0).map_err(map_err(n::VIP_GENS))
+    }
+
+    pub fn set_vip_gen(&mut self, vip_id: u32, generation: u32) -> Result<()> {
+        self.vip_gens.set(vip_id, generation, 0).map_err(map_err(n::VIP_GENS))
+    }
+
+    pub fn real(&self, id: u32) -> Result<RealDef> {
+        self.reals.get(&id, 0).map_err(map_err(n::REALS))
+    }
+
+    pub fn set_real(&mut self, id: u32, real: &RealDef) -> Result<()> {
+        self.reals.set(id, real, 0).map_err(map_err(n::REALS))
+    }
+
+    pub fn reals_capacity(&self) -> u32 {
+        self.reals.len()
+    }
+
+    pub fn write_ring(&mut self, offset: u32, ring: &[u32]) -> Result<()> {
+        self.rings.write(offset, ring)
+    }
+
+    pub fn read_ring(&self, offset: u32, len: u32) -> Vec<u32> {
+        self.rings.read(offset, len)
+    }
+
+    pub fn ring_capacity(&self) -> u32 {
+        self.rings.capacity()
+    }
+
+    pub fn conn(&self, flow: &FlowKey) -> Option<ConnEntry> {
+        self.conn_table.get(flow, 0).ok()
+    }
+
+    pub fn conn_count(&self) -> usize {
+        self.conn_table.keys().count()
+    }
+
+    pub fn mark(&self, mark: u32) -> Result<MarkEntry> {
+        self.marks.get(&mark, 0).map_err(map_err(n::MARKS))
+    }
+
+    pub fn set_mark(&mut self, mark: u32, entry: &MarkEntry) -> Result<()> {
+        self.marks.set(mark, entry, 0).map_err(map_err(n::MARKS))
+    }
+
+    /// Invalidates a mark: packets carrying it take the normal path from now on.
+    pub fn clear_mark(&mut self, mark: u32) -> Result<()> {
+        self.set_mark(mark, &MarkEntry::default())
+    }
+
+    pub fn marks_capacity(&self) -> u32 {
+        self.marks.len()
+    }
+
+    /// Programs an emulated-NIC flow rule: packets of `flow` get `mark` in metadata.
+    pub fn set_nic_flow(&mut self, flow: &FlowKey, mark: u32) -> Result<()> {
+        self.nic_flows.insert(flow, mark, 0).map_err(map_err(n::NIC_FLOWS))
+    }
+
+    pub fn remove_nic_flow(&mut self, flow: &FlowKey) -> Result<()> {
+        match self.nic_flows.remove(flow) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(n::NIC_FLOWS)(e)),
+        }
+    }
+
+    pub fn nic_flow(&self, flow: &FlowKey) -> Option<u32> {
+        self.nic_flows.get(flow, 0).ok()
+    }
+
+    pub fn nic_flow_count(&self) -> usize {
+        self.nic_flows.keys().count()
+    }
+
+    pub fn counters(&self) -> Result<CounterSnapshot> {
+        let mut snap = BTreeMap::new();
+        for &c in Counter::ALL {
+            let per_cpu = self.counters.get(&(c as u32), 0).map_err(map_err(n::COUNTERS))?;
+            snap.insert(c.label(), per_cpu.iter().sum());
+        }
+        Ok(CounterSnapshot(snap))
+    }
+
+    pub fn vip_stats(&self, vip_id: u32) -> Result<TrafficStats> {
+        Ok(sum_stats(&self.vip_stats.get(&vip_id, 0).map_err(map_err(n::VIP_STATS))?))
+    }
+
+    pub fn real_stats(&self, real_id: u32) -> Result<TrafficStats> {
+        Ok(sum_stats(&self.real_stats.get(&real_id, 0).map_err(map_err(n::REAL_STATS))?))
+    }
+
+    /// Zeroes a stats slot before it is given to a new VIP or real.
+    pub fn reset_stats(&mut self, vip_id: Option<u32>, real_id: Option<u32>) -> Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::Io(e))?;
+        let zero = || aya::maps::PerCpuValues::try_from(vec![TrafficStats::default(); cpus]);
+        if let Some(id) = vip_id {
+            let z = zero().map_err(DatapathError::Io)?;
+            self.vip_stats.set(id, z, 0).map_err(map_err(n::VIP_STATS))?;
+        }
+        if let Some(id) = real_id {
+            let z = zero().map_err(DatapathError::Io)?;
+            self.real_stats.set(id, z, 0).map_err(map_err(n::REAL_STATS))?;
+        }
+        Ok(())
+    }
+
+    pub fn set_bench_frame(&mut self, frame: &BenchFrame) -> Result<()> {
+        self.bench_frame.set(0, frame, 0).map_err(map_err(n::BENCH_FRAME))
+    }
+
+    /// Hands out the new-flow event reader (once).
+    pub fn take_events(&mut self) -> Option<EventReader> {
+        self.events.take().map(EventReader)
+    }
+}

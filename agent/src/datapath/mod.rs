@@ -1,0 +1,53 @@
+//! The datapath library: loads the embedded XDP object and gives typed access to every
+//! map. This is the only code that touches aya maps; everything above it speaks in
+//! VIPs, reals, rings and marks.
+
+mod loader;
+mod maps;
+mod rings;
+pub mod testrun;
+
+pub use loader::{Datapath, LoadOptions, Prog};
+pub use maps::{CounterSnapshot, EventReader};
+pub use rings::RingStore;
+
+/// Errors of the datapath library.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("loading the XDP object failed (are you root, with bpf() allowed?): {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("map {0} is missing from the object")]
+    MissingMap(&'static str),
+    #[error("program {0} is missing from the object")]
+    MissingProgram(&'static str),
+    #[error("mapping the ring storage failed: {0}")]
+    Mmap(std::io::Error),
+    #[error("{0}")]
+    Capacity(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+pub type Result<T, E = DatapathError> = std::result::Result<T, E>;
+
+pub(crate) fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
+    move |source| DatapathError::Map { name, source }
+}
+
+pub(crate) fn prog_err(
+    name: &'static str,
+) -> impl FnOnce(aya::programs::ProgramError) -> DatapathError {
+    move |source| DatapathError::Program { name, source }
+}

@@ -1,0 +1,82 @@
+// SPDX-License-Identifier: GPL-2.0 OR MIT
+//! Benchmark support. `BPF_PROG_TEST_RUN` with `repeat > 1` does not restore the packet
+//! between repetitions, so after one encapsulation every later repetition would measure
+//! something else. This wrapper puts the original frame back (and the mark, and a varying
+//! flow for many-flow runs) before tail-calling the program under test; its own cost is
+//! measured the same way in front of a trivial program and subtracted.
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_meta},
+    programs::XdpContext,
+};
+use marklb_common::{BENCH_FRAME_MAX, BENCH_TARGET};
+
+use crate::{
+    maps::{BENCH_FRAME, BENCH_NEXT},
+    parse::ptr_at,
+};
+
+#[inline(always)]
+pub fn restore(ctx: &XdpContext) -> u32 {
+    let Some(frame) = BENCH_FRAME.get_ptr_mut(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let frame = unsafe { &mut *frame };
+    let len = frame.len as usize;
+    if len > BENCH_FRAME_MAX || len % 8 != 0 {
+        return xdp_action::XDP_ABORTED;
+    }
+    // The program under test may have grown the frame at the front (encapsulation).
+    let cur = ctx.data_end() - ctx.data();
+    if cur > len && unsafe { bpf_xdp_adjust_head(ctx.ctx, (cur - len) as i32) } != 0 {
+        return xdp_action::XDP_ABORTED;
+    }
+    if ctx.data_end() - ctx.data() != len {
+        return xdp_action::XDP_ABORTED;
+    }
+    let mut i = 0;
+    while i < BENCH_FRAME_MAX / 8 {
+        if i * 8 >= len {
+            break;
+        }
+        let Some(dst) = ptr_at::<u64>(ctx, i * 8) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        unsafe {
+            *dst = core::ptr::read_unaligned(frame.data.as_ptr().add(i * 8).cast::<u64>());
+        }
+        i += 1;
+    }
+    let n = if frame.flows > 1 { frame.seq % frame.flows } else { 0 };
+    frame.seq = frame.seq.wrapping_add(1);
+    if n != 0 {
+        let Some(sport) = ptr_at::<u16>(ctx, (frame.sport_off as usize) & 0x7f) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        unsafe { *sport = (u16::from_be(*sport).wrapping_add(n as u16)).to_be() };
+        if n >> 16 != 0 {
+            let Some(saddr) = ptr_at::<u16>(ctx, (frame.saddr_off as usize) & 0x7f) else {
+                return xdp_action::XDP_ABORTED;
+            };
+            unsafe { *saddr = (u16::from_be(*saddr).wrapping_add((n >> 16) as u16)).to_be() };
+        }
+    }
+    // Metadata exactly as a NIC would leave it: 4 bytes with the mark, or none. (The
+    // emulated NIC adds its own on every repetition; it must not pile up.)
+    let want = if frame.mark != 0 { 4 } else { 0 };
+    let have = ctx.data() - ctx.metadata();
+    if have != want && unsafe { bpf_xdp_adjust_meta(ctx.ctx, have as i32 - want as i32) } != 0 {
+        return xdp_action::XDP_ABORTED;
+    }
+    if frame.mark != 0 {
+        let meta = ctx.metadata();
+        if meta + 4 > ctx.data() {
+            return xdp_action::XDP_ABORTED;
+        }
+        let mark = if frame.mark_span != 0 { frame.mark + n % frame.mark_span } else { frame.mark };
+        unsafe { core::ptr::write_unaligned(meta as *mut u32, mark) };
+    }
+    unsafe { BENCH_NEXT.tail_call(ctx, BENCH_TARGET) };
+    xdp_action::XDP_ABORTED
+}

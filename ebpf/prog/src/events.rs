@@ -1,0 +1,56 @@
+// SPDX-License-Identifier: GPL-2.0 OR MIT
+//! New-flow notifications to the agent's mark manager, bounded per CPU.
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use marklb_common::{CFG_F_EVENTS, Counter, FlowKey, LbConfig, NewFlowEvent};
+
+use crate::{
+    maps::{EVENT_BUCKET, EVENTS},
+    stats::count,
+};
+
+/// GCRA limiter (see `EventBucket`): true if this CPU may emit one more event now.
+#[inline(always)]
+fn allow(cfg: &LbConfig, now: u64) -> bool {
+    let Some(b) = EVENT_BUCKET.get_ptr_mut(0) else {
+        return false;
+    };
+    let interval = cfg.event_interval_ns as u64;
+    let burst = if cfg.events_burst == 0 { 1 } else { cfg.events_burst as u64 };
+    let tat = unsafe { (*b).tat_ns };
+    let tat = if tat > now { tat } else { now };
+    if tat - now > (burst - 1) * interval {
+        return false;
+    }
+    unsafe { (*b).tat_ns = tat + interval };
+    true
+}
+
+/// Tells user space that `flow` was assigned `real_id`, unless events are off, the CPU is
+/// over its rate, or the ring is full (each counted).
+#[inline(always)]
+pub fn notify(cfg: &LbConfig, flow: &FlowKey, vip_id: u32, real_id: u32, real_gen: u32) {
+    if cfg.flags & CFG_F_EVENTS == 0 {
+        return;
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    if !allow(cfg, now) {
+        count(Counter::EventRateLimited);
+        return;
+    }
+    match EVENTS.reserve::<NewFlowEvent>(0) {
+        Some(mut slot) => {
+            slot.write(NewFlowEvent {
+                flow: *flow,
+                vip_id,
+                real_id,
+                real_gen,
+                _pad: 0,
+                ts_ns: now,
+            });
+            slot.submit(0);
+            count(Counter::EventSent);
+        }
+        None => count(Counter::EventLost),
+    }
+}

@@ -1,0 +1,63 @@
+// SPDX-License-Identifier: GPL-2.0 OR MIT
+//! marklb XDP datapath: entry points only; each concern lives in its own module.
+#![no_std]
+#![no_main]
+
+mod bench;
+mod csum;
+mod encap;
+mod events;
+mod hdr;
+mod icmp;
+mod lb;
+mod maps;
+mod mark;
+mod nic;
+mod parse;
+mod stats;
+
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use marklb_common::{CFG_F_ENABLED, Counter};
+
+use crate::{maps::CONFIG, stats::count};
+
+/// The balancer: mark fast path first, then the normal path.
+#[xdp]
+pub fn marklb_balancer(ctx: XdpContext) -> u32 {
+    let Some(cfg) = CONFIG.get(0).filter(|c| c.flags & CFG_F_ENABLED != 0) else {
+        count(Counter::PassDisabled);
+        return xdp_action::XDP_PASS;
+    };
+    if let Some(action) = mark::fast_path(&ctx, cfg) {
+        return action;
+    }
+    lb::process(&ctx, cfg)
+}
+
+/// Emulated NIC in front of the balancer (see `nic`).
+#[xdp]
+pub fn marklb_emulated_nic(ctx: XdpContext) -> u32 {
+    nic::emulate(&ctx)
+}
+
+/// Benchmark wrapper (see `bench`).
+#[xdp]
+pub fn marklb_bench_restore(ctx: XdpContext) -> u32 {
+    bench::restore(&ctx)
+}
+
+/// Benchmark floor: the cheapest possible XDP program.
+#[xdp]
+pub fn marklb_bench_trivial(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,92 @@
+// SPDX-License-Identifier: GPL-2.0 OR MIT
+//! Every map of the datapath. User space reaches them by these names
+//! (`marklb_common::map_names`); capacities marked "default" are resized at load time.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
+};
+use marklb_common::{
+    BenchFrame, ConnEntry, DEFAULT_CONN_TABLE_SIZE, DEFAULT_NIC_FLOWS, DEFAULT_RING_CAPACITY,
+    EVENT_RING_BYTES, EventBucket, FlowKey, LbConfig, MAX_MARKS, MAX_REALS, MAX_VIP_ADDRS,
+    MAX_VIPS, MarkEntry, RealDef, TrafficStats, VipKey, VipMeta, counters::NUM_COUNTERS,
+};
+
+/// `BPF_F_NO_COMMON_LRU`: each CPU evicts from its own LRU list, so CPUs never contend on
+/// one list lock (the reason Katran keeps per-CPU LRU tables) while a flow stays visible
+/// from every CPU (RSS changes and veth's sender-CPU execution do not lose flows).
+const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
+/// `BPF_F_MMAPABLE`: user space writes Maglev rings through mmap (65k entries per VIP
+/// would take 65k syscalls otherwise).
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// Datapath-wide settings (one entry).
+#[map]
+pub static CONFIG: Array<LbConfig> = Array::with_max_entries(1, 0);
+
+/// VIP (address, port, protocol) -> its ring and stats slot.
+#[map]
+pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS, 0);
+
+/// Every address that carries a VIP: lets packets for other addresses pass after one lookup.
+#[map]
+pub static VIP_ADDRS: HashMap<[u32; 4], u32> = HashMap::with_max_entries(MAX_VIP_ADDRS, 0);
+
+/// vip_id -> generation of the VIP holding the slot (0: free).
+#[map]
+pub static VIP_GENS: Array<u32> = Array::with_max_entries(MAX_VIPS, 0);
+
+/// real_id -> real server (index 0 unused).
+#[map]
+pub static REALS: Array<RealDef> = Array::with_max_entries(MAX_REALS, 0);
+
+/// Maglev rings of all VIPs, back to back: slot `i` (a real id) is the low (even `i`) or
+/// high (odd `i`) half of element `i / 2`. Array elements are 8-byte aligned in the
+/// kernel, so two u32 slots per element keep the storage dense and mmap-able as plain u32s.
+#[map]
+pub static RINGS: Array<u64> = Array::with_max_entries(DEFAULT_RING_CAPACITY / 2, BPF_F_MMAPABLE);
+
+/// Established connections: 5-tuple -> real (default capacity).
+#[map]
+pub static CONN_TABLE: LruHashMap<FlowKey, ConnEntry> =
+    LruHashMap::with_max_entries(DEFAULT_CONN_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
+
+/// Flow marks: mark -> real (the fast path's only lookup besides the real itself).
+#[map]
+pub static MARKS: Array<MarkEntry> = Array::with_max_entries(MAX_MARKS, 0);
+
+/// Per-VIP packets and bytes, per CPU.
+#[map]
+pub static VIP_STATS: PerCpuArray<TrafficStats> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
+
+/// Per-real packets and bytes, per CPU.
+#[map]
+pub static REAL_STATS: PerCpuArray<TrafficStats> = PerCpuArray::with_max_entries(MAX_REALS, 0);
+
+/// Per-path counters (`marklb_common::Counter`), per CPU.
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_COUNTERS, 0);
+
+/// New-flow events for the agent's mark manager.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENT_RING_BYTES, 0);
+
+/// Rate limiter state for new-flow events, per CPU.
+#[map]
+pub static EVENT_BUCKET: PerCpuArray<EventBucket> = PerCpuArray::with_max_entries(1, 0);
+
+/// Emulated NIC: the "hardware" flow rules, 5-tuple -> mark (default capacity).
+#[map]
+pub static NIC_FLOWS: HashMap<FlowKey, u32> = HashMap::with_max_entries(DEFAULT_NIC_FLOWS, 0);
+
+/// Emulated NIC: where marked packets go next (the balancer).
+#[map]
+pub static NIC_NEXT: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// Benchmark wrapper: the frame to restore before every repetition.
+#[map]
+pub static BENCH_FRAME: Array<BenchFrame> = Array::with_max_entries(1, 0);
+
+/// Benchmark wrapper: the program under test.
+#[map]
+pub static BENCH_NEXT: ProgramArray = ProgramArray::with_max_entries(1, 0);

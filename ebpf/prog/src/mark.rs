@@ -1,0 +1,106 @@
+// SPDX-License-Identifier: GPL-2.0 OR MIT
+//! The flow-mark fast path: the NIC tagged the packet with a mark for a known flow, so the
+//! mark alone says where it goes. No 5-tuple parse, no hash, no ring, no connection table:
+//! only the Ethernet type, the IP header's length fields, and the client address and port
+//! that choose the outer source (so the output equals what the normal path would send).
+
+use aya_ebpf::programs::XdpContext;
+use marklb_common::{Counter, LbConfig, MAX_MARKS};
+
+use crate::{
+    encap::{self, Inner},
+    hdr::*,
+    maps::{MARKS, REALS},
+    parse::{frame_len, ptr_at},
+    stats::{account, count},
+};
+
+/// The mark the NIC left in front of the packet (first 4 bytes of XDP metadata), or 0.
+#[inline(always)]
+pub fn read_mark(ctx: &XdpContext) -> u32 {
+    let meta = ctx.metadata();
+    if meta + 4 > ctx.data() {
+        return 0;
+    }
+    // Metadata is 4-byte aligned (adjust_meta only moves it in multiples of 4).
+    unsafe { *(meta as *const u32) }
+}
+
+/// Inner packet facts the fast path needs, or None to let the normal path decide
+/// (options, truncation, anything unusual).
+#[inline(always)]
+fn minimal_parse(ctx: &XdpContext) -> Option<Inner> {
+    let eth = ptr_at::<EthHdr>(ctx, 0)?;
+    let proto = unsafe { (*eth).proto_be };
+    let avail = (ctx.data_end() - ctx.data()) as u32;
+    if proto == ETH_P_IP.to_be() {
+        let ip = unsafe { &*ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN)? };
+        let ports = unsafe { &*ptr_at::<L4Ports>(ctx, ETH_HLEN + IPV4_HLEN)? };
+        let ip_len = u16::from_be(ip.tot_len_be) as u32;
+        if ip.ver_ihl != 0x45 || ip_len + ETH_HLEN as u32 > avail {
+            return None;
+        }
+        Some(Inner {
+            v6: false,
+            ip_len,
+            tos: ip.tos,
+            client_be: [ip.saddr_be, 0, 0, 0],
+            sport_be: ports.sport_be,
+        })
+    } else if proto == ETH_P_IPV6.to_be() {
+        let ip = unsafe { &*ptr_at::<Ipv6Hdr>(ctx, ETH_HLEN)? };
+        let ports = unsafe { &*ptr_at::<L4Ports>(ctx, ETH_HLEN + IPV6_HLEN)? };
+        let vtc = u32::from_be(ip.vtc_flow_be);
+        let ip_len = IPV6_HLEN as u32 + u16::from_be(ip.payload_len_be) as u32;
+        if vtc >> 28 != 6 || ip_len + ETH_HLEN as u32 > avail {
+            return None;
+        }
+        Some(Inner {
+            v6: true,
+            ip_len,
+            tos: (vtc >> 20) as u8,
+            client_be: ip.saddr_be,
+            sport_be: ports.sport_be,
+        })
+    } else {
+        None
+    }
+}
+
+/// Forwards a marked packet, or returns None when the mark is absent, unknown, stale, or the
+/// packet needs the normal path (which then handles it as if unmarked).
+#[inline(always)]
+pub fn fast_path(ctx: &XdpContext, cfg: &LbConfig) -> Option<u32> {
+    let mark = read_mark(ctx);
+    if mark == 0 {
+        return None;
+    }
+    let entry = if mark < MAX_MARKS { MARKS.get(mark) } else { None };
+    let Some(entry) = entry.filter(|e| e.real_id != 0) else {
+        count(Counter::MarkMiss);
+        return None;
+    };
+    let real = match REALS.get(entry.real_id) {
+        Some(r) if r.generation != 0 && r.generation == entry.real_gen => r,
+        _ => {
+            count(Counter::MarkStale);
+            return None;
+        }
+    };
+    let inner = minimal_parse(ctx)?;
+    if inner.ip_len + encap::overhead(real) > cfg.mtu {
+        return None; // the normal path answers with ICMP too big
+    }
+    let bytes = frame_len(ctx);
+    match encap::encapsulate(ctx, cfg, real, &inner) {
+        Ok(action) => {
+            account(entry.vip_id, entry.real_id, bytes);
+            count(Counter::MarkHit);
+            Some(action)
+        }
+        Err(c) => {
+            count(c);
+            Some(aya_ebpf::bindings::xdp_action::XDP_DROP)
+        }
+    }
+}
