@@ -5,7 +5,8 @@
 //! - [`loadbalancer`]: the user-facing spec, also the agent's standalone config file.
 //! - [`node_state`]: the per-node object (spec by the operator, status by the agent).
 //! - [`validate`]: [`LoadBalancerSpec::validate`] and the address/prefix/MAC parsers it uses.
-//! - [`manifest`]: [`from_yaml_manifest`], a strict reader of LoadBalancer manifest files.
+//! - [`manifest`]: [`from_yaml_manifest`] / [`from_yaml_manifests`], strict readers of
+//!   LoadBalancer manifest files.
 //! - [`conditions`], [`labels`]: names both controllers must spell alike.
 //! - [`crd`]: the CRDs, current (with CEL rules) and legacy (for Kubernetes 1.20).
 
@@ -26,7 +27,7 @@ pub use loadbalancer::{
     Backend, Encap, FlowMarks, Hashing, LoadBalancer, LoadBalancerSpec, LoadBalancerStatus,
     MarkScope, Mtu, NextHop, Protocol, TooBig, Vip,
 };
-pub use manifest::{ManifestError, from_yaml_manifest};
+pub use manifest::{ManifestError, from_yaml_manifest, from_yaml_manifests};
 pub use node_state::{
     LoadBalancerNodeState, LoadBalancerNodeStateSpec, LoadBalancerNodeStateStatus,
 };

@@ -39,6 +39,17 @@ pub enum ManifestError {
     /// The spec parsed but breaks a rule (one line per error).
     #[error("invalid LoadBalancer spec:\n{0}")]
     Invalid(#[from] ValidationErrors),
+    /// An error in one document of a multi-document file (see [`from_yaml_manifests`]).
+    #[error("document {index} (starting at line {line}): {source}")]
+    InDocument {
+        /// 1-based position of the document in the file.
+        index: usize,
+        /// 1-based line where the document starts.
+        line: usize,
+        /// What is wrong with it.
+        #[source]
+        source: Box<ManifestError>,
+    },
 }
 
 /// Fields of `metadata` (ObjectMeta) as the API spells them. k8s-openapi's ObjectMeta ignores
@@ -130,6 +141,40 @@ pub fn from_yaml_manifest(text: &str) -> Result<LoadBalancer, ManifestError> {
     lb.metadata = manifest.metadata;
     lb.status = manifest.status;
     Ok(lb)
+}
+
+/// Parses a file of one or more LoadBalancer manifests separated by `---` lines (as
+/// `kubectl apply -f` accepts), each checked like [`from_yaml_manifest`]. Documents holding only
+/// comments are skipped. Errors name the document and the line it starts at.
+pub fn from_yaml_manifests(text: &str) -> Result<Vec<LoadBalancer>, ManifestError> {
+    // Each document is padded with the blank lines before it, so that serde_yaml's line numbers
+    // are lines of the file.
+    let mut documents: Vec<(usize, String)> = vec![(1, String::new())];
+    for (n, line) in text.lines().enumerate() {
+        if line == "---" || line.starts_with("--- ") || line.starts_with("---#") {
+            documents.push((n + 2, "\n".repeat(n + 1)));
+        } else {
+            let doc = &mut documents.last_mut().expect("never empty").1;
+            doc.push_str(line);
+            doc.push('\n');
+        }
+    }
+    let mut lbs = Vec::new();
+    for (index, (line, doc)) in documents.iter().enumerate() {
+        let blank = doc
+            .lines()
+            .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'));
+        if blank {
+            continue;
+        }
+        let lb = from_yaml_manifest(doc).map_err(|e| ManifestError::InDocument {
+            index: index + 1,
+            line: *line,
+            source: Box::new(e),
+        })?;
+        lbs.push(lb);
+    }
+    Ok(lbs)
 }
 
 #[cfg(test)]
@@ -274,6 +319,38 @@ spec:
             text.contains("spec.mtu.size: 100 is out of range"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn multi_document_files_yield_every_loadbalancer() {
+        let other = MINIMAL
+            .replace("name: web", "name: dns")
+            .replace("10.0.0.10", "10.0.0.53");
+        let text = format!("# two LBs\n---\n{MINIMAL}---\n# comment only\n---\n{other}");
+        let lbs = from_yaml_manifests(&text).unwrap();
+        let names: Vec<_> = lbs
+            .iter()
+            .map(|lb| lb.metadata.name.clone().unwrap())
+            .collect();
+        assert_eq!(names, ["web", "dns"]);
+        assert_eq!(from_yaml_manifests(MINIMAL).unwrap().len(), 1);
+        assert!(from_yaml_manifests("# nothing\n").unwrap().is_empty());
+    }
+
+    #[test]
+    fn multi_document_errors_name_the_document_and_its_line() {
+        let bad = MINIMAL.replace("port: 80", "port: 80\n      protocol: SCTP");
+        let text = format!("{MINIMAL}---\n{bad}");
+        let e = from_yaml_manifests(&text).unwrap_err().to_string();
+        assert!(e.starts_with("document 2 (starting at line 12): "), "{e}");
+        assert!(
+            e.contains("spec.vips[0].protocol: unknown variant `SCTP`"),
+            "{e}"
+        );
+        // Line numbers inside the message are lines of the file, not of the document.
+        assert!(e.contains("at line 20 column"), "{e}");
+        // Line numbers inside the message are lines of the file, not of the document.
+        assert!(e.contains("at line 20 column"), "{e}");
     }
 
     #[test]
