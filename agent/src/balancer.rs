@@ -128,6 +128,81 @@ impl Balancer {
         }
     }
 
+    /// Rebuilds the model from a running datapath's maps (a restarted agent): real slots
+    /// keep their ids and generations, VIPs their stats slots, generations and rings, so
+    /// established flows and marks stay valid. Backends of adopted VIPs are unknown until
+    /// the configuration is applied again; reals no VIP claims by then are released by
+    /// [`Balancer::unclaimed_reals`].
+    pub fn adopt(dp: &Datapath) -> Result<Self> {
+        let mut lb = Self::new(dp);
+        let mut used_ids = Vec::new();
+        for id in 1..dp.reals_capacity() {
+            let def = dp.real(id)?;
+            if def.generation == 0 {
+                continue;
+            }
+            let addr = words_addr(&def.addr_be, def.flags & REAL_F_IPV6 != 0);
+            lb.reals.insert(addr, RealSlot { id, generation: def.generation, refs: 0 });
+            lb.last_generation = lb.last_generation.max(def.generation);
+            used_ids.push(id);
+        }
+        lb.free_real_ids.retain(|id| !used_ids.contains(id));
+        let mut regions = Vec::new();
+        let mut used_vips = Vec::new();
+        for (key, meta) in dp.vips()? {
+            let v6 = key.addr_be[1..].iter().any(|w| *w != 0);
+            let vip = VipId {
+                addr: words_addr(&key.addr_be, v6),
+                port: u16::from_be(key.port_be),
+                proto: key.proto,
+            };
+            let ring = (meta.ring_size > 0).then_some((meta.ring_off, meta.ring_size));
+            regions.extend(ring);
+            used_vips.push(meta.vip_id);
+            lb.last_generation = lb.last_generation.max(meta.generation);
+            lb.vips.insert(
+                vip,
+                VipState {
+                    vip_id: meta.vip_id,
+                    generation: meta.generation,
+                    ring,
+                    backends: Vec::new(),
+                    table_size: meta.ring_size,
+                },
+            );
+        }
+        lb.free_vip_ids.retain(|id| !used_vips.contains(id));
+        lb.rings = RingAllocator::from_used(dp.ring_capacity(), &regions).ok_or_else(|| {
+            DatapathError::Capacity("pinned VIP rings overlap or exceed the ring storage".into())
+        })?;
+        Ok(lb)
+    }
+
+    /// Adopted reals that no programmed VIP lists: they leave (pass to [`Balancer::retire`]).
+    pub fn unclaimed_reals(&mut self) -> Vec<RetiringReal> {
+        let gone: Vec<IpAddr> =
+            self.reals.iter().filter(|(_, s)| s.refs == 0).map(|(a, _)| *a).collect();
+        gone.into_iter()
+            .filter_map(|addr| {
+                self.reals.remove(&addr).map(|s| RetiringReal { addr, id: s.id, generation: s.generation })
+            })
+            .collect()
+    }
+
+    /// Every programmed real: address -> slot id.
+    pub fn real_ids(&self) -> impl Iterator<Item = (&IpAddr, u32)> {
+        self.reals.iter().map(|(a, s)| (a, s.id))
+    }
+
+    /// Free ring storage slots.
+    pub fn ring_free(&self) -> u64 {
+        self.rings.free_entries()
+    }
+
+    pub fn ring_capacity(&self) -> u32 {
+        self.rings.capacity()
+    }
+
     pub fn vip_count(&self) -> usize {
         self.vips.len()
     }
@@ -231,10 +306,19 @@ impl Balancer {
             ids.push(self.acquire_real(dp, b.addr)?);
         }
         let table = maglev::build_table(backends, table_size);
-        let ring = if table.is_empty() {
+        let ring_ids: Vec<u32> = table.iter().map(|&i| ids[i as usize]).collect();
+        // An identical ring (adopted after a restart, or a weight-only no-op) stays in place.
+        let current = existing.as_ref().and_then(|s| s.ring);
+        let unchanged = match current {
+            Some((off, len)) => len == table_size && dp.read_ring(off, len) == ring_ids,
+            None => ring_ids.is_empty(),
+        };
+        let ring = if unchanged {
+            current
+        } else if ring_ids.is_empty() {
             None
         } else {
-            let ring: Vec<u32> = table.iter().map(|&i| ids[i as usize]).collect();
+            let ring = ring_ids;
             let off = self.rings.alloc(table_size).ok_or_else(|| {
                 DatapathError::Capacity(format!(
                     "ring storage full: {} free entries, {table_size} needed",
@@ -264,7 +348,7 @@ impl Balancer {
 
         let mut leaving = Vec::new();
         if let Some(old) = existing {
-            if let Some((off, len)) = old.ring {
+            if let Some((off, len)) = old.ring.filter(|_| !unchanged) {
                 self.rings.free(off, len);
             }
             for b in &old.backends {

@@ -1,17 +1,43 @@
 //! `marklb-agent`: the node agent of marklb.
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "marklb-agent", version, about = "marklb node agent: XDP L4 load balancer with NIC flow-mark acceleration")]
+#[command(
+    name = "marklb-agent",
+    version,
+    about = "marklb node agent: XDP L4 load balancer with NIC flow-mark acceleration"
+)]
 struct Cli {
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Serve a LoadBalancer manifest on an interface (standalone mode, no cluster needed).
+    Run(marklb_agent::daemon::RunArgs),
+    /// Remove everything the agent put on the node for an interface (XDP link, pinned maps,
+    /// NIC rules).
+    Cleanup {
+        /// The interface the datapath was attached to.
+        #[arg(long)]
+        interface: String,
+        /// The bpffs mount the agent pinned under.
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        bpffs: std::path::PathBuf,
+    },
     /// Measure ns/packet of every datapath path with BPF_PROG_TEST_RUN (needs root).
     Bench {
         /// Repetitions per measurement.
@@ -29,9 +55,30 @@ enum Command {
     },
 }
 
+fn init_logs(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    init_logs(cli.log_format);
     match cli.command {
+        Command::Run(args) => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(marklb_agent::daemon::run(args))?;
+        }
+        Command::Cleanup { interface, bpffs } => {
+            if marklb_agent::daemon::cleanup(&bpffs, &interface)? {
+                println!("removed the marklb datapath from {interface}");
+            } else {
+                println!("nothing of marklb's on {interface}");
+            }
+        }
         Command::Bench { repeat, rounds, flows, json } => {
             let opts = marklb_agent::bench::BenchOptions { repeat, rounds, flows };
             let report = marklb_agent::bench::run(&opts)?;

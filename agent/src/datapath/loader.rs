@@ -9,7 +9,7 @@ use aya::{
 };
 use marklb_common::{
     BenchFrame, ConnEntry, DEFAULT_CONN_TABLE_SIZE, DEFAULT_NIC_FLOWS, DEFAULT_RING_CAPACITY,
-    FlowKey, LbConfig, MarkEntry, RealDef, TrafficStats, VipKey, VipMeta, map_names as n,
+    FlowKey, LbConfig, MarkEntry, NicRule, RealDef, TrafficStats, VipKey, VipMeta, map_names as n,
     prog_names,
 };
 
@@ -77,7 +77,7 @@ pub struct Datapath {
     pub(crate) vip_stats: PerCpuArray<MapData, TrafficStats>,
     pub(crate) real_stats: PerCpuArray<MapData, TrafficStats>,
     pub(crate) counters: PerCpuArray<MapData, u64>,
-    pub(crate) nic_flows: HashMap<MapData, FlowKey, u32>,
+    pub(crate) nic_flows: HashMap<MapData, FlowKey, NicRule>,
     pub(crate) nic_next: ProgramArray<MapData>,
     pub(crate) bench_frame: Array<MapData, BenchFrame>,
     pub(crate) bench_next: ProgramArray<MapData>,

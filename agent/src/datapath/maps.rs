@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use aya::maps::{MapData, RingBuf};
 use marklb_common::{
-    BenchFrame, ConnEntry, Counter, FlowKey, LbConfig, MarkEntry, NewFlowEvent, RealDef,
+    BenchFrame, ConnEntry, Counter, FlowKey, LbConfig, MarkEntry, NewFlowEvent, NicRule, RealDef,
     TrafficStats, VipKey, VipMeta, map_names as n,
 };
 
@@ -41,9 +41,12 @@ impl EventReader {
         Some(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<NewFlowEvent>()) })
     }
 
-    /// The ring buffer's fd, for epoll / tokio `AsyncFd`.
-    pub fn ring(&self) -> &RingBuf<MapData> {
-        &self.0
+}
+
+/// For epoll / tokio `AsyncFd`: readable when events are waiting.
+impl std::os::fd::AsRawFd for EventReader {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
     }
 }
 
@@ -156,7 +159,8 @@ impl Datapath {
 
     /// Programs an emulated-NIC flow rule: packets of `flow` get `mark` in metadata.
     pub fn set_nic_flow(&mut self, flow: &FlowKey, mark: u32) -> Result<()> {
-        self.nic_flows.insert(flow, mark, 0).map_err(map_err(n::NIC_FLOWS))
+        let rule = NicRule { mark, _pad: 0, hits: 0 };
+        self.nic_flows.insert(flow, rule, 0).map_err(map_err(n::NIC_FLOWS))
     }
 
     pub fn remove_nic_flow(&mut self, flow: &FlowKey) -> Result<()> {
@@ -166,8 +170,14 @@ impl Datapath {
         }
     }
 
-    pub fn nic_flow(&self, flow: &FlowKey) -> Option<u32> {
+    /// The emulated NIC's rule for a flow (mark and hits).
+    pub fn nic_flow(&self, flow: &FlowKey) -> Option<NicRule> {
         self.nic_flows.get(flow, 0).ok()
+    }
+
+    /// Every emulated NIC rule.
+    pub fn nic_flows(&self) -> Result<Vec<(FlowKey, NicRule)>> {
+        self.nic_flows.iter().collect::<Result<_, _>>().map_err(map_err(n::NIC_FLOWS))
     }
 
     pub fn nic_flow_count(&self) -> usize {

@@ -34,6 +34,19 @@ pub struct ConnEntry {
 }
 const _: () = assert!(core::mem::size_of::<ConnEntry>() == 16);
 
+/// Value of the emulated NIC's flow table: the rule's mark and a hit counter, which the
+/// agent samples to age idle flows (as it reads flower rule statistics on a real NIC).
+/// The counter is bumped without atomics: concurrent CPUs may lose increments, which is
+/// harmless for telling "used" from "idle".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NicRule {
+    pub mark: u32,
+    pub _pad: u32,
+    pub hits: u64,
+}
+const _: () = assert!(core::mem::size_of::<NicRule>() == 16);
+
 /// Value of the mark map (`MARKS[mark]`): where packets carrying the mark go.
 /// Per-flow marks identify one connection, per-real marks one (VIP, real) pair; the
 /// datapath treats both the same. `real_id == 0` is an invalid (free) mark.

@@ -9,6 +9,7 @@
 pub mod config;
 pub mod consts;
 pub mod counters;
+pub mod decap;
 pub mod event;
 pub mod flow;
 pub mod hash;
@@ -19,8 +20,9 @@ pub mod vip;
 pub use config::*;
 pub use consts::*;
 pub use counters::Counter;
+pub use decap::DecapCounter;
 pub use event::NewFlowEvent;
-pub use flow::{ConnEntry, FlowKey, MarkEntry};
+pub use flow::{ConnEntry, FlowKey, MarkEntry, NicRule};
 pub use real::{REAL_F_IPV6, RealDef};
 pub use stats::TrafficStats;
 pub use vip::{VipKey, VipMeta};
@@ -38,6 +40,7 @@ impl_pod!(
     FlowKey,
     ConnEntry,
     MarkEntry,
+    NicRule,
     NewFlowEvent,
     RealDef,
     TrafficStats,

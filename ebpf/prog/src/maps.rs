@@ -9,7 +9,7 @@ use aya_ebpf::{
 use marklb_common::{
     BenchFrame, ConnEntry, DEFAULT_CONN_TABLE_SIZE, DEFAULT_NIC_FLOWS, DEFAULT_RING_CAPACITY,
     EVENT_RING_BYTES, EventBucket, FlowKey, LbConfig, MAX_MARKS, MAX_REALS, MAX_VIP_ADDRS,
-    MAX_VIPS, MarkEntry, RealDef, TrafficStats, VipKey, VipMeta, counters::NUM_COUNTERS,
+    MAX_VIPS, MarkEntry, NicRule, RealDef, TrafficStats, VipKey, VipMeta, counters::NUM_COUNTERS,
 };
 
 /// `BPF_F_NO_COMMON_LRU`: each CPU evicts from its own LRU list, so CPUs never contend on
@@ -75,9 +75,9 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENT_RING_BYTES, 0);
 #[map]
 pub static EVENT_BUCKET: PerCpuArray<EventBucket> = PerCpuArray::with_max_entries(1, 0);
 
-/// Emulated NIC: the "hardware" flow rules, 5-tuple -> mark (default capacity).
+/// Emulated NIC: the "hardware" flow rules, 5-tuple -> mark and hits (default capacity).
 #[map]
-pub static NIC_FLOWS: HashMap<FlowKey, u32> = HashMap::with_max_entries(DEFAULT_NIC_FLOWS, 0);
+pub static NIC_FLOWS: HashMap<FlowKey, NicRule> = HashMap::with_max_entries(DEFAULT_NIC_FLOWS, 0);
 
 /// Emulated NIC: where marked packets go next (the balancer).
 #[map]

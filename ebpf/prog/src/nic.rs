@@ -20,9 +20,13 @@ fn apply_rules(ctx: &XdpContext) {
         count(Counter::NicUnmarked);
         return;
     };
-    let Some(&mark) = (unsafe { NIC_FLOWS.get(&p.flow) }) else {
+    let Some(rule) = NIC_FLOWS.get_ptr_mut(&p.flow) else {
         count(Counter::NicUnmarked);
         return;
+    };
+    let mark = unsafe {
+        (*rule).hits += 1;
+        (*rule).mark
     };
     if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -4) } != 0 {
         count(Counter::NicUnmarked);

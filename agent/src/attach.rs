@@ -1,0 +1,163 @@
+//! Putting the datapath on an interface so it survives the agent: maps pinned under
+//! bpffs, the XDP program attached through a pinned bpf_link. A restarted agent loads the
+//! same pinned maps and swaps its freshly loaded program into the existing link in one
+//! step (`bpf_link_update`), so traffic never stops and no state is lost.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result, bail};
+use aya::programs::{
+    Link, XdpMode,
+    links::{FdLink, PinnedLink},
+    xdp::XdpLink,
+};
+
+use crate::datapath::{Datapath, Prog};
+
+/// `statfs` magic of bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Where one interface's datapath is pinned.
+#[derive(Clone, Debug)]
+pub struct PinLayout {
+    pub dir: PathBuf,
+}
+
+impl PinLayout {
+    pub fn new(bpffs: &Path, iface: &str) -> Self {
+        Self { dir: bpffs.join("marklb").join(iface) }
+    }
+    pub fn maps(&self) -> PathBuf {
+        self.dir.join("maps")
+    }
+    pub fn link(&self) -> PathBuf {
+        self.dir.join("xdp_link")
+    }
+    /// Whether a previous agent left a datapath here.
+    pub fn exists(&self) -> bool {
+        self.link().exists()
+    }
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC }
+}
+
+/// Makes sure `bpffs` is a bpf filesystem, mounting one there if it is not (many minimal
+/// hosts do not mount /sys/fs/bpf).
+pub fn ensure_bpffs(bpffs: &Path) -> Result<()> {
+    if is_bpffs(bpffs) {
+        return Ok(());
+    }
+    fs::create_dir_all(bpffs).with_context(|| format!("creating {}", bpffs.display()))?;
+    let target = std::ffi::CString::new(bpffs.as_os_str().as_encoded_bytes())?;
+    let rc = unsafe {
+        libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null())
+    };
+    if rc != 0 {
+        bail!(
+            "{} is not a bpf filesystem and mounting one failed: {} (mount bpffs there, or pass --bpffs)",
+            bpffs.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// How the program ended up attached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attached {
+    /// `native` or `generic`.
+    pub mode: String,
+    /// Kernel id of the attached program.
+    pub prog_id: u32,
+    /// A previous agent's link was reused.
+    pub adopted: bool,
+}
+
+/// The XDP mode preference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModePref {
+    /// Native (driver) mode, generic if the driver lacks XDP.
+    Auto,
+    Native,
+    Generic,
+}
+
+/// Attaches `prog` (the balancer, or the emulated NIC in front of it) to `iface`, reusing
+/// a pinned link when there is one. `foreign` is a non-marklb program found on the
+/// interface: attaching fails unless `replace_foreign`, in which case it is removed.
+pub fn attach(
+    dp: &mut Datapath,
+    prog: Prog,
+    iface: &str,
+    pins: &PinLayout,
+    pref: ModePref,
+) -> Result<Attached> {
+    let xdp = dp.program(prog)?;
+    if pins.exists() {
+        let pinned = PinnedLink::from_pin(pins.link())
+            .with_context(|| format!("opening pinned link {}", pins.link().display()))?;
+        let fd_link: FdLink = pinned.into();
+        let link = XdpLink::try_from(fd_link).context("pinned link is not an XDP link")?;
+        let id = xdp.attach_to_link(link).context("replacing the program in the pinned link")?;
+        // The pin keeps the link; dropping our handle must not detach it.
+        let link = xdp.take_link(id)?;
+        let fd_link = FdLink::try_from(link).context("XDP link without fd")?;
+        let prog_id = prog_id_of(&fd_link)?;
+        drop(fd_link);
+        // bpffs holds no plain files; the caller asks the kernel for the mode.
+        return Ok(Attached { mode: "unknown".into(), prog_id, adopted: true });
+    }
+    let modes: &[(XdpMode, &str)] = match pref {
+        ModePref::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
+        ModePref::Native => &[(XdpMode::Driver, "native")],
+        ModePref::Generic => &[(XdpMode::Skb, "generic")],
+    };
+    let mut last_err = None;
+    for (mode, name) in modes {
+        match xdp.attach(iface, *mode) {
+            Ok(id) => {
+                let link = xdp.take_link(id)?;
+                let fd_link = FdLink::try_from(link)
+                    .context("the kernel attached XDP without a bpf_link; cannot pin it")?;
+                let prog_id = prog_id_of(&fd_link)?;
+                fs::create_dir_all(&pins.dir)?;
+                fd_link.pin(pins.link()).context("pinning the XDP link")?;
+                return Ok(Attached { mode: (*name).to_string(), prog_id, adopted: false });
+            }
+            Err(e) => {
+                tracing::info!(mode = name, error = %e, "XDP attach mode not available");
+                last_err = Some(e);
+            }
+        }
+    }
+    Err(last_err.map(anyhow::Error::from).unwrap_or_else(|| anyhow::anyhow!("no XDP mode to try")))
+        .with_context(|| format!("attaching XDP to {iface}"))
+}
+
+fn prog_id_of(link: &FdLink) -> Result<u32> {
+    Ok(link.info().context("reading link info")?.program_id())
+}
+
+/// Detaches and unpins everything the agent left for `pins` (link and maps).
+pub fn remove_pins(pins: &PinLayout) -> Result<bool> {
+    if !pins.dir.exists() {
+        return Ok(false);
+    }
+    if pins.link().exists() {
+        // Unpinning the last reference detaches the program.
+        let pinned = PinnedLink::from_pin(pins.link())?;
+        let fd_link = pinned.unpin()?;
+        fd_link.detach()?;
+    }
+    fs::remove_dir_all(&pins.dir).with_context(|| format!("removing {}", pins.dir.display()))?;
+    Ok(true)
+}

@@ -1,0 +1,312 @@
+//! The mark manager: turns new-flow events into marks and NIC rules, ages idle ones, and
+//! invalidates marks of reals that leave.
+//!
+//! Ordering that keeps packets correct at every step:
+//! - install: allocate a mark, write `MARKS[mark]`, and only then install the NIC rule, so
+//!   no packet carries a mark the datapath does not know;
+//! - remove (idle): remove the NIC rule, then clear `MARKS[mark]` and free the mark;
+//! - a real leaves: clear `MARKS[mark]` first (its packets fall back to the normal path at
+//!   once), then remove the rules; the caller retires the real afterwards.
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use marklb_common::{FlowKey, MAX_MARKS, MarkEntry, NewFlowEvent};
+use marklb_crds::loadbalancer::MarkScope;
+
+use super::{NicError, NicMarks};
+use crate::{datapath::Datapath, desired::MarkPolicy};
+
+/// Where a mark sends packets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Target {
+    real_id: u32,
+    real_gen: u32,
+    vip_id: u32,
+}
+
+#[derive(Clone, Debug)]
+struct FlowRule {
+    mark: u32,
+    target: Target,
+    hits: u64,
+    last_active: Instant,
+}
+
+#[derive(Clone, Debug)]
+struct MarkUse {
+    target: Target,
+    /// Flows whose rule carries this mark (1 for per-flow marks).
+    flows: u32,
+}
+
+/// Counters the metrics expose.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MarkStats {
+    pub installed: u64,
+    pub install_failures: u64,
+    /// Events for flows that had no free mark.
+    pub capacity_exhausted: u64,
+    /// Events naming a real that has since left.
+    pub stale_events: u64,
+    pub aged_out: u64,
+    pub invalidated: u64,
+}
+
+pub struct MarkManager {
+    policy: MarkPolicy,
+    nic: Box<dyn NicMarks>,
+    free: Vec<u32>,
+    marks: HashMap<u32, MarkUse>,
+    flows: HashMap<FlowKey, FlowRule>,
+    /// Per-real scope: the mark of each (VIP, real).
+    by_target: HashMap<Target, u32>,
+    pub stats: MarkStats,
+}
+
+impl MarkManager {
+    pub fn new(nic: Box<dyn NicMarks>, policy: MarkPolicy) -> Self {
+        let mut m = Self {
+            policy,
+            nic,
+            free: Vec::new(),
+            marks: HashMap::new(),
+            flows: HashMap::new(),
+            by_target: HashMap::new(),
+            stats: MarkStats::default(),
+        };
+        m.reset_free_list();
+        m
+    }
+
+    fn limit(&self) -> u32 {
+        if self.policy.scope == MarkScope::Off {
+            return 0;
+        }
+        self.policy.capacity.min(self.nic.max_mark()).min(MAX_MARKS - 1)
+    }
+
+    fn reset_free_list(&mut self) {
+        let limit = self.limit();
+        self.free = (1..=limit).rev().filter(|m| !self.marks.contains_key(m)).collect();
+    }
+
+    pub fn backend(&self) -> &'static str {
+        self.nic.name()
+    }
+
+    pub fn capacity(&self) -> u32 {
+        self.limit()
+    }
+
+    pub fn in_use(&self) -> usize {
+        self.marks.len()
+    }
+
+    pub fn rules(&self) -> usize {
+        self.flows.len()
+    }
+
+    pub fn policy(&self) -> MarkPolicy {
+        self.policy
+    }
+
+    /// Applies a new policy; a different scope or a smaller capacity starts over.
+    pub fn set_policy(&mut self, dp: &mut Datapath, policy: MarkPolicy) {
+        let restart = policy.scope != self.policy.scope || policy.capacity < self.policy.capacity;
+        if restart {
+            self.flush(dp);
+        }
+        self.policy = policy;
+        self.reset_free_list();
+    }
+
+    /// Removes every rule and mark.
+    pub fn flush(&mut self, dp: &mut Datapath) {
+        let flows: Vec<FlowKey> = self.flows.keys().copied().collect();
+        for f in flows {
+            self.remove_flow(dp, &f);
+        }
+        self.reset_free_list();
+    }
+
+    /// Handles one new-flow event; returns the time from the packet to the installed rule.
+    pub fn on_event(&mut self, dp: &mut Datapath, ev: &NewFlowEvent) -> Option<Duration> {
+        if self.limit() == 0 {
+            return None;
+        }
+        let target = Target { real_id: ev.real_id, real_gen: ev.real_gen, vip_id: ev.vip_id };
+        match dp.real(ev.real_id) {
+            Ok(r) if r.generation == ev.real_gen && r.generation != 0 => {}
+            _ => {
+                self.stats.stale_events += 1;
+                return None;
+            }
+        }
+        if let Some(rule) = self.flows.get(&ev.flow) {
+            if rule.target == target {
+                return None; // duplicate event (another CPU, a retransmitted SYN)
+            }
+            // The flow was re-picked (a SYN reusing the 5-tuple): start it over.
+            let flow = ev.flow;
+            self.remove_flow(dp, &flow);
+        }
+        let mark = match self.mark_for(dp, target) {
+            Some(m) => m,
+            None => {
+                self.stats.capacity_exhausted += 1;
+                return None;
+            }
+        };
+        match self.nic.install(dp, &ev.flow, mark) {
+            Ok(()) => {
+                self.marks.get_mut(&mark).expect("mark allocated").flows += 1;
+                self.flows.insert(ev.flow, FlowRule { mark, target, hits: 0, last_active: Instant::now() });
+                self.stats.installed += 1;
+                Some(since_monotonic(ev.ts_ns))
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "NIC rule install failed");
+                self.stats.install_failures += 1;
+                self.release_mark(dp, mark);
+                None
+            }
+        }
+    }
+
+    /// A mark for `target`: a fresh one per flow, or the target's shared one per real.
+    /// The mark map entry is written before any rule can carry the mark.
+    fn mark_for(&mut self, dp: &mut Datapath, target: Target) -> Option<u32> {
+        if self.policy.scope == MarkScope::PerReal {
+            if let Some(&m) = self.by_target.get(&target) {
+                return Some(m);
+            }
+        }
+        let mark = self.free.pop()?;
+        let entry = MarkEntry { real_id: target.real_id, real_gen: target.real_gen, vip_id: target.vip_id, _pad: 0 };
+        if let Err(e) = dp.set_mark(mark, &entry) {
+            tracing::warn!(error = %e, mark, "writing the mark map failed");
+            self.free.push(mark);
+            return None;
+        }
+        self.marks.insert(mark, MarkUse { target, flows: 0 });
+        if self.policy.scope == MarkScope::PerReal {
+            self.by_target.insert(target, mark);
+        }
+        Some(mark)
+    }
+
+    /// Drops a mark with no flows left: clear its map entry, then free it.
+    fn release_mark(&mut self, dp: &mut Datapath, mark: u32) {
+        let Some(u) = self.marks.get(&mark) else { return };
+        if u.flows > 0 {
+            return;
+        }
+        let target = u.target;
+        if let Err(e) = dp.clear_mark(mark) {
+            tracing::warn!(error = %e, mark, "clearing the mark map failed");
+        }
+        self.marks.remove(&mark);
+        if self.by_target.get(&target) == Some(&mark) {
+            self.by_target.remove(&target);
+        }
+        if mark <= self.limit() {
+            self.free.push(mark);
+        }
+    }
+
+    /// Removes one flow's rule, then its mark if no other flow uses it.
+    fn remove_flow(&mut self, dp: &mut Datapath, flow: &FlowKey) {
+        let Some(rule) = self.flows.remove(flow) else { return };
+        if let Err(e) = self.nic.remove(dp, flow) {
+            tracing::warn!(error = %e, "removing a NIC rule failed");
+        }
+        if let Some(u) = self.marks.get_mut(&rule.mark) {
+            u.flows = u.flows.saturating_sub(1);
+        }
+        self.release_mark(dp, rule.mark);
+    }
+
+    /// Removes rules whose flows saw no packet for the idle timeout. Returns how many.
+    pub fn age(&mut self, dp: &mut Datapath) -> Result<usize, NicError> {
+        let hits = self.nic.hits(dp)?;
+        let now = Instant::now();
+        let mut idle = Vec::new();
+        for (flow, rule) in self.flows.iter_mut() {
+            let h = hits.get(flow).copied().unwrap_or(rule.hits);
+            if h != rule.hits {
+                rule.hits = h;
+                rule.last_active = now;
+            } else if now.duration_since(rule.last_active) >= self.policy.idle_timeout {
+                idle.push(*flow);
+            }
+        }
+        for f in &idle {
+            self.remove_flow(dp, f);
+        }
+        self.stats.aged_out += idle.len() as u64;
+        Ok(idle.len())
+    }
+
+    /// A real is leaving: its marks stop sending packets to it now (map entries cleared
+    /// first), then its rules and marks go.
+    pub fn invalidate_real(&mut self, dp: &mut Datapath, real_id: u32) {
+        let marks: Vec<u32> =
+            self.marks.iter().filter(|(_, u)| u.target.real_id == real_id).map(|(m, _)| *m).collect();
+        if marks.is_empty() {
+            return;
+        }
+        for m in &marks {
+            if let Err(e) = dp.clear_mark(*m) {
+                tracing::warn!(error = %e, mark = m, "clearing the mark map failed");
+            }
+        }
+        let flows: Vec<FlowKey> =
+            self.flows.iter().filter(|(_, r)| marks.contains(&r.mark)).map(|(f, _)| *f).collect();
+        for f in &flows {
+            self.remove_flow(dp, f);
+        }
+        // Marks that had no flow left are released by remove_flow; any without flows too.
+        for m in marks {
+            self.release_mark(dp, m);
+        }
+        self.stats.invalidated += flows.len() as u64;
+    }
+
+    /// Rebuilds the state from what a previous agent left: the NIC's rules and the mark
+    /// map. Rules whose mark is unknown or stale are removed.
+    pub fn adopt(&mut self, dp: &mut Datapath) -> Result<usize, NicError> {
+        let rules = self.nic.rules(dp)?;
+        let now = Instant::now();
+        let hits = self.nic.hits(dp)?;
+        let mut adopted = 0;
+        for (flow, mark) in rules {
+            let entry = dp.mark(mark).ok().filter(|e| e.real_id != 0);
+            let live = entry.and_then(|e| dp.real(e.real_id).ok().filter(|r| r.generation == e.real_gen && r.generation != 0).map(|_| e));
+            let Some(e) = live.filter(|_| mark <= self.limit()) else {
+                let _ = self.nic.remove(dp, &flow);
+                continue;
+            };
+            let target = Target { real_id: e.real_id, real_gen: e.real_gen, vip_id: e.vip_id };
+            let u = self.marks.entry(mark).or_insert(MarkUse { target, flows: 0 });
+            u.flows += 1;
+            if self.policy.scope == MarkScope::PerReal {
+                self.by_target.insert(target, mark);
+            }
+            self.flows.insert(flow, FlowRule { mark, target, hits: hits.get(&flow).copied().unwrap_or(0), last_active: now });
+            adopted += 1;
+        }
+        self.reset_free_list();
+        Ok(adopted)
+    }
+}
+
+/// Time since a `bpf_ktime_get_ns` timestamp (CLOCK_MONOTONIC).
+fn since_monotonic(ts_ns: u64) -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let now = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+    Duration::from_nanos(now.saturating_sub(ts_ns))
+}

@@ -1,0 +1,88 @@
+//! Applies a desired state to the datapath as a diff: VIPs whose backends and table size
+//! are unchanged are not touched (their rings, flows and marks stay), changed VIPs get a
+//! new ring switched in atomically, removed VIPs go; reals that leave have their marks
+//! invalidated before their slots are cleared.
+
+use marklb_common::{MAX_REALS, MAX_VIPS};
+
+use crate::{
+    balancer::{Balancer, RetiringReal, VipId},
+    datapath::{Datapath, Result as DpResult},
+    desired::Desired,
+    marks::MarkManager,
+};
+
+/// What an apply changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub added: Vec<VipId>,
+    pub changed: Vec<VipId>,
+    pub removed: Vec<VipId>,
+    pub unchanged: usize,
+    pub reals_retired: usize,
+}
+
+/// Checks that a plan fits the datapath's capacities before anything is changed, so a
+/// plan that cannot be applied is rejected whole and the running state keeps serving.
+pub fn check_capacity(lb: &Balancer, desired: &Desired) -> Result<(), String> {
+    if desired.vips.len() > MAX_VIPS as usize {
+        return Err(format!("{} VIPs exceed the datapath's {MAX_VIPS}", desired.vips.len()));
+    }
+    let reals = desired.real_count();
+    if reals >= MAX_REALS as usize {
+        return Err(format!("{reals} reals exceed the datapath's {}", MAX_REALS - 1));
+    }
+    // Rings are replaced one at a time: the plan plus the largest ring must fit.
+    let largest = desired.vips.values().map(|v| v.table_size as u64).max().unwrap_or(0);
+    let need = desired.ring_slots() + largest;
+    if need > lb.ring_capacity() as u64 {
+        return Err(format!(
+            "Maglev rings need {need} slots (sum of table sizes plus one being replaced) but the ring \
+             storage has {}; use a smaller maglevTableSize or start the agent with a larger --ring-capacity",
+            lb.ring_capacity()
+        ));
+    }
+    Ok(())
+}
+
+/// Applies `desired` (which passed [`check_capacity`]).
+pub fn apply(
+    dp: &mut Datapath,
+    lb: &mut Balancer,
+    marks: &mut MarkManager,
+    desired: &Desired,
+) -> DpResult<ApplyReport> {
+    let mut report = ApplyReport::default();
+    let mut leaving: Vec<RetiringReal> = Vec::new();
+
+    let stale: Vec<VipId> = lb.vip_ids().filter(|v| !desired.vips.contains_key(v)).copied().collect();
+    for vip in stale {
+        leaving.extend(lb.remove_vip(dp, &vip)?);
+        report.removed.push(vip);
+    }
+    for (vip, plan) in &desired.vips {
+        let current = lb.backends(vip);
+        let same = current == Some(plan.backends.as_slice()) && lb.table_size(vip) == Some(plan.table_size);
+        if same {
+            report.unchanged += 1;
+            continue;
+        }
+        if current.is_some() {
+            report.changed.push(*vip);
+        } else {
+            report.added.push(*vip);
+        }
+        leaving.extend(lb.set_vip(dp, *vip, &plan.backends, plan.table_size)?);
+    }
+    // Reals a previous agent programmed that nothing claims now.
+    leaving.extend(lb.unclaimed_reals());
+    // Removed VIPs go first so their ring space is free for the rest. A real that only a
+    // removed VIP used leaves even if a VIP added in this apply lists it: that VIP gets
+    // it under a new slot (the removed VIP's flows are gone anyway).
+    for r in &leaving {
+        marks.invalidate_real(dp, r.id);
+    }
+    lb.retire(dp, &leaving)?;
+    report.reals_retired = leaving.len();
+    Ok(report)
+}
