@@ -28,7 +28,9 @@ pub struct PinLayout {
 
 impl PinLayout {
     pub fn new(bpffs: &Path, iface: &str) -> Self {
-        Self { dir: bpffs.join("marklb").join(iface) }
+        Self {
+            dir: bpffs.join("marklb").join(iface),
+        }
     }
     pub fn maps(&self) -> PathBuf {
         self.dir.join("maps")
@@ -59,7 +61,13 @@ pub fn ensure_bpffs(bpffs: &Path) -> Result<()> {
     fs::create_dir_all(bpffs).with_context(|| format!("creating {}", bpffs.display()))?;
     let target = std::ffi::CString::new(bpffs.as_os_str().as_encoded_bytes())?;
     let rc = unsafe {
-        libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
     if rc != 0 {
         bail!(
@@ -107,14 +115,20 @@ pub fn attach(
             .with_context(|| format!("opening pinned link {}", pins.link().display()))?;
         let fd_link: FdLink = pinned.into();
         let link = XdpLink::try_from(fd_link).context("pinned link is not an XDP link")?;
-        let id = xdp.attach_to_link(link).context("replacing the program in the pinned link")?;
+        let id = xdp
+            .attach_to_link(link)
+            .context("replacing the program in the pinned link")?;
         // The pin keeps the link; dropping our handle must not detach it.
         let link = xdp.take_link(id)?;
         let fd_link = FdLink::try_from(link).context("XDP link without fd")?;
         let prog_id = prog_id_of(&fd_link)?;
         drop(fd_link);
         // bpffs holds no plain files; the caller asks the kernel for the mode.
-        return Ok(Attached { mode: "unknown".into(), prog_id, adopted: true });
+        return Ok(Attached {
+            mode: "unknown".into(),
+            prog_id,
+            adopted: true,
+        });
     }
     let modes: &[(XdpMode, &str)] = match pref {
         ModePref::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
@@ -131,7 +145,11 @@ pub fn attach(
                 let prog_id = prog_id_of(&fd_link)?;
                 fs::create_dir_all(&pins.dir)?;
                 fd_link.pin(pins.link()).context("pinning the XDP link")?;
-                return Ok(Attached { mode: (*name).to_string(), prog_id, adopted: false });
+                return Ok(Attached {
+                    mode: (*name).to_string(),
+                    prog_id,
+                    adopted: false,
+                });
             }
             Err(e) => {
                 tracing::info!(mode = name, error = %e, "XDP attach mode not available");
@@ -139,8 +157,10 @@ pub fn attach(
             }
         }
     }
-    Err(last_err.map(anyhow::Error::from).unwrap_or_else(|| anyhow::anyhow!("no XDP mode to try")))
-        .with_context(|| format!("attaching XDP to {iface}"))
+    Err(last_err
+        .map(anyhow::Error::from)
+        .unwrap_or_else(|| anyhow::anyhow!("no XDP mode to try")))
+    .with_context(|| format!("attaching XDP to {iface}"))
 }
 
 fn prog_id_of(link: &FdLink) -> Result<u32> {

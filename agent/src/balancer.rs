@@ -9,10 +9,7 @@
 //! - a real that is still listed (even drained, weight 0) keeps its slot, so established
 //!   flows to it keep their real.
 
-use std::{
-    collections::HashMap,
-    net::IpAddr,
-};
+use std::{collections::HashMap, net::IpAddr};
 
 use marklb_common::{
     IPPROTO_TCP, IPPROTO_UDP, MAX_REALS, MAX_VIPS, REAL_F_IPV6, RealDef, VipKey, VipMeta,
@@ -59,11 +56,19 @@ pub struct VipId {
 
 impl VipId {
     pub fn tcp(addr: IpAddr, port: u16) -> Self {
-        Self { addr, port, proto: IPPROTO_TCP }
+        Self {
+            addr,
+            port,
+            proto: IPPROTO_TCP,
+        }
     }
 
     pub fn udp(addr: IpAddr, port: u16) -> Self {
-        Self { addr, port, proto: IPPROTO_UDP }
+        Self {
+            addr,
+            port,
+            proto: IPPROTO_UDP,
+        }
     }
 
     pub fn key(&self) -> VipKey {
@@ -142,7 +147,14 @@ impl Balancer {
                 continue;
             }
             let addr = words_addr(&def.addr_be, def.flags & REAL_F_IPV6 != 0);
-            lb.reals.insert(addr, RealSlot { id, generation: def.generation, refs: 0 });
+            lb.reals.insert(
+                addr,
+                RealSlot {
+                    id,
+                    generation: def.generation,
+                    refs: 0,
+                },
+            );
             lb.last_generation = lb.last_generation.max(def.generation);
             used_ids.push(id);
         }
@@ -180,11 +192,19 @@ impl Balancer {
 
     /// Adopted reals that no programmed VIP lists: they leave (pass to [`Balancer::retire`]).
     pub fn unclaimed_reals(&mut self) -> Vec<RetiringReal> {
-        let gone: Vec<IpAddr> =
-            self.reals.iter().filter(|(_, s)| s.refs == 0).map(|(a, _)| *a).collect();
+        let gone: Vec<IpAddr> = self
+            .reals
+            .iter()
+            .filter(|(_, s)| s.refs == 0)
+            .map(|(a, _)| *a)
+            .collect();
         gone.into_iter()
             .filter_map(|addr| {
-                self.reals.remove(&addr).map(|s| RetiringReal { addr, id: s.id, generation: s.generation })
+                self.reals.remove(&addr).map(|s| RetiringReal {
+                    addr,
+                    id: s.id,
+                    generation: s.generation,
+                })
             })
             .collect()
     }
@@ -251,7 +271,14 @@ impl Balancer {
         };
         dp.reset_stats(None, Some(id))?;
         dp.set_real(id, &def)?;
-        self.reals.insert(addr, RealSlot { id, generation, refs: 1 });
+        self.reals.insert(
+            addr,
+            RealSlot {
+                id,
+                generation,
+                refs: 1,
+            },
+        );
         Ok(id)
     }
 
@@ -263,7 +290,11 @@ impl Balancer {
             return None;
         }
         let slot = self.reals.remove(addr)?;
-        Some(RetiringReal { addr: *addr, id: slot.id, generation: slot.generation })
+        Some(RetiringReal {
+            addr: *addr,
+            id: slot.id,
+            generation: slot.generation,
+        })
     }
 
     /// Clears the slots of reals that left (after their marks were invalidated): packets of
@@ -286,7 +317,9 @@ impl Balancer {
         table_size: u32,
     ) -> Result<Vec<RetiringReal>> {
         if !maglev::is_prime(table_size) {
-            return Err(DatapathError::Capacity(format!("Maglev table size {table_size} is not prime")));
+            return Err(DatapathError::Capacity(format!(
+                "Maglev table size {table_size} is not prime"
+            )));
         }
         let existing = self.vips.get(&vip).cloned();
         let (vip_id, generation) = match &existing {
@@ -357,7 +390,13 @@ impl Balancer {
         }
         self.vips.insert(
             vip,
-            VipState { vip_id, generation, ring, backends: backends.to_vec(), table_size },
+            VipState {
+                vip_id,
+                generation,
+                ring,
+                backends: backends.to_vec(),
+                table_size,
+            },
         );
         Ok(leaving)
     }
@@ -377,7 +416,11 @@ impl Balancer {
             self.rings.free(off, len);
         }
         self.free_vip_ids.push(state.vip_id);
-        Ok(state.backends.iter().filter_map(|b| self.release_real(&b.addr)).collect())
+        Ok(state
+            .backends
+            .iter()
+            .filter_map(|b| self.release_real(&b.addr))
+            .collect())
     }
 
     /// The Maglev table size a VIP was programmed with.

@@ -17,8 +17,8 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use marklb_common::{
-    BENCH_FRAME_MAX, BenchFrame, CFG_F_ENABLED, CFG_F_EVENTS, CFG_F_ICMP_ECHO, CFG_F_ICMP_TOO_BIG, Counter,
-    LbConfig, MarkEntry,
+    BENCH_FRAME_MAX, BenchFrame, CFG_F_ENABLED, CFG_F_EVENTS, CFG_F_ICMP_ECHO, CFG_F_ICMP_TOO_BIG,
+    Counter, LbConfig, MarkEntry,
 };
 use serde::Serialize;
 
@@ -42,7 +42,11 @@ pub struct BenchOptions {
 
 impl Default for BenchOptions {
     fn default() -> Self {
-        Self { repeat: 1_000_000, rounds: 5, flows: 50_000 }
+        Self {
+            repeat: 1_000_000,
+            rounds: 5,
+            flows: 50_000,
+        }
     }
 }
 
@@ -91,14 +95,18 @@ fn families() -> [Family; 2] {
             client: "192.0.2.10".parse().expect("ip"),
             vip: "10.0.0.10".parse().expect("ip"),
             other: "10.0.0.99".parse().expect("ip"),
-            reals: (1..=REALS).map(|i| format!("10.1.0.{i}").parse().expect("ip")).collect(),
+            reals: (1..=REALS)
+                .map(|i| format!("10.1.0.{i}").parse().expect("ip"))
+                .collect(),
         },
         Family {
             name: "ipv6",
             client: "2001:db8::10".parse().expect("ip"),
             vip: "2001:db8:f::10".parse().expect("ip"),
             other: "2001:db8:f::99".parse().expect("ip"),
-            reals: (1..=REALS).map(|i| format!("2001:db8:1::{i}").parse().expect("ip")).collect(),
+            reals: (1..=REALS)
+                .map(|i| format!("2001:db8:1::{i}").parse().expect("ip"))
+                .collect(),
         },
     ]
 }
@@ -122,12 +130,20 @@ fn bench_config() -> LbConfig {
 fn bench_frame(spec: &FrameSpec) -> Result<BenchFrame> {
     let mut bytes = spec.build();
     bytes.resize(bytes.len().div_ceil(8) * 8, 0);
-    ensure!(bytes.len() <= BENCH_FRAME_MAX, "frame of {} bytes too long", bytes.len());
+    ensure!(
+        bytes.len() <= BENCH_FRAME_MAX,
+        "frame of {} bytes too long",
+        bytes.len()
+    );
     let mut data = [0u8; BENCH_FRAME_MAX];
     data[..bytes.len()].copy_from_slice(&bytes);
     // Source port right after the IP header; low 16 bits of the source address at the
     // end of the address field.
-    let (sport_off, saddr_off) = if spec.src.is_ipv6() { (14 + 40, 14 + 8 + 14) } else { (14 + 20, 14 + 12 + 2) };
+    let (sport_off, saddr_off) = if spec.src.is_ipv6() {
+        (14 + 40, 14 + 8 + 14)
+    } else {
+        (14 + 20, 14 + 12 + 2)
+    };
     Ok(BenchFrame {
         len: bytes.len() as u32,
         mark: 0,
@@ -155,7 +171,9 @@ impl Bench<'_> {
             self.dp.set_bench_frame(frame)?;
             let before = self.dp.counters()?;
             let input = &frame.data[..frame.len as usize];
-            let r = self.dp.test_run_repeat(Prog::BenchRestore, input, None, self.opts.repeat)?;
+            let r = self
+                .dp
+                .test_run_repeat(Prog::BenchRestore, input, None, self.opts.repeat)?;
             let delta = self.dp.counters()?.since(&before);
             for c in expect {
                 let got = delta.get(*c);
@@ -178,7 +196,11 @@ impl Bench<'_> {
     fn direct(&mut self, prog: Prog, frame: &[u8]) -> Result<f64> {
         let mut samples = Vec::new();
         for _ in 0..self.opts.rounds {
-            samples.push(self.dp.test_run_repeat(prog, frame, None, self.opts.repeat)?.ns_per_run as f64);
+            samples.push(
+                self.dp
+                    .test_run_repeat(prog, frame, None, self.opts.repeat)?
+                    .ns_per_run as f64,
+            );
         }
         Ok(median(samples))
     }
@@ -205,7 +227,7 @@ impl EventDrain {
         let handle = std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
                 let mut got = 0;
-                while reader.next().is_some() {
+                while reader.next_event().is_some() {
                     got += 1;
                 }
                 n.fetch_add(got, Ordering::Relaxed);
@@ -214,7 +236,11 @@ impl EventDrain {
                 }
             }
         });
-        Ok(Self { stop, seen, handle: Some(handle) })
+        Ok(Self {
+            stop,
+            seen,
+            handle: Some(handle),
+        })
     }
 
     fn stop(mut self) -> u64 {
@@ -228,7 +254,10 @@ impl EventDrain {
 
 /// Runs the whole benchmark.
 pub fn run(opts: &BenchOptions) -> Result<Report> {
-    ensure!(opts.flows >= 2 && opts.flows <= 60_000, "--flows must be within 2..=60000");
+    ensure!(
+        opts.flows >= 2 && opts.flows <= 60_000,
+        "--flows must be within 2..=60000"
+    );
     let mut dp = Datapath::load(&LoadOptions::default())
         .context("loading the datapath (the benchmark needs root and bpf())")?;
     dp.set_config(&bench_config())?;
@@ -236,82 +265,198 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
     let drain = EventDrain::start(&mut dp)?;
 
     let mut bench = Bench { dp: &mut dp, opts };
-    let trivial_ns = bench.direct(Prog::BenchTrivial, &FrameSpec::tcp(families()[0].client, 1, families()[0].vip, 80, true).build())?;
+    let trivial_ns = bench.direct(
+        Prog::BenchTrivial,
+        &FrameSpec::tcp(families()[0].client, 1, families()[0].vip, 80, true).build(),
+    )?;
     let mut figures = Vec::new();
     let mut floor_ns = 0.0;
 
     for (fi, fam) in families().iter().enumerate() {
         let vip = VipId::tcp(fam.vip, 80);
-        let backends: Vec<Backend> = fam.reals.iter().map(|&addr| Backend { addr, weight: 1 }).collect();
+        let backends: Vec<Backend> = fam
+            .reals
+            .iter()
+            .map(|&addr| Backend { addr, weight: 1 })
+            .collect();
         let leaving = lb.set_vip(bench.dp, vip, &backends, 65_537)?;
         lb.retire(bench.dp, &leaving)?;
         let vip_stats_id = lb.vip_stats_id(&vip).context("vip programmed")?;
 
         let syn = bench_frame(&FrameSpec::tcp(fam.client, BASE_SPORT, fam.vip, 80, true))?;
         let ack = bench_frame(&FrameSpec::tcp(fam.client, BASE_SPORT, fam.vip, 80, false))?;
-        let other = bench_frame(&FrameSpec::tcp(fam.client, BASE_SPORT, fam.other, 80, false))?;
+        let other = bench_frame(&FrameSpec::tcp(
+            fam.client, BASE_SPORT, fam.other, 80, false,
+        ))?;
 
         let floor = bench.wrapped(Prog::BenchTrivial, &ack, &[])?;
         if fi == 0 {
             floor_ns = floor;
         }
         let mut rows: Vec<(&'static str, u32, f64)> = Vec::new();
-        rows.push(("non-VIP pass", 1, bench.wrapped(Prog::Balancer, &other, &[Counter::PassNotVip])?));
-        rows.push(("new flow (SYN)", 1, bench.wrapped(Prog::Balancer, &syn, &[Counter::NewFlow])?));
-        rows.push(("established (conn table)", 1, bench.wrapped(Prog::Balancer, &ack, &[Counter::ConnHit])?));
+        rows.push((
+            "non-VIP pass",
+            1,
+            bench.wrapped(Prog::Balancer, &other, &[Counter::PassNotVip])?,
+        ));
+        rows.push((
+            "new flow (SYN)",
+            1,
+            bench.wrapped(Prog::Balancer, &syn, &[Counter::NewFlow])?,
+        ));
+        rows.push((
+            "established (conn table)",
+            1,
+            bench.wrapped(Prog::Balancer, &ack, &[Counter::ConnHit])?,
+        ));
 
         // The mark of the measured flow points where the normal path sent it.
         let flow = FrameSpec::tcp(fam.client, BASE_SPORT, fam.vip, 80, false).flow();
-        let conn = bench.dp.conn(&flow).context("flow learned by the SYN runs")?;
-        let entry = MarkEntry { real_id: conn.real_id, real_gen: conn.real_gen, vip_id: conn.vip_id, _pad: 0 };
+        let conn = bench
+            .dp
+            .conn(&flow)
+            .context("flow learned by the SYN runs")?;
+        let entry = MarkEntry {
+            real_id: conn.real_id,
+            real_gen: conn.real_gen,
+            vip_id: conn.vip_id,
+            _pad: 0,
+        };
         bench.dp.set_mark(1, &entry)?;
         let marked = BenchFrame { mark: 1, ..ack };
-        rows.push(("mark fast path, per flow", 1, bench.wrapped(Prog::Balancer, &marked, &[Counter::MarkHit])?));
+        rows.push((
+            "mark fast path, per flow",
+            1,
+            bench.wrapped(Prog::Balancer, &marked, &[Counter::MarkHit])?,
+        ));
         // Per real: the same datapath work; one mark per (VIP, real) shared by its flows.
         let real_mark = 100 + conn.real_id;
         bench.dp.set_mark(real_mark, &entry)?;
-        let marked_real = BenchFrame { mark: real_mark, ..ack };
-        rows.push(("mark fast path, per real", 1, bench.wrapped(Prog::Balancer, &marked_real, &[Counter::MarkHit])?));
+        let marked_real = BenchFrame {
+            mark: real_mark,
+            ..ack
+        };
+        rows.push((
+            "mark fast path, per real",
+            1,
+            bench.wrapped(Prog::Balancer, &marked_real, &[Counter::MarkHit])?,
+        ));
         bench.dp.chain_nic_to_balancer()?;
         bench.dp.set_nic_flow(&flow, 1)?;
-        rows.push(("emulated NIC + mark path", 1, bench.wrapped(Prog::EmulatedNic, &ack, &[Counter::NicMarked, Counter::MarkHit])?));
+        rows.push((
+            "emulated NIC + mark path",
+            1,
+            bench.wrapped(
+                Prog::EmulatedNic,
+                &ack,
+                &[Counter::NicMarked, Counter::MarkHit],
+            )?,
+        ));
         bench.dp.remove_nic_flow(&flow)?;
 
         // Many flows: learn them all, then measure with the source port varying.
         let n = opts.flows;
-        let many = |f: &BenchFrame| BenchFrame { flows: n, seq: 0, ..*f };
+        let many = |f: &BenchFrame| BenchFrame {
+            flows: n,
+            seq: 0,
+            ..*f
+        };
         let saved_repeat = bench.opts.repeat;
-        let learn_opts = BenchOptions { repeat: n, rounds: 1, ..bench.opts.clone() };
-        let mut learner = Bench { dp: &mut *bench.dp, opts: &learn_opts };
+        let learn_opts = BenchOptions {
+            repeat: n,
+            rounds: 1,
+            ..bench.opts.clone()
+        };
+        let mut learner = Bench {
+            dp: &mut *bench.dp,
+            opts: &learn_opts,
+        };
         learner.wrapped(Prog::Balancer, &many(&syn), &[Counter::NewFlow])?;
         let _ = saved_repeat;
-        rows.push(("established (conn table)", n, bench.wrapped(Prog::Balancer, &many(&ack), &[Counter::ConnHit])?));
+        rows.push((
+            "established (conn table)",
+            n,
+            bench.wrapped(Prog::Balancer, &many(&ack), &[Counter::ConnHit])?,
+        ));
         // Per-flow marks: flow i carries mark 1000 + i and its own real.
         for i in 0..n {
-            let spec = FrameSpec::tcp(fam.client, BASE_SPORT.wrapping_add(i as u16), fam.vip, 80, false);
+            let spec = FrameSpec::tcp(
+                fam.client,
+                BASE_SPORT.wrapping_add(i as u16),
+                fam.vip,
+                80,
+                false,
+            );
             let c = bench.dp.conn(&spec.flow()).context("flow learned")?;
-            let e = MarkEntry { real_id: c.real_id, real_gen: c.real_gen, vip_id: vip_stats_id, _pad: 0 };
+            let e = MarkEntry {
+                real_id: c.real_id,
+                real_gen: c.real_gen,
+                vip_id: vip_stats_id,
+                _pad: 0,
+            };
             bench.dp.set_mark(1_000 + i, &e)?;
             bench.dp.set_nic_flow(&spec.flow(), 1_000 + i)?;
         }
-        let per_flow = BenchFrame { mark: 1_000, mark_span: n, ..many(&ack) };
-        rows.push(("mark fast path, per flow", n, bench.wrapped(Prog::Balancer, &per_flow, &[Counter::MarkHit])?));
+        let per_flow = BenchFrame {
+            mark: 1_000,
+            mark_span: n,
+            ..many(&ack)
+        };
+        rows.push((
+            "mark fast path, per flow",
+            n,
+            bench.wrapped(Prog::Balancer, &per_flow, &[Counter::MarkHit])?,
+        ));
         // Per-real marks: the flows share one mark per real (marks 100 + real id).
         for id in 0..=REALS as u32 + 1 {
-            let e = MarkEntry { real_id: id.max(1), real_gen: bench.dp.real(id.max(1))?.generation, vip_id: vip_stats_id, _pad: 0 };
+            let e = MarkEntry {
+                real_id: id.max(1),
+                real_gen: bench.dp.real(id.max(1))?.generation,
+                vip_id: vip_stats_id,
+                _pad: 0,
+            };
             bench.dp.set_mark(100 + id, &e)?;
         }
-        let per_real = BenchFrame { mark: 101, mark_span: REALS as u32, ..many(&ack) };
-        rows.push(("mark fast path, per real", n, bench.wrapped(Prog::Balancer, &per_real, &[Counter::MarkHit])?));
-        rows.push(("emulated NIC + mark path", n, bench.wrapped(Prog::EmulatedNic, &many(&ack), &[Counter::NicMarked, Counter::MarkHit])?));
+        let per_real = BenchFrame {
+            mark: 101,
+            mark_span: REALS as u32,
+            ..many(&ack)
+        };
+        rows.push((
+            "mark fast path, per real",
+            n,
+            bench.wrapped(Prog::Balancer, &per_real, &[Counter::MarkHit])?,
+        ));
+        rows.push((
+            "emulated NIC + mark path",
+            n,
+            bench.wrapped(
+                Prog::EmulatedNic,
+                &many(&ack),
+                &[Counter::NicMarked, Counter::MarkHit],
+            )?,
+        ));
         for i in 0..n {
-            let spec = FrameSpec::tcp(fam.client, BASE_SPORT.wrapping_add(i as u16), fam.vip, 80, false);
+            let spec = FrameSpec::tcp(
+                fam.client,
+                BASE_SPORT.wrapping_add(i as u16),
+                fam.vip,
+                80,
+                false,
+            );
             bench.dp.remove_nic_flow(&spec.flow())?;
         }
 
         // Last, since it evicts learned flows: every repetition a flow never seen before (the table fills up and evicts).
-        let fresh = BenchFrame { flows: u32::MAX, ..syn };
-        rows.push(("new flow (SYN), all distinct", bench.opts.repeat, bench.wrapped(Prog::Balancer, &fresh, &[Counter::NewFlow])?));
+        let fresh = BenchFrame {
+            flows: u32::MAX,
+            ..syn
+        };
+        rows.push((
+            "new flow (SYN), all distinct",
+            bench.opts.repeat,
+            bench.wrapped(Prog::Balancer, &fresh, &[Counter::NewFlow])?,
+        ));
 
         let established = |flows: u32, rows: &[(&str, u32, f64)]| {
             rows.iter()
@@ -354,12 +499,31 @@ pub fn render(r: &Report) -> String {
         "marklb datapath benchmark (BPF_PROG_TEST_RUN, {} repetitions x {} rounds, median)",
         r.repeat, r.rounds
     );
-    let _ = writeln!(s, "trivial XDP program alone: {:.1} ns; wrapper + trivial (floor): {:.1} ns", r.trivial_ns, r.floor_ns);
-    let _ = writeln!(s, "{:<6} {:<28} {:>7} {:>9} {:>12} {:>14}", "family", "path", "flows", "ns/pkt", "above floor", "vs established");
+    let _ = writeln!(
+        s,
+        "trivial XDP program alone: {:.1} ns; wrapper + trivial (floor): {:.1} ns",
+        r.trivial_ns, r.floor_ns
+    );
+    let _ = writeln!(
+        s,
+        "{:<6} {:<28} {:>7} {:>9} {:>12} {:>14}",
+        "family", "path", "flows", "ns/pkt", "above floor", "vs established"
+    );
     for f in &r.figures {
-        let ratio = f.speedup_vs_established.map(|x| format!("{x:.2}x")).unwrap_or_default();
-        let _ = writeln!(s, "{:<6} {:<28} {:>7} {:>9.1} {:>12.1} {:>14}", f.family, f.path, f.flows, f.ns, f.above_floor, ratio);
+        let ratio = f
+            .speedup_vs_established
+            .map(|x| format!("{x:.2}x"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            s,
+            "{:<6} {:<28} {:>7} {:>9.1} {:>12.1} {:>14}",
+            f.family, f.path, f.flows, f.ns, f.above_floor, ratio
+        );
     }
-    let _ = writeln!(s, "new-flow events: {} delivered, {} lost (ring full)", r.events_sent, r.events_lost);
+    let _ = writeln!(
+        s,
+        "new-flow events: {} delivered, {} lost (ring full)",
+        r.events_sent, r.events_lost
+    );
     s
 }

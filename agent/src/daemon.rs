@@ -100,10 +100,16 @@ struct Loaded {
 }
 
 fn load_config(path: &PathBuf) -> Result<Loaded> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let lb = from_yaml_manifest(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    let desired = Desired::from_spec(&lb.spec).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    Ok(Loaded { text, spec: lb.spec, desired })
+    let desired =
+        Desired::from_spec(&lb.spec).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(Loaded {
+        text,
+        spec: lb.spec,
+        desired,
+    })
 }
 
 fn default_policy() -> MarkPolicy {
@@ -141,7 +147,10 @@ impl Agent {
             Err(e) => {
                 self.metrics.reloads.with_label_values(&["failure"]).inc();
                 self.metrics.config_valid.set(0);
-                tracing::error!(error = format!("{e:#}"), "configuration rejected; the last good state keeps serving");
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    "configuration rejected; the last good state keeps serving"
+                );
             }
         }
     }
@@ -149,15 +158,20 @@ impl Agent {
     async fn try_reload(&mut self) -> Result<String> {
         let loaded = load_config(&self.args.config)?;
         self.seen = Some(loaded.text.clone());
-        if let Some(want) = &loaded.spec.interface {
-            if *want != self.iface {
-                bail!("spec.interface is {want} but this agent serves {}; restart it to move", self.iface);
-            }
+        if let Some(want) = loaded.spec.interface.as_ref().filter(|w| **w != self.iface) {
+            bail!(
+                "spec.interface is {want} but this agent serves {}; restart it to move",
+                self.iface
+            );
         }
         let next_hop_ip = loaded.spec.next_hop.as_ref().and_then(|n| n.ip());
         let mac = match loaded.spec.next_hop.as_ref().and_then(|n| n.mac_bytes()) {
             Some(mac) => mac,
-            None => self.netlink.resolve_next_hop(&self.iface, next_hop_ip).await?,
+            None => {
+                self.netlink
+                    .resolve_next_hop(&self.iface, next_hop_ip)
+                    .await?
+            }
         };
         let mut guard = self.shared.lock().expect("agent state lock");
         let s = &mut *guard;
@@ -165,7 +179,12 @@ impl Agent {
         let report = reconcile::apply(&mut s.dp, &mut s.lb, &mut s.marks, &loaded.desired)?;
         s.marks.set_policy(&mut s.dp, loaded.desired.marks);
         s.dp.set_config(&loaded.desired.lb_config(mac))?;
-        s.vip_labels = loaded.desired.vips.iter().map(|(k, v)| (*k, v.label.clone())).collect();
+        s.vip_labels = loaded
+            .desired
+            .vips
+            .iter()
+            .map(|(k, v)| (*k, v.label.clone()))
+            .collect();
         s.next_hop_mac = Some(mac);
         s.applied = Some(loaded.desired);
         Ok(format!(
@@ -182,19 +201,30 @@ impl Agent {
 /// Sets up the datapath and runs until SIGTERM/SIGINT.
 pub async fn run(args: RunArgs) -> Result<()> {
     let first = load_config(&args.config);
-    let iface = match (&args.interface, first.as_ref().ok().and_then(|l| l.spec.interface.clone())) {
+    let iface = match (
+        &args.interface,
+        first.as_ref().ok().and_then(|l| l.spec.interface.clone()),
+    ) {
         (Some(i), _) => i.clone(),
         (None, Some(i)) => i,
         (None, None) => bail!("no interface: pass --interface or set spec.interface"),
     };
     let netlink = Netlink::connect()?;
-    netlink.link(&iface).await.with_context(|| format!("interface {iface}"))?;
+    netlink
+        .link(&iface)
+        .await
+        .with_context(|| format!("interface {iface}"))?;
 
     attach::ensure_bpffs(&args.bpffs)?;
     let pins = PinLayout::new(&args.bpffs, &iface);
     let adopting = pins.exists();
-    if !adopting {
-        if let Some(foreign) = netlink.xdp_attachment(&iface).await? {
+    let foreign = if adopting {
+        None
+    } else {
+        netlink.xdp_attachment(&iface).await?
+    };
+    {
+        if let Some(foreign) = foreign {
             if !args.replace_foreign_xdp {
                 bail!(
                     "{iface} already carries an XDP program that is not marklb's (id {}, {} mode); \
@@ -210,10 +240,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
     match offload::read(&iface) {
         Ok(o) if o.gro || o.lro => {
             if args.disable_offloads {
-                offload::disable(&iface).with_context(|| format!("turning GRO/LRO off on {iface}"))?;
+                offload::disable(&iface)
+                    .with_context(|| format!("turning GRO/LRO off on {iface}"))?;
                 tracing::info!(iface, "GRO/LRO turned off");
             } else {
-                tracing::warn!(iface, gro = o.gro, lro = o.lro, "receive offloads are on: encapsulated forwarding may see merged packets (use --disable-offloads)");
+                tracing::warn!(
+                    iface,
+                    gro = o.gro,
+                    lro = o.lro,
+                    "receive offloads are on: encapsulated forwarding may see merged packets (use --disable-offloads)"
+                );
             }
         }
         Ok(_) => {}
@@ -227,16 +263,28 @@ pub async fn run(args: RunArgs) -> Result<()> {
         nic_flows: DEFAULT_NIC_FLOWS,
         pin_dir: Some(pins.maps()),
     })?;
-    let lb = if adopting { Balancer::adopt(&dp)? } else { Balancer::new(&dp) };
+    let lb = if adopting {
+        Balancer::adopt(&dp)?
+    } else {
+        Balancer::new(&dp)
+    };
     let nic: Box<dyn NicMarks> = match args.hw_backend {
         HwBackend::Emulated => Box::new(EmulatedNic),
         HwBackend::None => Box::new(NoNic),
     };
-    let policy = first.as_ref().map(|l| l.desired.marks).unwrap_or_else(|_| default_policy());
+    let policy = first
+        .as_ref()
+        .map(|l| l.desired.marks)
+        .unwrap_or_else(|_| default_policy());
     let mut marks = MarkManager::new(nic, policy);
     if adopting {
         let n = marks.adopt(&mut dp)?;
-        tracing::info!(vips = lb.vip_count(), reals = lb.real_count(), marks = n, "adopted the pinned datapath");
+        tracing::info!(
+            vips = lb.vip_count(),
+            reals = lb.real_count(),
+            marks = n,
+            "adopted the pinned datapath"
+        );
     }
     let events = dp.take_events().context("event ring")?;
     let shared: SharedRef = Arc::new(Mutex::new(Shared {
@@ -251,11 +299,18 @@ pub async fn run(args: RunArgs) -> Result<()> {
         not_ready: None,
     }));
     let metrics = Arc::new(Metrics::new());
-    let mut agent = Agent { args: args.clone(), iface: iface.clone(), shared: shared.clone(), metrics: metrics.clone(), netlink, seen: None };
+    let mut agent = Agent {
+        args: args.clone(),
+        iface: iface.clone(),
+        shared: shared.clone(),
+        metrics: metrics.clone(),
+        netlink,
+        seen: None,
+    };
 
     // Program the VIPs before attaching, so the first packet meets a configured datapath.
     agent.reload(true).await;
-    {
+    let mut attached = {
         let mut s = shared.lock().expect("agent state lock");
         let prog = match args.hw_backend {
             HwBackend::Emulated => {
@@ -264,17 +319,30 @@ pub async fn run(args: RunArgs) -> Result<()> {
             }
             HwBackend::None => Prog::Balancer,
         };
-        let mut attached = attach::attach(&mut s.dp, prog, &iface, &pins, args.xdp_mode)?;
-        drop(s);
-        if let Ok(Some(x)) = agent.netlink.xdp_attachment(&iface).await {
-            attached.mode = x.mode.to_string();
-        }
+        attach::attach(&mut s.dp, prog, &iface, &pins, args.xdp_mode)?
+    };
+    if let Ok(Some(x)) = agent.netlink.xdp_attachment(&iface).await {
+        attached.mode = x.mode.to_string();
+    }
+    {
         let mut s = shared.lock().expect("agent state lock");
-        tracing::info!(iface, mode = attached.mode, prog_id = attached.prog_id, adopted = attached.adopted, hw_backend = s.marks.backend(), node = args.node_name.as_deref().unwrap_or(""), "datapath attached");
+        tracing::info!(
+            iface,
+            mode = attached.mode,
+            prog_id = attached.prog_id,
+            adopted = attached.adopted,
+            hw_backend = s.marks.backend(),
+            node = args.node_name.as_deref().unwrap_or(""),
+            "datapath attached"
+        );
         s.attached = Some(attached);
     }
 
-    let http = tokio::spawn(crate::http::serve(args.metrics_addr, shared.clone(), metrics.clone()));
+    let http = tokio::spawn(crate::http::serve(
+        args.metrics_addr,
+        shared.clone(),
+        metrics.clone(),
+    ));
     let events_task = tokio::spawn(consume_events(events, shared.clone(), metrics.clone()));
 
     let mut sighup = tokio::signal::unix::signal(SignalKind::hangup())?;
@@ -297,7 +365,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
             _ = sigint.recv() => break,
         }
         if http.is_finished() {
-            bail!("the metrics server stopped (is {} in use?)", args.metrics_addr);
+            bail!(
+                "the metrics server stopped (is {} in use?)",
+                args.metrics_addr
+            );
         }
     }
     events_task.abort();
@@ -311,7 +382,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
 }
 
 /// Drains new-flow events into the mark manager as they arrive.
-async fn consume_events(reader: crate::datapath::EventReader, shared: SharedRef, metrics: Arc<Metrics>) {
+async fn consume_events(
+    reader: crate::datapath::EventReader,
+    shared: SharedRef,
+    metrics: Arc<Metrics>,
+) {
     // SAFETY: the reader owns the ring buffer's map fd, which stays open and the same for
     // as long as the AsyncFd owns the reader.
     let mut fd = match unsafe { AsyncFd::register(reader) } {
@@ -323,8 +398,10 @@ async fn consume_events(reader: crate::datapath::EventReader, shared: SharedRef,
     };
     let mut batch = Vec::with_capacity(1024);
     loop {
-        let Ok(mut guard) = fd.readable_mut().await else { return };
-        while let Some(ev) = guard.get_inner_mut().next() {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        while let Some(ev) = guard.get_inner_mut().next_event() {
             batch.push(ev);
             if batch.len() == 1024 {
                 break;
@@ -339,7 +416,10 @@ async fn consume_events(reader: crate::datapath::EventReader, shared: SharedRef,
         let backend = s.marks.backend();
         for ev in batch.drain(..) {
             if let Some(latency) = s.marks.on_event(&mut s.dp, &ev) {
-                metrics.event_to_mark.with_label_values(&[backend]).observe(latency.as_secs_f64());
+                metrics
+                    .event_to_mark
+                    .with_label_values(&[backend])
+                    .observe(latency.as_secs_f64());
             }
         }
     }

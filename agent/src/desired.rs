@@ -48,22 +48,41 @@ impl Desired {
     pub fn from_spec(spec: &LoadBalancerSpec) -> Result<Self, String> {
         let mut vips = BTreeMap::new();
         for (i, v) in spec.vips.iter().enumerate() {
-            let addr = v.ip().ok_or_else(|| format!("spec.vips[{i}].address: not an IP address"))?;
-            let id = VipId { addr, port: v.port, proto: v.protocol.ip_proto() };
+            let addr = v
+                .ip()
+                .ok_or_else(|| format!("spec.vips[{i}].address: not an IP address"))?;
+            let id = VipId {
+                addr,
+                port: v.port,
+                proto: v.protocol.ip_proto(),
+            };
             let mut backends = Vec::with_capacity(v.backends.len());
             for (j, b) in v.backends.iter().enumerate() {
-                let addr = b
-                    .ip()
-                    .ok_or_else(|| format!("spec.vips[{i}].backends[{j}].address: not an IP address"))?;
-                backends.push(Backend { addr, weight: b.weight });
+                let addr = b.ip().ok_or_else(|| {
+                    format!("spec.vips[{i}].backends[{j}].address: not an IP address")
+                })?;
+                backends.push(Backend {
+                    addr,
+                    weight: b.weight,
+                });
             }
-            let plan = VipPlan { label: v.label(), backends, table_size: spec.hashing.maglev_table_size };
+            let plan = VipPlan {
+                label: v.label(),
+                backends,
+                table_size: spec.hashing.maglev_table_size,
+            };
             if vips.insert(id, plan).is_some() {
                 return Err(format!("spec.vips[{i}]: duplicate VIP {}", v.endpoint()));
             }
         }
-        let v4 = spec.encap.v4_prefix().ok_or("spec.encap.sourcePrefixV4: invalid prefix")?;
-        let v6 = spec.encap.v6_prefix().ok_or("spec.encap.sourcePrefixV6: invalid prefix")?;
+        let v4 = spec
+            .encap
+            .v4_prefix()
+            .ok_or("spec.encap.sourcePrefixV4: invalid prefix")?;
+        let v6 = spec
+            .encap
+            .v6_prefix()
+            .ok_or("spec.encap.sourcePrefixV6: invalid prefix")?;
         Ok(Self {
             vips,
             marks: MarkPolicy {
@@ -114,7 +133,11 @@ impl Desired {
 
     /// Distinct real addresses.
     pub fn real_count(&self) -> usize {
-        let mut reals: Vec<IpAddr> = self.vips.values().flat_map(|v| v.backends.iter().map(|b| b.addr)).collect();
+        let mut reals: Vec<IpAddr> = self
+            .vips
+            .values()
+            .flat_map(|v| v.backends.iter().map(|b| b.addr))
+            .collect();
         reals.sort();
         reals.dedup();
         reals.len()

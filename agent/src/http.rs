@@ -17,7 +17,13 @@ async fn metrics_handler(State(c): State<Ctx>) -> impl IntoResponse {
         let s = c.shared.lock().expect("agent state lock");
         c.metrics.render(&s)
     };
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        body,
+    )
 }
 
 async fn healthz() -> &'static str {
@@ -28,12 +34,19 @@ async fn readyz(State(c): State<Ctx>) -> (StatusCode, String) {
     let s = c.shared.lock().expect("agent state lock");
     match s.ready() {
         Ok(()) => (StatusCode::OK, "ready\n".into()),
-        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
     }
 }
 
 /// Serves until the task is dropped. Binding errors are returned at once.
-pub async fn serve(addr: SocketAddr, shared: SharedRef, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+pub async fn serve(
+    addr: SocketAddr,
+    shared: SharedRef,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(healthz))

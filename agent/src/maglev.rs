@@ -23,7 +23,7 @@ pub fn is_prime(n: u32) -> bool {
     }
     let mut d = 2u64;
     while d * d <= n as u64 {
-        if n as u64 % d == 0 {
+        if (n as u64).is_multiple_of(d) {
             return false;
         }
         d += 1;
@@ -59,7 +59,9 @@ fn hash_addr(addr: &IpAddr, seed: u64) -> u64 {
 /// weight 0 get no slots; if no backend has weight, the table is empty.
 pub fn build_table(backends: &[Backend], size: u32) -> Vec<u32> {
     assert!(is_prime(size), "Maglev table size {size} is not prime");
-    let live: Vec<usize> = (0..backends.len()).filter(|&i| backends[i].weight > 0).collect();
+    let live: Vec<usize> = (0..backends.len())
+        .filter(|&i| backends[i].weight > 0)
+        .collect();
     if live.is_empty() {
         return Vec::new();
     }
@@ -72,7 +74,11 @@ pub fn build_table(backends: &[Backend], size: u32) -> Vec<u32> {
             (offset, skip)
         })
         .collect();
-    let max_weight = live.iter().map(|&i| backends[i].weight as u64).max().unwrap_or(1);
+    let max_weight = live
+        .iter()
+        .map(|&i| backends[i].weight as u64)
+        .max()
+        .unwrap_or(1);
     let mut next = vec![0u64; live.len()];
     let mut credit = vec![0u64; live.len()];
     let mut table = vec![u32::MAX; size as usize];
@@ -108,7 +114,10 @@ mod tests {
 
     fn backends(n: u8, weight: u32) -> Vec<Backend> {
         (1..=n)
-            .map(|i| Backend { addr: IpAddr::V4(Ipv4Addr::new(10, 1, 0, i)), weight })
+            .map(|i| Backend {
+                addr: IpAddr::V4(Ipv4Addr::new(10, 1, 0, i)),
+                weight,
+            })
             .collect()
     }
 
@@ -146,7 +155,11 @@ mod tests {
         let unit = 65_537.0 / 8.0;
         for (i, w) in [1.0, 2.0, 5.0].iter().enumerate() {
             let ratio = s[i] as f64 / (unit * w);
-            assert!((0.98..=1.02).contains(&ratio), "backend {i}: {} slots", s[i]);
+            assert!(
+                (0.98..=1.02).contains(&ratio),
+                "backend {i}: {} slots",
+                s[i]
+            );
         }
     }
 
@@ -176,7 +189,10 @@ mod tests {
             let ideal = 65_537.0 / n as f64;
             // Every slot of the removed backend must move; Maglev moves a few more.
             assert!(moved >= owned_by_gone);
-            assert!((moved as f64) < ideal * 1.35, "n={n}: moved {moved}, ideal {ideal:.0}");
+            assert!(
+                (moved as f64) < ideal * 1.35,
+                "n={n}: moved {moved}, ideal {ideal:.0}"
+            );
         }
     }
 
@@ -194,6 +210,9 @@ mod tests {
             .zip(&t2)
             .filter(|(x, y)| b[**x as usize].addr == rev[**y as usize].addr)
             .count();
-        assert!(same > 1_009 * 8 / 10, "only {same} slots kept their backend");
+        assert!(
+            same > 1_009 * 8 / 10,
+            "only {same} slots kept their backend"
+        );
     }
 }

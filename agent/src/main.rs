@@ -57,7 +57,9 @@ enum Command {
 
 fn init_logs(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -69,7 +71,9 @@ fn main() -> Result<()> {
     init_logs(cli.log_format);
     match cli.command {
         Command::Run(args) => {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(marklb_agent::daemon::run(args))?;
         }
         Command::Cleanup { interface, bpffs } => {
@@ -79,8 +83,17 @@ fn main() -> Result<()> {
                 println!("nothing of marklb's on {interface}");
             }
         }
-        Command::Bench { repeat, rounds, flows, json } => {
-            let opts = marklb_agent::bench::BenchOptions { repeat, rounds, flows };
+        Command::Bench {
+            repeat,
+            rounds,
+            flows,
+            json,
+        } => {
+            let opts = marklb_agent::bench::BenchOptions {
+                repeat,
+                rounds,
+                flows,
+            };
             let report = marklb_agent::bench::run(&opts)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);

@@ -73,11 +73,14 @@ impl Metrics {
                 "marklb_event_to_mark_seconds",
                 "Time from a new flow's first packet to its NIC rule being installed",
             )
-            .buckets(vec![1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 0.1]),
+            .buckets(vec![
+                1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 0.1,
+            ]),
             &["backend"],
         )
         .expect("metric");
-        r.register(Box::new(event_to_mark.clone())).expect("register");
+        r.register(Box::new(event_to_mark.clone()))
+            .expect("register");
         let info = IntGaugeVec::new(
             Opts::new("marklb_datapath_info", "The attached datapath (value 1)"),
             &["interface", "xdp_mode", "program_id", "hw_backend"],
@@ -85,27 +88,76 @@ impl Metrics {
         .expect("metric");
         r.register(Box::new(info.clone())).expect("register");
         Self {
-            vip_packets: counter(&r, "marklb_vip_packets_total", "Packets forwarded for a VIP", &["vip"]),
-            vip_bytes: counter(&r, "marklb_vip_bytes_total", "Bytes (as received) forwarded for a VIP", &["vip"]),
-            real_packets: counter(&r, "marklb_real_packets_total", "Packets forwarded to a real", &["real"]),
-            real_bytes: counter(&r, "marklb_real_bytes_total", "Bytes (as received) forwarded to a real", &["real"]),
+            vip_packets: counter(
+                &r,
+                "marklb_vip_packets_total",
+                "Packets forwarded for a VIP",
+                &["vip"],
+            ),
+            vip_bytes: counter(
+                &r,
+                "marklb_vip_bytes_total",
+                "Bytes (as received) forwarded for a VIP",
+                &["vip"],
+            ),
+            real_packets: counter(
+                &r,
+                "marklb_real_packets_total",
+                "Packets forwarded to a real",
+                &["real"],
+            ),
+            real_bytes: counter(
+                &r,
+                "marklb_real_bytes_total",
+                "Bytes (as received) forwarded to a real",
+                &["real"],
+            ),
             path_packets: counter(
                 &r,
                 "marklb_datapath_packets_total",
                 "Packets by datapath path: mark_hit, established, new_flow, pass_*, drop_*, icmp_*, mark_miss/stale",
                 &["path"],
             ),
-            flow_events: counter(&r, "marklb_flow_events_total", "New-flow events from the datapath", &["result"]),
-            nic_packets: counter(&r, "marklb_emulated_nic_packets_total", "Packets seen by the emulated NIC", &["result"]),
-            mark_installs: counter(&r, "marklb_mark_installs_total", "Flow-mark installs", &["result"]),
-            marks_removed: counter(&r, "marklb_marks_removed_total", "Flow rules removed", &["reason"]),
+            flow_events: counter(
+                &r,
+                "marklb_flow_events_total",
+                "New-flow events from the datapath",
+                &["result"],
+            ),
+            nic_packets: counter(
+                &r,
+                "marklb_emulated_nic_packets_total",
+                "Packets seen by the emulated NIC",
+                &["result"],
+            ),
+            mark_installs: counter(
+                &r,
+                "marklb_mark_installs_total",
+                "Flow-mark installs",
+                &["result"],
+            ),
+            marks_removed: counter(
+                &r,
+                "marklb_marks_removed_total",
+                "Flow rules removed",
+                &["reason"],
+            ),
             marks_in_use: gauge(&r, "marklb_marks_in_use", "Marks allocated"),
             marks_capacity: gauge(&r, "marklb_marks_capacity", "Marks available in total"),
             nic_rules: gauge(&r, "marklb_nic_rules", "Flow rules programmed in the NIC"),
             vips: gauge(&r, "marklb_vips", "VIPs programmed"),
             reals: gauge(&r, "marklb_reals", "Reals programmed"),
-            reloads: counter(&r, "marklb_config_reloads_total", "Configuration applies", &["result"]),
-            config_valid: gauge(&r, "marklb_config_valid", "1 if the last configuration read was applied"),
+            reloads: counter(
+                &r,
+                "marklb_config_reloads_total",
+                "Configuration applies",
+                &["result"],
+            ),
+            config_valid: gauge(
+                &r,
+                "marklb_config_valid",
+                "1 if the last configuration read was applied",
+            ),
             info,
             event_to_mark,
             registry: r,
@@ -114,22 +166,36 @@ impl Metrics {
 
     /// Rewrites the datapath metrics from the maps.
     fn refresh(&self, s: &Shared) {
-        for v in [&self.vip_packets, &self.vip_bytes, &self.real_packets, &self.real_bytes] {
+        for v in [
+            &self.vip_packets,
+            &self.vip_bytes,
+            &self.real_packets,
+            &self.real_bytes,
+        ] {
             v.reset();
         }
         for (vip, label) in &s.vip_labels {
-            if let Some(id) = s.lb.vip_stats_id(vip) {
-                if let Ok(st) = s.dp.vip_stats(id) {
-                    self.vip_packets.with_label_values(&[label.as_str()]).inc_by(st.packets);
-                    self.vip_bytes.with_label_values(&[label.as_str()]).inc_by(st.bytes);
-                }
+            if let Some(st) =
+                s.lb.vip_stats_id(vip)
+                    .and_then(|id| s.dp.vip_stats(id).ok())
+            {
+                self.vip_packets
+                    .with_label_values(&[label.as_str()])
+                    .inc_by(st.packets);
+                self.vip_bytes
+                    .with_label_values(&[label.as_str()])
+                    .inc_by(st.bytes);
             }
         }
         for (addr, id) in s.lb.real_ids() {
             if let Ok(st) = s.dp.real_stats(id) {
                 let a = addr.to_string();
-                self.real_packets.with_label_values(&[a.as_str()]).inc_by(st.packets);
-                self.real_bytes.with_label_values(&[a.as_str()]).inc_by(st.bytes);
+                self.real_packets
+                    .with_label_values(&[a.as_str()])
+                    .inc_by(st.packets);
+                self.real_bytes
+                    .with_label_values(&[a.as_str()])
+                    .inc_by(st.bytes);
             }
         }
         if let Ok(snap) = s.dp.counters() {
@@ -149,13 +215,25 @@ impl Metrics {
         }
         let st = &s.marks.stats;
         self.mark_installs.reset();
-        self.mark_installs.with_label_values(&["ok"]).inc_by(st.installed);
-        self.mark_installs.with_label_values(&["failed"]).inc_by(st.install_failures);
-        self.mark_installs.with_label_values(&["no_free_mark"]).inc_by(st.capacity_exhausted);
-        self.mark_installs.with_label_values(&["stale_event"]).inc_by(st.stale_events);
+        self.mark_installs
+            .with_label_values(&["ok"])
+            .inc_by(st.installed);
+        self.mark_installs
+            .with_label_values(&["failed"])
+            .inc_by(st.install_failures);
+        self.mark_installs
+            .with_label_values(&["no_free_mark"])
+            .inc_by(st.capacity_exhausted);
+        self.mark_installs
+            .with_label_values(&["stale_event"])
+            .inc_by(st.stale_events);
         self.marks_removed.reset();
-        self.marks_removed.with_label_values(&["idle"]).inc_by(st.aged_out);
-        self.marks_removed.with_label_values(&["real_removed"]).inc_by(st.invalidated);
+        self.marks_removed
+            .with_label_values(&["idle"])
+            .inc_by(st.aged_out);
+        self.marks_removed
+            .with_label_values(&["real_removed"])
+            .inc_by(st.invalidated);
         self.marks_in_use.set(s.marks.in_use() as i64);
         self.marks_capacity.set(s.marks.capacity() as i64);
         self.nic_rules.set(s.marks.rules() as i64);
@@ -165,7 +243,12 @@ impl Metrics {
         if let Some(a) = &s.attached {
             let id = a.prog_id.to_string();
             self.info
-                .with_label_values(&[s.interface.as_str(), a.mode.as_str(), id.as_str(), s.marks.backend()])
+                .with_label_values(&[
+                    s.interface.as_str(),
+                    a.mode.as_str(),
+                    id.as_str(),
+                    s.marks.backend(),
+                ])
                 .set(1);
         }
     }

@@ -41,7 +41,12 @@ impl Netlink {
     }
 
     pub async fn link(&self, name: &str) -> Result<Link> {
-        let mut links = self.handle.link().get().match_name(name.to_string()).execute();
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
         let msg = links
             .try_next()
             .await
@@ -51,13 +56,20 @@ impl Netlink {
             LinkAttribute::Address(b) => mac6(b),
             _ => None,
         });
-        Ok(Link { index: msg.header.index, mac })
+        Ok(Link {
+            index: msg.header.index,
+            mac,
+        })
     }
 
     /// The gateway of the default route that leaves through `ifindex`.
     async fn default_gateway(&self, ifindex: u32, v6: bool) -> Result<Option<IpAddr>> {
         let mut msg = RouteMessage::default();
-        msg.header.address_family = if v6 { AddressFamily::Inet6 } else { AddressFamily::Inet };
+        msg.header.address_family = if v6 {
+            AddressFamily::Inet6
+        } else {
+            AddressFamily::Inet
+        };
         let mut routes = self.handle.route().get(msg).execute();
         while let Some(r) = routes.try_next().await? {
             if r.header.destination_prefix_length != 0 {
@@ -83,11 +95,23 @@ impl Netlink {
     }
 
     async fn neighbour_mac(&self, ifindex: u32, addr: IpAddr) -> Result<Option<[u8; 6]>> {
-        let family = if addr.is_ipv6() { AddressFamily::Inet6 } else { AddressFamily::Inet };
-        let mut neigh = self.handle.neighbours().get().set_address_family(family).execute();
+        let family = if addr.is_ipv6() {
+            AddressFamily::Inet6
+        } else {
+            AddressFamily::Inet
+        };
+        let mut neigh = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(family)
+            .execute();
         while let Some(n) = neigh.try_next().await? {
             if n.header.ifindex != ifindex
-                || matches!(n.header.state, NeighbourState::Incomplete | NeighbourState::Failed)
+                || matches!(
+                    n.header.state,
+                    NeighbourState::Incomplete | NeighbourState::Failed
+                )
             {
                 continue;
             }
@@ -121,7 +145,9 @@ impl Netlink {
                 None => self
                     .default_gateway(link.index, true)
                     .await?
-                    .ok_or_else(|| anyhow!("no next hop: {iface} has no default route; set spec.nextHop"))?,
+                    .ok_or_else(|| {
+                        anyhow!("no next hop: {iface} has no default route; set spec.nextHop")
+                    })?,
             },
         };
         for attempt in 0..20 {
@@ -139,7 +165,12 @@ impl Netlink {
 
 /// A datagram to the discard port makes the kernel resolve the neighbour.
 fn provoke_resolution(iface: &str, addr: IpAddr) {
-    let bind: SocketAddr = if addr.is_ipv6() { "[::]:0".parse() } else { "0.0.0.0:0".parse() }.expect("addr");
+    let bind: SocketAddr = if addr.is_ipv6() {
+        "[::]:0".parse()
+    } else {
+        "0.0.0.0:0".parse()
+    }
+    .expect("addr");
     if let Ok(sock) = UdpSocket::bind(bind) {
         let _ = bind_to_device(&sock, iface);
         let _ = sock.send_to(b"marklb", SocketAddr::new(addr, 9));
@@ -157,7 +188,11 @@ fn bind_to_device(sock: &UdpSocket, iface: &str) -> std::io::Result<()> {
             iface.len() as libc::socklen_t,
         )
     };
-    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// The XDP program on an interface, as the kernel reports it.
@@ -170,8 +205,16 @@ pub struct XdpAttachment {
 impl Netlink {
     pub async fn xdp_attachment(&self, name: &str) -> Result<Option<XdpAttachment>> {
         use netlink_packet_route::link::{LinkXdp, XdpAttached};
-        let mut links = self.handle.link().get().match_name(name.to_string()).execute();
-        let msg = links.try_next().await?.ok_or_else(|| anyhow!("interface {name} not found"))?;
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        let msg = links
+            .try_next()
+            .await?
+            .ok_or_else(|| anyhow!("interface {name} not found"))?;
         let Some(xdp) = msg.attributes.iter().find_map(|a| match a {
             LinkAttribute::Xdp(x) => Some(x),
             _ => None,
@@ -200,7 +243,10 @@ impl Netlink {
         // XDP_FLAGS_SKB_MODE / XDP_FLAGS_DRV_MODE: clear both attachment kinds.
         for flags in [1u32 << 1, 1u32 << 2] {
             let mut msg = rtnetlink::LinkUnspec::new_with_index(link.index).build();
-            msg.attributes.push(LinkAttribute::Xdp(vec![LinkXdp::Fd(-1), LinkXdp::Flags(flags)]));
+            msg.attributes.push(LinkAttribute::Xdp(vec![
+                LinkXdp::Fd(-1),
+                LinkXdp::Flags(flags),
+            ]));
             let _ = self.handle.link().set(msg).execute().await;
         }
         Ok(())

@@ -11,7 +11,9 @@ use crate::balancer::addr_words;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum L4 {
     /// TCP with a SYN (new connection) or an ACK (established).
-    Tcp { syn: bool },
+    Tcp {
+        syn: bool,
+    },
     Udp,
 }
 
@@ -46,7 +48,10 @@ impl FrameSpec {
     }
 
     pub fn udp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> Self {
-        Self { l4: L4::Udp, ..Self::tcp(src, sport, dst, dport, false) }
+        Self {
+            l4: L4::Udp,
+            ..Self::tcp(src, sport, dst, dport, false)
+        }
     }
 
     pub fn with_payload(mut self, len: usize) -> Self {
@@ -70,7 +75,9 @@ impl FrameSpec {
                 b.write(&mut out, &self.payload).expect("frame");
             }
             L4::Udp => {
-                ip.udp(self.sport, self.dport).write(&mut out, &self.payload).expect("frame");
+                ip.udp(self.sport, self.dport)
+                    .write(&mut out, &self.payload)
+                    .expect("frame");
             }
         }
         out

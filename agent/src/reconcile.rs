@@ -26,14 +26,25 @@ pub struct ApplyReport {
 /// plan that cannot be applied is rejected whole and the running state keeps serving.
 pub fn check_capacity(lb: &Balancer, desired: &Desired) -> Result<(), String> {
     if desired.vips.len() > MAX_VIPS as usize {
-        return Err(format!("{} VIPs exceed the datapath's {MAX_VIPS}", desired.vips.len()));
+        return Err(format!(
+            "{} VIPs exceed the datapath's {MAX_VIPS}",
+            desired.vips.len()
+        ));
     }
     let reals = desired.real_count();
     if reals >= MAX_REALS as usize {
-        return Err(format!("{reals} reals exceed the datapath's {}", MAX_REALS - 1));
+        return Err(format!(
+            "{reals} reals exceed the datapath's {}",
+            MAX_REALS - 1
+        ));
     }
     // Rings are replaced one at a time: the plan plus the largest ring must fit.
-    let largest = desired.vips.values().map(|v| v.table_size as u64).max().unwrap_or(0);
+    let largest = desired
+        .vips
+        .values()
+        .map(|v| v.table_size as u64)
+        .max()
+        .unwrap_or(0);
     let need = desired.ring_slots() + largest;
     if need > lb.ring_capacity() as u64 {
         return Err(format!(
@@ -55,14 +66,19 @@ pub fn apply(
     let mut report = ApplyReport::default();
     let mut leaving: Vec<RetiringReal> = Vec::new();
 
-    let stale: Vec<VipId> = lb.vip_ids().filter(|v| !desired.vips.contains_key(v)).copied().collect();
+    let stale: Vec<VipId> = lb
+        .vip_ids()
+        .filter(|v| !desired.vips.contains_key(v))
+        .copied()
+        .collect();
     for vip in stale {
         leaving.extend(lb.remove_vip(dp, &vip)?);
         report.removed.push(vip);
     }
     for (vip, plan) in &desired.vips {
         let current = lb.backends(vip);
-        let same = current == Some(plan.backends.as_slice()) && lb.table_size(vip) == Some(plan.table_size);
+        let same = current == Some(plan.backends.as_slice())
+            && lb.table_size(vip) == Some(plan.table_size);
         if same {
             report.unchanged += 1;
             continue;

@@ -12,7 +12,10 @@ pub struct RingAllocator {
 
 impl RingAllocator {
     pub fn new(capacity: u32) -> Self {
-        Self { capacity, free: vec![(0, capacity)] }
+        Self {
+            capacity,
+            free: vec![(0, capacity)],
+        }
     }
 
     /// Rebuilds the free list from the regions in use (adopting a running datapath).
@@ -62,7 +65,10 @@ impl RingAllocator {
             return;
         }
         let i = self.free.partition_point(|r| r.0 < start);
-        debug_assert!(i == 0 || self.free[i - 1].0 + self.free[i - 1].1 <= start, "double free");
+        debug_assert!(
+            i == 0 || self.free[i - 1].0 + self.free[i - 1].1 <= start,
+            "double free"
+        );
         self.free.insert(i, (start, len));
         // Merge with the next, then with the previous region.
         if i + 1 < self.free.len() && start + len == self.free[i + 1].0 {

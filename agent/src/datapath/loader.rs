@@ -181,15 +181,27 @@ impl Datapath {
 
     /// Puts the balancer behind the emulated NIC (the NIC tail-calls it).
     pub fn chain_nic_to_balancer(&mut self) -> Result<()> {
-        let fd = self.program(Prog::Balancer)?.fd().map_err(prog_err(Prog::Balancer.name()))?.try_clone();
+        let fd = self
+            .program(Prog::Balancer)?
+            .fd()
+            .map_err(prog_err(Prog::Balancer.name()))?
+            .try_clone();
         let fd = fd.map_err(DatapathError::Io)?;
-        self.nic_next.set(marklb_common::NIC_NEXT_BALANCER, &fd, 0).map_err(map_err(n::NIC_NEXT))
+        self.nic_next
+            .set(marklb_common::NIC_NEXT_BALANCER, &fd, 0)
+            .map_err(map_err(n::NIC_NEXT))
     }
 
     /// Makes `prog` the target of the benchmark wrapper.
     pub fn set_bench_target(&mut self, prog: Prog) -> Result<()> {
-        let fd = self.program(prog)?.fd().map_err(prog_err(prog.name()))?.try_clone();
+        let fd = self
+            .program(prog)?
+            .fd()
+            .map_err(prog_err(prog.name()))?
+            .try_clone();
         let fd = fd.map_err(DatapathError::Io)?;
-        self.bench_next.set(marklb_common::BENCH_TARGET, &fd, 0).map_err(map_err(n::BENCH_NEXT))
+        self.bench_next
+            .set(marklb_common::BENCH_TARGET, &fd, 0)
+            .map_err(map_err(n::BENCH_NEXT))
     }
 }

@@ -22,7 +22,10 @@ impl CounterSnapshot {
     /// Per-counter difference `self - earlier`.
     pub fn since(&self, earlier: &CounterSnapshot) -> CounterSnapshot {
         CounterSnapshot(
-            self.0.iter().map(|(k, v)| (*k, v.saturating_sub(earlier.0.get(k).copied().unwrap_or(0)))).collect(),
+            self.0
+                .iter()
+                .map(|(k, v)| (*k, v.saturating_sub(earlier.0.get(k).copied().unwrap_or(0))))
+                .collect(),
         )
     }
 }
@@ -32,7 +35,7 @@ pub struct EventReader(pub(crate) RingBuf<MapData>);
 
 impl EventReader {
     /// The next event, if one is waiting.
-    pub fn next(&mut self) -> Option<NewFlowEvent> {
+    pub fn next_event(&mut self) -> Option<NewFlowEvent> {
         let item = self.0.next()?;
         if item.len() < std::mem::size_of::<NewFlowEvent>() {
             return None;
@@ -40,7 +43,6 @@ impl EventReader {
         // The ring buffer's records are 8-byte aligned; read_unaligned keeps it simple.
         Some(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<NewFlowEvent>()) })
     }
-
 }
 
 /// For epoll / tokio `AsyncFd`: readable when events are waiting.
@@ -51,10 +53,12 @@ impl std::os::fd::AsRawFd for EventReader {
 }
 
 fn sum_stats(values: &[TrafficStats]) -> TrafficStats {
-    values.iter().fold(TrafficStats::default(), |a, v| TrafficStats {
-        packets: a.packets + v.packets,
-        bytes: a.bytes + v.bytes,
-    })
+    values
+        .iter()
+        .fold(TrafficStats::default(), |a, v| TrafficStats {
+            packets: a.packets + v.packets,
+            bytes: a.bytes + v.bytes,
+        })
 }
 
 impl Datapath {
@@ -71,7 +75,10 @@ impl Datapath {
     }
 
     pub fn vips(&self) -> Result<Vec<(VipKey, VipMeta)>> {
-        self.vips.iter().collect::<Result<_, _>>().map_err(map_err(n::VIPS))
+        self.vips
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(n::VIPS))
     }
 
     /// Inserts or atomically replaces a VIP entry (hash map updates swap the whole value).
@@ -95,7 +102,9 @@ impl Datapath {
                 Err(e) => Err(map_err(n::VIP_ADDRS)(e)),
             }
         } else {
-            self.vip_addrs.insert(addr_be, refs, 0).map_err(map_err(n::VIP_ADDRS))
+            self.vip_addrs
+                .insert(addr_be, refs, 0)
+                .map_err(map_err(n::VIP_ADDRS))
         }
     }
 
@@ -105,7 +114,9 @@ impl Datapath {
     }
 
     pub fn set_vip_gen(&mut self, vip_id: u32, generation: u32) -> Result<()> {
-        self.vip_gens.set(vip_id, generation, 0).map_err(map_err(n::VIP_GENS))
+        self.vip_gens
+            .set(vip_id, generation, 0)
+            .map_err(map_err(n::VIP_GENS))
     }
 
     pub fn real(&self, id: u32) -> Result<RealDef> {
@@ -159,8 +170,14 @@ impl Datapath {
 
     /// Programs an emulated-NIC flow rule: packets of `flow` get `mark` in metadata.
     pub fn set_nic_flow(&mut self, flow: &FlowKey, mark: u32) -> Result<()> {
-        let rule = NicRule { mark, _pad: 0, hits: 0 };
-        self.nic_flows.insert(flow, rule, 0).map_err(map_err(n::NIC_FLOWS))
+        let rule = NicRule {
+            mark,
+            _pad: 0,
+            hits: 0,
+        };
+        self.nic_flows
+            .insert(flow, rule, 0)
+            .map_err(map_err(n::NIC_FLOWS))
     }
 
     pub fn remove_nic_flow(&mut self, flow: &FlowKey) -> Result<()> {
@@ -177,7 +194,10 @@ impl Datapath {
 
     /// Every emulated NIC rule.
     pub fn nic_flows(&self) -> Result<Vec<(FlowKey, NicRule)>> {
-        self.nic_flows.iter().collect::<Result<_, _>>().map_err(map_err(n::NIC_FLOWS))
+        self.nic_flows
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(n::NIC_FLOWS))
     }
 
     pub fn nic_flow_count(&self) -> usize {
@@ -187,18 +207,31 @@ impl Datapath {
     pub fn counters(&self) -> Result<CounterSnapshot> {
         let mut snap = BTreeMap::new();
         for &c in Counter::ALL {
-            let per_cpu = self.counters.get(&(c as u32), 0).map_err(map_err(n::COUNTERS))?;
+            let per_cpu = self
+                .counters
+                .get(&(c as u32), 0)
+                .map_err(map_err(n::COUNTERS))?;
             snap.insert(c.label(), per_cpu.iter().sum());
         }
         Ok(CounterSnapshot(snap))
     }
 
     pub fn vip_stats(&self, vip_id: u32) -> Result<TrafficStats> {
-        Ok(sum_stats(&self.vip_stats.get(&vip_id, 0).map_err(map_err(n::VIP_STATS))?))
+        Ok(sum_stats(
+            &self
+                .vip_stats
+                .get(&vip_id, 0)
+                .map_err(map_err(n::VIP_STATS))?,
+        ))
     }
 
     pub fn real_stats(&self, real_id: u32) -> Result<TrafficStats> {
-        Ok(sum_stats(&self.real_stats.get(&real_id, 0).map_err(map_err(n::REAL_STATS))?))
+        Ok(sum_stats(
+            &self
+                .real_stats
+                .get(&real_id, 0)
+                .map_err(map_err(n::REAL_STATS))?,
+        ))
     }
 
     /// Zeroes a stats slot before it is given to a new VIP or real.
@@ -207,17 +240,23 @@ impl Datapath {
         let zero = || aya::maps::PerCpuValues::try_from(vec![TrafficStats::default(); cpus]);
         if let Some(id) = vip_id {
             let z = zero().map_err(DatapathError::Io)?;
-            self.vip_stats.set(id, z, 0).map_err(map_err(n::VIP_STATS))?;
+            self.vip_stats
+                .set(id, z, 0)
+                .map_err(map_err(n::VIP_STATS))?;
         }
         if let Some(id) = real_id {
             let z = zero().map_err(DatapathError::Io)?;
-            self.real_stats.set(id, z, 0).map_err(map_err(n::REAL_STATS))?;
+            self.real_stats
+                .set(id, z, 0)
+                .map_err(map_err(n::REAL_STATS))?;
         }
         Ok(())
     }
 
     pub fn set_bench_frame(&mut self, frame: &BenchFrame) -> Result<()> {
-        self.bench_frame.set(0, frame, 0).map_err(map_err(n::BENCH_FRAME))
+        self.bench_frame
+            .set(0, frame, 0)
+            .map_err(map_err(n::BENCH_FRAME))
     }
 
     /// Hands out the new-flow event reader (once).

@@ -33,7 +33,11 @@ impl RingStore {
         if ptr == libc::MAP_FAILED {
             return Err(DatapathError::Mmap(std::io::Error::last_os_error()));
         }
-        Ok(Self { ptr: ptr.cast(), len: entries as usize, map_bytes: bytes })
+        Ok(Self {
+            ptr: ptr.cast(),
+            len: entries as usize,
+            map_bytes: bytes,
+        })
     }
 
     pub fn capacity(&self) -> u32 {
@@ -49,7 +53,8 @@ impl RingStore {
                 self.len
             )));
         }
-        let dst = unsafe { std::slice::from_raw_parts_mut(self.ptr.add(offset as usize), ring.len()) };
+        let dst =
+            unsafe { std::slice::from_raw_parts_mut(self.ptr.add(offset as usize), ring.len()) };
         dst.copy_from_slice(ring);
         // Make the ring visible before the VIP entry that points at it (the map update
         // that follows is a syscall, itself a full barrier; this keeps the order explicit).

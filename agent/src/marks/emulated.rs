@@ -22,11 +22,10 @@ impl NicMarks for EmulatedNic {
 
     fn install(&mut self, dp: &mut Datapath, flow: &FlowKey, mark: u32) -> Result<(), NicError> {
         dp.set_nic_flow(flow, mark).map_err(|e| match e {
-            crate::datapath::DatapathError::Map { source: aya::maps::MapError::SyscallError(s), .. }
-                if s.io_error.raw_os_error() == Some(libc::E2BIG) =>
-            {
-                NicError::Full
-            }
+            crate::datapath::DatapathError::Map {
+                source: aya::maps::MapError::SyscallError(s),
+                ..
+            } if s.io_error.raw_os_error() == Some(libc::E2BIG) => NicError::Full,
             other => NicError::Datapath(other),
         })
     }
@@ -36,10 +35,18 @@ impl NicMarks for EmulatedNic {
     }
 
     fn hits(&mut self, dp: &Datapath) -> Result<HashMap<FlowKey, u64>, NicError> {
-        Ok(dp.nic_flows()?.into_iter().map(|(k, r)| (k, r.hits)).collect())
+        Ok(dp
+            .nic_flows()?
+            .into_iter()
+            .map(|(k, r)| (k, r.hits))
+            .collect())
     }
 
     fn rules(&mut self, dp: &Datapath) -> Result<Vec<(FlowKey, u32)>, NicError> {
-        Ok(dp.nic_flows()?.into_iter().map(|(k, r)| (k, r.mark)).collect())
+        Ok(dp
+            .nic_flows()?
+            .into_iter()
+            .map(|(k, r)| (k, r.mark))
+            .collect())
     }
 }

@@ -85,12 +85,18 @@ impl MarkManager {
         if self.policy.scope == MarkScope::Off {
             return 0;
         }
-        self.policy.capacity.min(self.nic.max_mark()).min(MAX_MARKS - 1)
+        self.policy
+            .capacity
+            .min(self.nic.max_mark())
+            .min(MAX_MARKS - 1)
     }
 
     fn reset_free_list(&mut self) {
         let limit = self.limit();
-        self.free = (1..=limit).rev().filter(|m| !self.marks.contains_key(m)).collect();
+        self.free = (1..=limit)
+            .rev()
+            .filter(|m| !self.marks.contains_key(m))
+            .collect();
     }
 
     pub fn backend(&self) -> &'static str {
@@ -137,7 +143,11 @@ impl MarkManager {
         if self.limit() == 0 {
             return None;
         }
-        let target = Target { real_id: ev.real_id, real_gen: ev.real_gen, vip_id: ev.vip_id };
+        let target = Target {
+            real_id: ev.real_id,
+            real_gen: ev.real_gen,
+            vip_id: ev.vip_id,
+        };
         match dp.real(ev.real_id) {
             Ok(r) if r.generation == ev.real_gen && r.generation != 0 => {}
             _ => {
@@ -163,7 +173,15 @@ impl MarkManager {
         match self.nic.install(dp, &ev.flow, mark) {
             Ok(()) => {
                 self.marks.get_mut(&mark).expect("mark allocated").flows += 1;
-                self.flows.insert(ev.flow, FlowRule { mark, target, hits: 0, last_active: Instant::now() });
+                self.flows.insert(
+                    ev.flow,
+                    FlowRule {
+                        mark,
+                        target,
+                        hits: 0,
+                        last_active: Instant::now(),
+                    },
+                );
                 self.stats.installed += 1;
                 Some(since_monotonic(ev.ts_ns))
             }
@@ -179,13 +197,20 @@ impl MarkManager {
     /// A mark for `target`: a fresh one per flow, or the target's shared one per real.
     /// The mark map entry is written before any rule can carry the mark.
     fn mark_for(&mut self, dp: &mut Datapath, target: Target) -> Option<u32> {
-        if self.policy.scope == MarkScope::PerReal {
-            if let Some(&m) = self.by_target.get(&target) {
-                return Some(m);
-            }
+        let shared = self
+            .by_target
+            .get(&target)
+            .filter(|_| self.policy.scope == MarkScope::PerReal);
+        if let Some(&m) = shared {
+            return Some(m);
         }
         let mark = self.free.pop()?;
-        let entry = MarkEntry { real_id: target.real_id, real_gen: target.real_gen, vip_id: target.vip_id, _pad: 0 };
+        let entry = MarkEntry {
+            real_id: target.real_id,
+            real_gen: target.real_gen,
+            vip_id: target.vip_id,
+            _pad: 0,
+        };
         if let Err(e) = dp.set_mark(mark, &entry) {
             tracing::warn!(error = %e, mark, "writing the mark map failed");
             self.free.push(mark);
@@ -200,7 +225,9 @@ impl MarkManager {
 
     /// Drops a mark with no flows left: clear its map entry, then free it.
     fn release_mark(&mut self, dp: &mut Datapath, mark: u32) {
-        let Some(u) = self.marks.get(&mark) else { return };
+        let Some(u) = self.marks.get(&mark) else {
+            return;
+        };
         if u.flows > 0 {
             return;
         }
@@ -219,7 +246,9 @@ impl MarkManager {
 
     /// Removes one flow's rule, then its mark if no other flow uses it.
     fn remove_flow(&mut self, dp: &mut Datapath, flow: &FlowKey) {
-        let Some(rule) = self.flows.remove(flow) else { return };
+        let Some(rule) = self.flows.remove(flow) else {
+            return;
+        };
         if let Err(e) = self.nic.remove(dp, flow) {
             tracing::warn!(error = %e, "removing a NIC rule failed");
         }
@@ -253,8 +282,12 @@ impl MarkManager {
     /// A real is leaving: its marks stop sending packets to it now (map entries cleared
     /// first), then its rules and marks go.
     pub fn invalidate_real(&mut self, dp: &mut Datapath, real_id: u32) {
-        let marks: Vec<u32> =
-            self.marks.iter().filter(|(_, u)| u.target.real_id == real_id).map(|(m, _)| *m).collect();
+        let marks: Vec<u32> = self
+            .marks
+            .iter()
+            .filter(|(_, u)| u.target.real_id == real_id)
+            .map(|(m, _)| *m)
+            .collect();
         if marks.is_empty() {
             return;
         }
@@ -263,8 +296,12 @@ impl MarkManager {
                 tracing::warn!(error = %e, mark = m, "clearing the mark map failed");
             }
         }
-        let flows: Vec<FlowKey> =
-            self.flows.iter().filter(|(_, r)| marks.contains(&r.mark)).map(|(f, _)| *f).collect();
+        let flows: Vec<FlowKey> = self
+            .flows
+            .iter()
+            .filter(|(_, r)| marks.contains(&r.mark))
+            .map(|(f, _)| *f)
+            .collect();
         for f in &flows {
             self.remove_flow(dp, f);
         }
@@ -284,18 +321,38 @@ impl MarkManager {
         let mut adopted = 0;
         for (flow, mark) in rules {
             let entry = dp.mark(mark).ok().filter(|e| e.real_id != 0);
-            let live = entry.and_then(|e| dp.real(e.real_id).ok().filter(|r| r.generation == e.real_gen && r.generation != 0).map(|_| e));
+            let live = entry.and_then(|e| {
+                dp.real(e.real_id)
+                    .ok()
+                    .filter(|r| r.generation == e.real_gen && r.generation != 0)
+                    .map(|_| e)
+            });
             let Some(e) = live.filter(|_| mark <= self.limit()) else {
                 let _ = self.nic.remove(dp, &flow);
                 continue;
             };
-            let target = Target { real_id: e.real_id, real_gen: e.real_gen, vip_id: e.vip_id };
-            let u = self.marks.entry(mark).or_insert(MarkUse { target, flows: 0 });
+            let target = Target {
+                real_id: e.real_id,
+                real_gen: e.real_gen,
+                vip_id: e.vip_id,
+            };
+            let u = self
+                .marks
+                .entry(mark)
+                .or_insert(MarkUse { target, flows: 0 });
             u.flows += 1;
             if self.policy.scope == MarkScope::PerReal {
                 self.by_target.insert(target, mark);
             }
-            self.flows.insert(flow, FlowRule { mark, target, hits: hits.get(&flow).copied().unwrap_or(0), last_active: now });
+            self.flows.insert(
+                flow,
+                FlowRule {
+                    mark,
+                    target,
+                    hits: hits.get(&flow).copied().unwrap_or(0),
+                    last_active: now,
+                },
+            );
             adopted += 1;
         }
         self.reset_free_list();
@@ -305,7 +362,10 @@ impl MarkManager {
 
 /// Time since a `bpf_ktime_get_ns` timestamp (CLOCK_MONOTONIC).
 fn since_monotonic(ts_ns: u64) -> Duration {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     let now = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
     Duration::from_nanos(now.saturating_sub(ts_ns))

@@ -18,7 +18,6 @@ pub struct FlowKey {
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 
-
 /// Value of the connection table: the real an established flow was sent to, and its VIP,
 /// so an established packet needs no VIP lookup (the VIP's generation proves it is
 /// still there).

@@ -24,7 +24,7 @@ pub fn restore(ctx: &XdpContext) -> u32 {
     };
     let frame = unsafe { &mut *frame };
     let len = frame.len as usize;
-    if len > BENCH_FRAME_MAX || len % 8 != 0 {
+    if len > BENCH_FRAME_MAX || !len.is_multiple_of(8) {
         return xdp_action::XDP_ABORTED;
     }
     // The program under test may have grown the frame at the front (encapsulation).
@@ -48,7 +48,11 @@ pub fn restore(ctx: &XdpContext) -> u32 {
         }
         i += 1;
     }
-    let n = if frame.flows > 1 { frame.seq % frame.flows } else { 0 };
+    let n = if frame.flows > 1 {
+        frame.seq % frame.flows
+    } else {
+        0
+    };
     frame.seq = frame.seq.wrapping_add(1);
     if n != 0 {
         let Some(sport) = ptr_at::<u16>(ctx, (frame.sport_off as usize) & 0x7f) else {
@@ -74,7 +78,11 @@ pub fn restore(ctx: &XdpContext) -> u32 {
         if meta + 4 > ctx.data() {
             return xdp_action::XDP_ABORTED;
         }
-        let mark = if frame.mark_span != 0 { frame.mark + n % frame.mark_span } else { frame.mark };
+        let mark = if frame.mark_span != 0 {
+            frame.mark + n % frame.mark_span
+        } else {
+            frame.mark
+        };
         unsafe { core::ptr::write_unaligned(meta as *mut u32, mark) };
     }
     unsafe { BENCH_NEXT.tail_call(ctx, BENCH_TARGET) };

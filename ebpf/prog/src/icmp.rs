@@ -55,6 +55,8 @@ fn swap_macs(ctx: &XdpContext) -> bool {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return false;
     };
+    // An explicit copy: core::mem::swap on byte arrays can become an out-of-line memmove.
+    #[allow(clippy::manual_swap)]
     unsafe {
         let src = (*eth).src;
         (*eth).src = (*eth).dst;
@@ -75,9 +77,7 @@ fn echo_reply(ctx: &XdpContext, v6: bool) -> u32 {
             return drop(Counter::DropMalformed);
         };
         unsafe {
-            let s = (*ip).saddr_be;
-            (*ip).saddr_be = (*ip).daddr_be;
-            (*ip).daddr_be = s;
+            core::mem::swap(&mut (*ip).saddr_be, &mut (*ip).daddr_be);
             (*ip).hop_limit = 64;
         }
         l4 = ETH_HLEN + IPV6_HLEN;
@@ -86,9 +86,7 @@ fn echo_reply(ctx: &XdpContext, v6: bool) -> u32 {
             return drop(Counter::DropMalformed);
         };
         unsafe {
-            let s = (*ip).saddr_be;
-            (*ip).saddr_be = (*ip).daddr_be;
-            (*ip).daddr_be = s;
+            core::mem::swap(&mut (*ip).saddr_be, &mut (*ip).daddr_be);
             // TTL shares a checksummed word with the protocol.
             let ttl_word = ip.cast::<u8>().add(8).cast::<u16>();
             let old = core::ptr::read_unaligned(ttl_word);
@@ -104,7 +102,11 @@ fn echo_reply(ctx: &XdpContext, v6: bool) -> u32 {
     unsafe {
         let word = icmp.cast::<u16>();
         let old = core::ptr::read_unaligned(word);
-        (*icmp).kind = if v6 { ICMPV6_ECHO_REPLY } else { ICMP_ECHO_REPLY };
+        (*icmp).kind = if v6 {
+            ICMPV6_ECHO_REPLY
+        } else {
+            ICMP_ECHO_REPLY
+        };
         let new = core::ptr::read_unaligned(word);
         // The ICMPv6 pseudo-header is unchanged: swapping addresses keeps their sum.
         (*icmp).check = csum::replace16((*icmp).check, old, new);
@@ -118,7 +120,10 @@ fn echo_reply(ctx: &XdpContext, v6: bool) -> u32 {
 /// the real that serves that flow, so the real's TCP stack learns the path MTU.
 #[inline(always)]
 fn forward_too_big(ctx: &XdpContext, cfg: &LbConfig, p: &Parsed, quoted: usize) -> u32 {
-    let mut flow = FlowKey { proto: 0, ..FlowKey::default() };
+    let mut flow = FlowKey {
+        proto: 0,
+        ..FlowKey::default()
+    };
     let ports_off;
     if p.v6 {
         let Some(q) = ptr_at::<Ipv6Hdr>(ctx, quoted) else {
@@ -256,9 +261,14 @@ fn too_big_v4(ctx: &XdpContext, flow: &FlowKey, peer: [u8; 6], ours: [u8; 6], mt
         saddr_be: flow.dst_be[0],
         daddr_be: flow.src_be[0],
     };
-    hdr.check = !csum::fold(unsafe { csum::sum_words::<10>(&hdr as *const Ipv4Hdr as *const u16, 0) });
+    hdr.check =
+        !csum::fold(unsafe { csum::sum_words::<10>(&hdr as *const Ipv4Hdr as *const u16, 0) });
     unsafe {
-        *eth = EthHdr { dst: peer, src: ours, proto_be: ETH_P_IP.to_be() };
+        *eth = EthHdr {
+            dst: peer,
+            src: ours,
+            proto_be: ETH_P_IP.to_be(),
+        };
         *ip = hdr;
         let h = icmp.cast::<IcmpHdr>();
         *h = IcmpHdr {
@@ -300,7 +310,11 @@ fn too_big_v6(ctx: &XdpContext, flow: &FlowKey, peer: [u8; 6], ours: [u8; 6], mt
     sum = csum::sum_addr(&hdr.daddr_be, sum);
     sum += (ICMP_LEN as u16).to_be() as u64 + (IPPROTO_ICMPV6 as u16).to_be() as u64;
     unsafe {
-        *eth = EthHdr { dst: peer, src: ours, proto_be: ETH_P_IPV6.to_be() };
+        *eth = EthHdr {
+            dst: peer,
+            src: ours,
+            proto_be: ETH_P_IPV6.to_be(),
+        };
         *ip = hdr;
         let h = icmp.cast::<IcmpHdr>();
         let mtu_be = mtu.to_be();

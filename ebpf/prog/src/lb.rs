@@ -6,6 +6,7 @@ use marklb_common::{
     ConnEntry, Counter, FlowKey, IPPROTO_TCP, LbConfig, RealDef, VipKey, VipMeta, hash::flow_hash,
 };
 
+use crate::hdr::{TCP_ACK, TCP_SYN};
 use crate::{
     encap::{self, Inner},
     events, icmp,
@@ -13,7 +14,6 @@ use crate::{
     parse::{self, Verdict, frame_len},
     stats::{account, count},
 };
-use crate::hdr::{TCP_ACK, TCP_SYN};
 
 /// The VIP serving `flow`: an exact (address, port, protocol) entry, else the address's
 /// all-ports entry.
@@ -25,11 +25,11 @@ pub fn vip_lookup(flow: &FlowKey) -> Option<&'static VipMeta> {
         proto: flow.proto,
         _pad: 0,
     };
-    if let Some(m) = unsafe { VIPS.get(&key) } {
+    if let Some(m) = unsafe { VIPS.get(key) } {
         return Some(m);
     }
     key.port_be = 0;
-    unsafe { VIPS.get(&key) }
+    unsafe { VIPS.get(key) }
 }
 
 /// A real chosen for a flow.
@@ -67,7 +67,12 @@ pub fn established(flow: &FlowKey) -> Option<Pick> {
         Some(&g) if g != 0 && g == c.vip_gen => {}
         _ => return None,
     }
-    Some(Pick { real_id: c.real_id, real, vip_id: c.vip_id, new: false })
+    Some(Pick {
+        real_id: c.real_id,
+        real,
+        vip_id: c.vip_id,
+        new: false,
+    })
 }
 
 /// A new flow: the VIP's Maglev ring chooses; `learn` records the choice in the
@@ -95,7 +100,12 @@ pub fn ring_pick(flow: &FlowKey, vip: &VipMeta, learn: bool) -> Result<Pick, Cou
         // Failure only means the flow is picked from the ring again next time.
         let _ = CONN_TABLE.insert(flow, &entry, 0);
     }
-    Ok(Pick { real_id, real, vip_id: vip.vip_id, new: true })
+    Ok(Pick {
+        real_id,
+        real,
+        vip_id: vip.vip_id,
+        new: true,
+    })
 }
 
 #[inline(always)]
@@ -151,7 +161,13 @@ pub fn process(ctx: &XdpContext, cfg: &LbConfig) -> u32 {
             account(pick.vip_id, pick.real_id, bytes);
             if pick.new {
                 count(Counter::NewFlow);
-                events::notify(cfg, &p.flow, pick.vip_id, pick.real_id, pick.real.generation);
+                events::notify(
+                    cfg,
+                    &p.flow,
+                    pick.vip_id,
+                    pick.real_id,
+                    pick.real.generation,
+                );
             } else {
                 count(Counter::ConnHit);
             }

@@ -1,0 +1,39 @@
+# marklb task runner. `make` lists the targets.
+SHELL := /bin/bash
+CARGO ?= cargo
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+
+.PHONY: help setup demo test lint fmt clippy unit bench crdgen clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+setup: ## Install what a fresh Debian machine lacks (idempotent, quick when done)
+	bash scripts/setup.sh
+	@if [ -f scripts/setup-k8s.sh ]; then bash scripts/setup-k8s.sh; fi
+
+demo: setup ## Run the network-namespace demo (root)
+	$(CARGO) build --release -p marklb-agent -p marklb-tests
+	./target/release/marklb-demo
+
+test: setup lint ## Everything CI runs: formatting, clippy, all tests (root)
+	$(CARGO) test --no-fail-fast
+
+lint: fmt clippy ## Formatting and clippy with warnings denied
+
+fmt:
+	$(CARGO) fmt --all -- --check
+
+clippy:
+	$(CARGO) clippy --all-targets -- -D warnings
+	cd ebpf/prog && $(CARGO) +nightly clippy --target bpfel-unknown-none -Z build-std=core -- -D warnings
+
+bench: ## Datapath benchmark (ns/packet per path, BPF_PROG_TEST_RUN; root)
+	$(CARGO) build --release -p marklb-agent
+	./target/release/marklb-agent bench
+
+crdgen: ## Regenerate crds/yaml from the Rust types
+	$(CARGO) run -p marklb-crds --bin crdgen
+
+clean:
+	$(CARGO) clean
