@@ -109,7 +109,7 @@ pub struct LoadBalancerNodeStateStatus {
     #[serde(default)]
     pub marks_in_use: u32,
 
-    /// `Ready`, `DatapathAttached`, `MarksProgrammed` (see `conditions`).
+    /// Conditions of types Ready, DatapathAttached and MarksProgrammed.
     #[serde(default)]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,

@@ -6,9 +6,10 @@
 //! message starts with the field path (`spec.vips[1].backends[0].address: ...`) so a user can
 //! find the line, and all errors are reported at once rather than the first only.
 //!
-//! Addresses must be in canonical form (as `ip.isCanonical` requires on the apiserver): that
-//! makes the apiserver's list-map uniqueness of VIPs and backends, which compares strings,
-//! agree with the address comparison done here.
+//! VIP addresses must be in canonical form (as `ip.isCanonical` requires on the apiserver), so
+//! that the apiserver's list-map uniqueness of VIPs, which compares text, agrees with the
+//! comparison of parsed addresses done here. Backend addresses may be written in any form; two
+//! spellings of one backend pass the apiserver's text comparison but are caught here.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -125,8 +126,8 @@ impl FromStr for IpPrefix {
     }
 }
 
-/// Parses an IP address the way the CRD's CEL rules accept it (`isIP` and
-/// `ip.isCanonical`): IPv4 or IPv6, no zone, no IPv4-mapped IPv6, canonical text.
+/// Parses an IP address the way the CRD's `isIP` accepts it: IPv4 (no leading zeros) or IPv6,
+/// no zone, no IPv4-mapped IPv6 (`::ffff:10.0.0.1`; write the IPv4 address). Any textual form.
 pub fn parse_ip(text: &str) -> Result<IpAddr, String> {
     let ip: IpAddr = text
         .parse()
@@ -138,6 +139,13 @@ pub fn parse_ip(text: &str) -> Result<IpAddr, String> {
             "{text:?} is an IPv4-mapped IPv6 address; write the IPv4 address instead"
         ));
     }
+    Ok(ip)
+}
+
+/// Like [`parse_ip`], and the text must be canonical (`ip.isCanonical`: lower case, RFC 5952
+/// zero compression), as VIP addresses must be: the apiserver tells VIPs apart by their text.
+pub fn parse_canonical_ip(text: &str) -> Result<IpAddr, String> {
+    let ip = parse_ip(text)?;
     let canonical = ip.to_string();
     if canonical != text {
         return Err(format!(
@@ -165,8 +173,8 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
     Ok(mac)
 }
 
-/// Parses `addr/len` with a canonical address, a length within the family and no host bits
-/// set (what `isCIDR(s) && cidr(s).masked() == cidr(s)` accepts).
+/// Parses `addr/len` with a length within the family and no host bits set (what
+/// `isCIDR(s) && cidr(s).masked() == cidr(s)` accepts).
 pub fn parse_prefix(text: &str) -> Result<IpPrefix, String> {
     let (addr, len) = text
         .split_once('/')
@@ -309,7 +317,7 @@ impl LoadBalancerSpec {
                     names.insert(name, first);
                 }
             }
-            let vip_ip = match parse_ip(&vip.address) {
+            let vip_ip = match parse_canonical_ip(&vip.address) {
                 Ok(ip) => Some(ip),
                 Err(e) => {
                     errors.push(format!("{vp}.address"), e);

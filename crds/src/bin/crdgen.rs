@@ -43,8 +43,7 @@ fn run(args: &[String]) -> Result<(), String> {
     if stdout {
         for c in crd::crds() {
             let c = if legacy { crd::without_cel(&c) } else { c };
-            let yaml = serde_yaml::to_string(&c).map_err(|e| e.to_string())?;
-            print!("---\n{yaml}");
+            print!("---\n{}", crd::to_yaml(&c));
         }
         return Ok(());
     }

@@ -25,7 +25,7 @@ pub(crate) fn schema_of(crd: &CustomResourceDefinition) -> Value {
 
 /// openAPIV3Schema of the current LoadBalancer CRD as JSON.
 pub(crate) fn loadbalancer_schema() -> Value {
-    schema_of(&LoadBalancer::crd())
+    schema_of(&crds()[0])
 }
 
 fn files_under(dir: &Path, base: &Path, out: &mut BTreeSet<PathBuf>) {
@@ -66,6 +66,43 @@ fn committed_yaml_matches_crdgen() {
     );
 }
 
+#[test]
+fn rendered_yaml_reads_back_as_the_crd() {
+    for crd in crds() {
+        for crd in [crd.clone(), without_cel(&crd)] {
+            let yaml = to_yaml(&crd);
+            let back: CustomResourceDefinition = serde_yaml::from_str(&yaml).unwrap();
+            assert_eq!(back, crd);
+        }
+    }
+}
+
+#[test]
+fn yaml11_booleans_are_quoted_outside_block_scalars() {
+    let yaml = "enum:\n- PerFlow\n- Off\n- on\nscope: Off\nd: |-\n  Off\n  - Off\n- a: yes\n- - N\nx: 'Off'\n";
+    assert_eq!(
+        quote_yaml11_booleans(yaml),
+        "enum:\n- PerFlow\n- 'Off'\n- 'on'\nscope: 'Off'\nd: |-\n  Off\n  - Off\n- a: 'yes'\n- - 'N'\nx: 'Off'\n"
+    );
+    let lb = to_yaml(&crds()[0]);
+    assert!(
+        lb.contains("- 'Off'") && !lb.contains("- Off\n"),
+        "the mark scope enum must be quoted"
+    );
+}
+
+#[test]
+fn integer_formats_are_ones_the_apiserver_knows() {
+    for crd in crds() {
+        let text = serde_json::to_string(&crd).unwrap();
+        assert!(
+            !text.contains("\"format\":\"uint"),
+            "unsigned formats left in {text}"
+        );
+        assert!(text.contains("\"format\":\"int32\"") && text.contains("\"format\":\"int64\""));
+    }
+}
+
 fn count_key(value: &Value, key: &str) -> usize {
     match value {
         Value::Object(map) => {
@@ -84,9 +121,13 @@ fn legacy_variant_only_drops_cel_rules() {
         let legacy = serde_json::to_value(without_cel(&crd)).unwrap();
         assert!(count_key(&current, "x-kubernetes-validations") > 0);
         assert_eq!(count_key(&legacy, "x-kubernetes-validations"), 0);
-        let mut stripped = current.clone();
-        strip_key(&mut stripped, "x-kubernetes-validations");
-        assert_eq!(stripped, legacy);
+        // Apart from CEL, only `nullable` differs (empty strings on 1.20).
+        let (mut a, mut b) = (current.clone(), legacy.clone());
+        for v in [&mut a, &mut b] {
+            strip_key(v, "x-kubernetes-validations");
+            strip_key(v, "nullable");
+        }
+        assert_eq!(a, b);
         // List-map uniqueness and every bound stay in the legacy variant.
         for key in [
             "x-kubernetes-list-type",
@@ -102,8 +143,35 @@ fn legacy_variant_only_drops_cel_rules() {
 }
 
 #[test]
+fn legacy_variant_lets_free_text_strings_be_empty() {
+    let legacy = schema_of(&without_cel(&crds()[0]));
+    let current = schema_of(&crds()[0]);
+    let spec = &legacy["properties"]["spec"]["properties"];
+    let condition =
+        &legacy["properties"]["status"]["properties"]["conditions"]["items"]["properties"];
+    assert_eq!(condition["message"]["nullable"], true);
+    assert_eq!(condition["reason"]["nullable"], true);
+    assert_eq!(
+        spec["nodeSelector"]["additionalProperties"]["nullable"],
+        true
+    );
+    // Not list-map keys, constrained strings, or anything in the current variant.
+    assert_eq!(condition["type"].get("nullable"), None);
+    assert_eq!(condition["lastTransitionTime"].get("nullable"), None);
+    let backend = &spec["vips"]["items"]["properties"]["backends"]["items"]["properties"];
+    assert_eq!(backend["address"].get("nullable"), None);
+    assert_eq!(
+        spec["vips"]["items"]["properties"]["address"].get("nullable"),
+        None
+    );
+    let current_condition =
+        &current["properties"]["status"]["properties"]["conditions"]["items"]["properties"];
+    assert_eq!(current_condition["message"].get("nullable"), None);
+}
+
+#[test]
 fn crds_have_names_scope_status_and_columns() {
-    let lb = LoadBalancer::crd();
+    let [lb, ns] = <[_; 2]>::try_from(crds()).unwrap();
     assert_eq!(lb.metadata.name.as_deref(), Some("loadbalancers.marklb.io"));
     assert_eq!(lb.spec.group, crate::GROUP);
     assert_eq!(lb.spec.scope, "Namespaced");
@@ -229,6 +297,7 @@ fn schemas_are_structural() {
     for crd in crds() {
         let name = crd.metadata.name.clone().unwrap();
         assert_structural(&schema_of(&crd), &name);
+        assert_structural(&schema_of(&without_cel(&crd)), &format!("{name} (1.20)"));
     }
 }
 
@@ -357,6 +426,8 @@ fn cel_rules_compile_and_use_only_kubernetes_functions() {
         "cidr",
         "prefixLength",
         "masked",
+        "contains",
+        "filter",
     ];
     for crd in crds() {
         let schema = schema_of(&crd);
@@ -372,7 +443,7 @@ fn cel_rules_compile_and_use_only_kubernetes_functions() {
         for (path, rule) in &found {
             // kube-cel's scope check also flags the variables that macros bind (`all(v, ...)`)
             // and the `ip` namespace of `ip.isCanonical`.
-            let mut bound: Vec<String> = ["all(", "exists(", "exists_one("]
+            let mut bound: Vec<String> = ["all(", "exists(", "exists_one(", "filter("]
                 .iter()
                 .flat_map(|m| rule.match_indices(m).map(move |(i, _)| i + m.len()))
                 .filter_map(|i| {

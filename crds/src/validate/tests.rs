@@ -97,7 +97,7 @@ vips:
 }
 
 #[test]
-fn addresses_must_be_canonical_and_not_ipv4_mapped() {
+fn vip_addresses_must_be_canonical_and_no_address_ipv4_mapped() {
     refused(
         "vips: [{address: '2001:DB8::1'}]",
         "spec.vips[0].address",
@@ -114,11 +114,31 @@ fn addresses_must_be_canonical_and_not_ipv4_mapped() {
         "IPv4-mapped",
     );
     refused(
+        "vips: [{address: '::ffff:10.0.0.1'}]",
+        "spec.vips[0].address",
+        "IPv4-mapped",
+    );
+    refused(
         "vips: [{address: 010.0.0.1}]",
         "spec.vips[0].address",
         "010.0.0.1",
     );
     ok("vips: [{address: '2001:db8::1', backends: [{address: '2001:db8:1::a'}]}]");
+}
+
+#[test]
+fn backend_and_next_hop_addresses_may_be_written_in_any_form() {
+    ok("vips: [{address: '2001:db8::1', backends: [{address: '2001:DB8:1:0:0:0:0:A'}]}]");
+    ok("nextHop: {address: 'FE80::1'}");
+    // Two spellings of one backend are still one backend.
+    refused(
+        "vips: [{address: '2001:db8::1', backends: [{address: '2001:db8::a'}, {address: '2001:DB8::A'}]}]",
+        "spec.vips[0].backends[1].address",
+        "duplicate backend 2001:db8::a",
+    );
+    assert_eq!(parse_ip("2001:DB8::A"), Ok("2001:db8::a".parse().unwrap()));
+    assert!(parse_canonical_ip("2001:DB8::A").is_err());
+    assert!(parse_canonical_ip("10.0.0.1").is_ok());
 }
 
 // ---- duplicates ----
@@ -478,11 +498,7 @@ fn encap_prefixes_need_family_length_and_no_host_bits() {
         "spec.encap.sourcePrefixV6",
         "is not an IPv6 prefix",
     );
-    refused(
-        "encap: {sourcePrefixV6: 'FD00::/96'}",
-        "spec.encap.sourcePrefixV6",
-        "canonical",
-    );
+    ok("encap: {sourcePrefixV6: 'FD00::/96'}");
 }
 
 #[test]
