@@ -188,7 +188,6 @@ fn crds_have_names_scope_status_and_columns() {
         .collect();
     assert_eq!(cols, ["Ready", "VIPs", "Nodes", "Age"]);
 
-    let ns = LoadBalancerNodeState::crd();
     assert_eq!(
         ns.metadata.name.as_deref(),
         Some("loadbalancernodestates.marklb.io")
