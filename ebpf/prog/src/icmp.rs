@@ -124,8 +124,14 @@ fn forward_too_big(ctx: &XdpContext, cfg: &LbConfig, p: &Parsed, quoted: usize) 
         proto: 0,
         ..FlowKey::default()
     };
+    // The quoted header and ports must lie inside the ICMP packet (its IP length), not in
+    // Ethernet padding or garbage behind it: a flow read from there is made up.
+    let end = ETH_HLEN + p.ip_len as usize;
     let ports_off;
     if p.v6 {
+        if quoted + IPV6_HLEN > end {
+            return drop(Counter::DropMalformed);
+        }
         let Some(q) = ptr_at::<Ipv6Hdr>(ctx, quoted) else {
             return drop(Counter::DropMalformed);
         };
@@ -135,6 +141,9 @@ fn forward_too_big(ctx: &XdpContext, cfg: &LbConfig, p: &Parsed, quoted: usize) 
         flow.proto = q.nexthdr;
         ports_off = quoted + IPV6_HLEN;
     } else {
+        if quoted + IPV4_HLEN > end {
+            return drop(Counter::DropMalformed);
+        }
         let Some(q) = ptr_at::<Ipv4Hdr>(ctx, quoted) else {
             return drop(Counter::DropMalformed);
         };
@@ -149,6 +158,9 @@ fn forward_too_big(ctx: &XdpContext, cfg: &LbConfig, p: &Parsed, quoted: usize) 
     }
     if flow.proto != IPPROTO_TCP && flow.proto != IPPROTO_UDP {
         return drop(Counter::DropUnsupported);
+    }
+    if ports_off + 4 > end {
+        return drop(Counter::DropMalformed);
     }
     let Some(ports) = ptr_at::<L4Ports>(ctx, ports_off) else {
         return drop(Counter::DropMalformed);
