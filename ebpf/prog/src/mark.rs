@@ -5,7 +5,7 @@
 //! that choose the outer source (so the output equals what the normal path would send).
 
 use aya_ebpf::programs::XdpContext;
-use marklb_common::{Counter, LbConfig, MAX_MARKS};
+use marklb_common::{Counter, IPPROTO_TCP, IPPROTO_UDP, LbConfig, MAX_MARKS};
 
 use crate::{
     encap::{self, Inner},
@@ -26,8 +26,21 @@ pub fn read_mark(ctx: &XdpContext) -> u32 {
     unsafe { *(meta as *const u32) }
 }
 
+/// Smallest transport header the normal path accepts for a protocol (the ports and, for
+/// TCP, the flags must be inside the IP packet); None: not TCP/UDP.
+#[inline(always)]
+fn l4_min(proto: u8) -> Option<u32> {
+    match proto {
+        IPPROTO_TCP => Some(20),
+        IPPROTO_UDP => Some(8),
+        _ => None,
+    }
+}
+
 /// Inner packet facts the fast path needs, or None to let the normal path decide
-/// (options, truncation, anything unusual).
+/// (options, fragments, extension headers, truncation, anything unusual). Only fields of
+/// the IP header are looked at; a mark vouches for the 5-tuple, not for the packet being
+/// well formed, so the fast path accepts no packet the normal path would refuse.
 #[inline(always)]
 fn minimal_parse(ctx: &XdpContext) -> Option<Inner> {
     let eth = ptr_at::<EthHdr>(ctx, 0)?;
@@ -37,7 +50,11 @@ fn minimal_parse(ctx: &XdpContext) -> Option<Inner> {
         let ip = unsafe { &*ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN)? };
         let ports = unsafe { &*ptr_at::<L4Ports>(ctx, ETH_HLEN + IPV4_HLEN)? };
         let ip_len = u16::from_be(ip.tot_len_be) as u32;
-        if ip.ver_ihl != 0x45 || ip_len + ETH_HLEN as u32 > avail {
+        if ip.ver_ihl != 0x45
+            || u16::from_be(ip.frag_off_be) & 0x3fff != 0
+            || ip_len < IPV4_HLEN as u32 + l4_min(ip.proto)?
+            || ip_len + ETH_HLEN as u32 > avail
+        {
             return None;
         }
         Some(Inner {
@@ -52,7 +69,10 @@ fn minimal_parse(ctx: &XdpContext) -> Option<Inner> {
         let ports = unsafe { &*ptr_at::<L4Ports>(ctx, ETH_HLEN + IPV6_HLEN)? };
         let vtc = u32::from_be(ip.vtc_flow_be);
         let ip_len = IPV6_HLEN as u32 + u16::from_be(ip.payload_len_be) as u32;
-        if vtc >> 28 != 6 || ip_len + ETH_HLEN as u32 > avail {
+        if vtc >> 28 != 6
+            || ip_len < IPV6_HLEN as u32 + l4_min(ip.nexthdr)?
+            || ip_len + ETH_HLEN as u32 > avail
+        {
             return None;
         }
         Some(Inner {
