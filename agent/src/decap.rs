@@ -319,12 +319,10 @@ impl Decap {
     pub fn attach_xdp(&mut self, iface: &str) -> Result<Attached> {
         match self.attach_xdp_mode(iface, XdpMode::Driver) {
             Ok(a) => Ok(a),
-            Err(native) => self
-                .attach_xdp_mode(iface, XdpMode::Skb)
-                .map_err(|generic| {
-                    tracing::debug!(%native, "native XDP attach failed");
-                    generic
-                }),
+            Err(native) => {
+                tracing::info!(%iface, %native, "native XDP attach failed, trying generic XDP");
+                self.attach_xdp_mode(iface, XdpMode::Skb)
+            }
         }
     }
 
@@ -596,10 +594,32 @@ impl DecapArgs {
 }
 
 /// Runs the decapsulator until SIGTERM or SIGINT: attaches, reports counters every
-/// `stats_interval` (and follows address changes of the interface), detaches on exit.
+/// `stats_interval` (and follows address changes of the interface), detaches on exit and
+/// prints the final counters as one JSON line.
 pub async fn run(args: DecapArgs) -> anyhow::Result<()> {
-    use anyhow::Context as _;
     use tokio::signal::unix::{SignalKind, signal};
+
+    // Registered before attaching, so a signal during start-up still detaches cleanly.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let stop = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    };
+    let total = run_until(args, stop).await?;
+    println!("{}", serde_json::to_string(&total.labelled())?);
+    Ok(())
+}
+
+/// [`run`] with any stop condition (tests, embedding): attaches, reports, follows the
+/// interface's addresses, and detaches when `stop` completes; returns the final counters.
+pub async fn run_until(
+    args: DecapArgs,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<DecapCounters> {
+    use anyhow::Context as _;
 
     let mut decap = Decap::load().context("loading the decapsulation object")?;
     let mut addrs = args.local_addrs()?;
@@ -618,15 +638,13 @@ pub async fn run(args: DecapArgs) -> anyhow::Result<()> {
     };
     tracing::info!(interface = %args.interface, ?how, addresses = ?addrs, "decapsulating");
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(Duration::from_secs(args.stats_interval.max(1)));
     tick.tick().await;
     let mut last = decap.counters()?;
+    tokio::pin!(stop);
     loop {
         tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            _ = &mut stop => break,
             _ = tick.tick() => {
                 let now = decap.counters()?;
                 tracing::info!(interval = %now.since(&last).summary(), total = %now.summary(), "decap counters");
@@ -646,6 +664,5 @@ pub async fn run(args: DecapArgs) -> anyhow::Result<()> {
     decap.detach_all()?;
     let total = decap.counters()?;
     tracing::info!(total = %total.summary(), "detached");
-    println!("{}", serde_json::to_string(&total.labelled())?);
-    Ok(())
+    Ok(total)
 }
