@@ -1,3 +1,4 @@
 //! Helpers shared by the integration tests.
 pub mod datapath_fixture;
+pub mod kube_harness;
 pub mod netns;

@@ -1,0 +1,769 @@
+//! Real Kubernetes API servers for the tests, on loopback, built by `scripts/setup-k8s.sh`.
+//!
+//! Two flavors:
+//! - [`Flavor::Kube120`]: etcd + the full kube-apiserver 1.20.2 (namespaces, apps, RBAC with the
+//!   real authorizer, coordination, CRDs, server-side apply, status). Static token file with an
+//!   administrator in `system:masters`, RBAC authorization, a service-account key pair. No
+//!   controller manager, scheduler or kubelet: no garbage collection, no pods. No CEL in CRDs.
+//! - [`Flavor::Current`]: etcd + apiextensions-apiserver 0.36 (today's CRD semantics: structural
+//!   schemas, CEL `x-kubernetes-validations` with cost limits, server-side apply, status, watch).
+//!   Only `apiextensions.k8s.io` and the CRD groups; every request is an administrator.
+//!
+//! [`KubeServer::start`] starts etcd and the server on free loopback ports in a temporary
+//! directory, waits until `/readyz` is ok, writes a kubeconfig file (for `kubectl`/Helm) and hands
+//! out a [`kube::Client`]. Dropping the [`KubeServer`] stops the processes by PID (their own process
+//! groups; they also die with the test process through `PR_SET_PDEATHSIG`) and removes the
+//! directory, also when the test panics.
+//!
+//! When `scripts/setup-k8s.sh` recorded a part as unavailable (a Debian suite could not be
+//! reached), [`KubeServer::start_or_skip`] / [`kube_server_or_skip!`](crate::kube_server_or_skip)
+//! print a `SKIP` line with the reason and the test returns. When the binaries are simply missing
+//! (set-up never ran), starting fails: the test fails.
+
+use std::fmt;
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Client;
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams, TypeMeta};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::core::GroupVersionKind;
+use kube::discovery::Scope;
+use serde::Deserialize;
+
+/// Environment variable overriding the cache directory of `scripts/setup-k8s.sh`.
+pub const CACHE_ENV: &str = "MARKLB_K8S_CACHE";
+/// Default cache directory of `scripts/setup-k8s.sh`.
+pub const DEFAULT_CACHE: &str = "/var/cache/marklb/k8s";
+/// Set to 1 to keep the temporary directory (logs, etcd data) of a server whose test panicked.
+pub const KEEP_ENV: &str = "MARKLB_K8S_KEEP";
+
+const START_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Which API server to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavor {
+    /// kube-apiserver 1.20.2 (full API, RBAC; no CRD CEL rules).
+    Kube120,
+    /// apiextensions-apiserver 0.36 (current CRD validation incl. CEL; no core/apps groups).
+    Current,
+}
+
+impl Flavor {
+    /// The part of `scripts/setup-k8s.sh` that builds this server.
+    pub fn part(self) -> &'static str {
+        match self {
+            Flavor::Kube120 => "kube-1.20",
+            Flavor::Current => "apiextensions",
+        }
+    }
+
+    fn binary(self) -> &'static str {
+        match self {
+            Flavor::Kube120 => "kube-apiserver",
+            Flavor::Current => "apiextensions-apiserver",
+        }
+    }
+}
+
+impl fmt::Display for Flavor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Flavor::Kube120 => "kube-apiserver 1.20",
+            Flavor::Current => "apiextensions-apiserver 0.36",
+        })
+    }
+}
+
+/// The cache directory of `scripts/setup-k8s.sh`.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os(CACHE_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE))
+}
+
+/// What the set-up left for a flavor.
+#[derive(Clone, Debug)]
+pub enum Availability {
+    /// Both binaries exist.
+    Available { server: PathBuf, etcd: PathBuf },
+    /// The set-up recorded that it could not build them, and why.
+    Unavailable(String),
+}
+
+/// Whether the binaries of `flavor` exist, or why the set-up could not build them.
+/// An error means that the set-up has not run (or failed): tests must fail then, not skip.
+pub fn availability(flavor: Flavor) -> Result<Availability> {
+    let cache = cache_dir();
+    for part in ["etcd", flavor.part()] {
+        let mark = cache.join(format!("UNAVAILABLE-{part}"));
+        if let Ok(reason) = fs::read_to_string(&mark) {
+            return Ok(Availability::Unavailable(format!(
+                "{} ({})",
+                reason.trim(),
+                mark.display()
+            )));
+        }
+    }
+    let server = cache.join(flavor.part()).join("bin").join(flavor.binary());
+    let etcd = cache.join("etcd/bin/etcd");
+    for bin in [&server, &etcd] {
+        if !bin.is_file() {
+            bail!(
+                "{} is missing and no UNAVAILABLE-* reason was recorded in {}: run `bash scripts/setup-k8s.sh` first",
+                bin.display(),
+                cache.display()
+            );
+        }
+    }
+    Ok(Availability::Available { server, etcd })
+}
+
+/// Prints a line on the test process's real stderr (not captured by the test harness).
+pub fn report(line: &str) {
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "{line}");
+}
+
+/// A running etcd + API server. Dropping it stops both and removes its directory.
+pub struct KubeServer {
+    flavor: Flavor,
+    url: String,
+    token: String,
+    kubeconfig: PathBuf,
+    startup: Duration,
+    procs: Vec<(&'static str, Child)>,
+    // Last: removed after the processes are gone.
+    dir: Option<tempfile::TempDir>,
+}
+
+impl fmt::Debug for KubeServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KubeServer")
+            .field("flavor", &self.flavor)
+            .field("url", &self.url)
+            .field("dir", &self.dir().display())
+            .finish()
+    }
+}
+
+/// Starts a server of `flavor`, or prints `SKIP <test>: <reason>` and returns from the test when
+/// the set-up recorded it as unavailable. Use inside an `async` test returning `()`.
+#[macro_export]
+macro_rules! kube_server_or_skip {
+    ($flavor:expr) => {
+        match $crate::kube_harness::KubeServer::start_or_skip($flavor, module_path!()).await {
+            Some(server) => server,
+            None => return,
+        }
+    };
+}
+
+impl KubeServer {
+    /// Starts etcd and the API server; fails if the binaries are missing or it does not start.
+    pub async fn start(flavor: Flavor) -> Result<KubeServer> {
+        match availability(flavor)? {
+            Availability::Available { server, etcd } => {
+                let mut last = None;
+                for _attempt in 0..3 {
+                    match Self::try_start(flavor, &server, &etcd).await {
+                        Ok(s) => return Ok(s),
+                        // Free ports are picked by binding and closing: another process can take one
+                        // in between. Retry with new ports then.
+                        Err(e) if format!("{e:#}").contains("address already in use") => {
+                            last = Some(e)
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(last.unwrap())
+            }
+            Availability::Unavailable(reason) => {
+                bail!("{flavor} is unavailable on this machine: {reason}")
+            }
+        }
+    }
+
+    /// Like [`start`](Self::start), but `None` (after printing `SKIP <test>: <reason>`) when the
+    /// set-up recorded the server as unavailable. Panics when it should run but does not start.
+    pub async fn start_or_skip(flavor: Flavor, test: &str) -> Option<KubeServer> {
+        match availability(flavor) {
+            Ok(Availability::Unavailable(reason)) => {
+                let test = test_name(test);
+                report(&format!("SKIP {test}: {flavor} not available: {reason}"));
+                None
+            }
+            Ok(Availability::Available { .. }) => match Self::start(flavor).await {
+                Ok(s) => Some(s),
+                Err(e) => panic!("starting {flavor} failed: {e:#}"),
+            },
+            Err(e) => panic!("{flavor}: {e:#}"),
+        }
+    }
+
+    async fn try_start(flavor: Flavor, server_bin: &Path, etcd_bin: &Path) -> Result<KubeServer> {
+        let t0 = Instant::now();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("marklb-{}-", flavor.part()))
+            .tempdir()
+            .context("creating the temporary directory")?;
+        let d = dir.path().to_path_buf();
+        let mut me = KubeServer {
+            flavor,
+            url: String::new(),
+            token: random_hex(24),
+            kubeconfig: d.join("kubeconfig"),
+            startup: Duration::ZERO,
+            procs: Vec::new(),
+            dir: Some(dir),
+        };
+
+        let (etcd_port, peer_port, api_port) = (free_port()?, free_port()?, free_port()?);
+        let etcd_url = format!("http://127.0.0.1:{etcd_port}");
+        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        me.spawn(
+            "etcd",
+            Command::new(etcd_bin).args([
+                "--name=default",
+                &format!("--data-dir={}", d.join("etcd").display()),
+                &format!("--listen-client-urls={etcd_url}"),
+                &format!("--advertise-client-urls={etcd_url}"),
+                &format!("--listen-peer-urls={peer_url}"),
+                &format!("--initial-advertise-peer-urls={peer_url}"),
+                &format!("--initial-cluster=default={peer_url}"),
+                "--log-level=warn",
+                "--logger=zap",
+            ]),
+        )?;
+        me.wait_for("etcd", || {
+            Ok(http_get_plain(etcd_port, "/health")?.contains("\"health\":\"true\""))
+        })
+        .await?;
+
+        let pki = d.join("pki");
+        let mut args = vec![
+            format!("--etcd-servers={etcd_url}"),
+            "--bind-address=127.0.0.1".into(),
+            "--advertise-address=127.0.0.1".into(),
+            format!("--secure-port={api_port}"),
+            format!("--cert-dir={}", pki.display()),
+        ];
+        if flavor == Flavor::Kube120 {
+            fs::write(
+                d.join("tokens.csv"),
+                format!("{},admin,admin-uid,\"system:masters\"\n", me.token),
+            )?;
+            let (key, public) = (d.join("sa.key"), d.join("sa.pub"));
+            run_openssl(
+                &[
+                    "ecparam",
+                    "-name",
+                    "prime256v1",
+                    "-genkey",
+                    "-noout",
+                    "-out",
+                ],
+                &key,
+            )?;
+            run_openssl(
+                &["ec", "-pubout", "-in", &key.display().to_string(), "-out"],
+                &public,
+            )?;
+            args.extend([
+                "--insecure-port=0".into(),
+                format!("--token-auth-file={}", d.join("tokens.csv").display()),
+                "--authorization-mode=Node,RBAC".into(),
+                format!("--service-account-key-file={}", public.display()),
+                format!("--service-account-signing-key-file={}", key.display()),
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+                "--service-cluster-ip-range=10.96.0.0/16".into(),
+                "--allow-privileged=true".into(),
+                "--enable-admission-plugins=NodeRestriction".into(),
+                "--profiling=false".into(),
+            ]);
+        }
+        me.spawn(flavor.binary(), Command::new(server_bin).args(&args))?;
+        me.url = format!("https://127.0.0.1:{api_port}");
+
+        // The self-signed serving certificate (server certificate, then its CA) is written before
+        // the server listens.
+        let cert = pki.join("apiserver.crt");
+        me.wait_for("the serving certificate", || Ok(cert.is_file()))
+            .await?;
+        let pem = fs::read_to_string(&cert)?;
+        let ca = pem_blocks(&pem)
+            .last()
+            .cloned()
+            .ok_or_else(|| anyhow!("no certificate in {}", cert.display()))?;
+        fs::write(d.join("ca.crt"), &ca)?;
+        fs::write(&me.kubeconfig, me.kubeconfig_yaml())?;
+
+        let client = me.client().await?;
+        me.wait_for_async("/readyz", || {
+            let client = client.clone();
+            async move {
+                let req = http::Request::get("/readyz").body(Vec::new())?;
+                Ok(client
+                    .request_text(req)
+                    .await
+                    .is_ok_and(|t| t.trim() == "ok"))
+            }
+        })
+        .await?;
+        if flavor == Flavor::Kube120 {
+            // Namespaces are created by a post-start loop; tests want them.
+            for ns in ["default", "kube-system"] {
+                let path = format!("/api/v1/namespaces/{ns}");
+                me.wait_for_async(&format!("namespace {ns}"), || {
+                    let client = client.clone();
+                    let path = path.clone();
+                    async move {
+                        let req = http::Request::get(path).body(Vec::new())?;
+                        Ok(client.request_text(req).await.is_ok())
+                    }
+                })
+                .await?;
+            }
+        }
+        me.startup = t0.elapsed();
+        Ok(me)
+    }
+
+    fn spawn(&mut self, name: &'static str, cmd: &mut Command) -> Result<()> {
+        let log = fs::File::create(self.dir().join(format!("{name}.log")))?;
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .current_dir(self.dir())
+            .process_group(0);
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
+        self.procs.push((name, child));
+        Ok(())
+    }
+
+    /// Fails with the log tails if a process exited.
+    fn check_alive(&mut self) -> Result<()> {
+        let mut dead = None;
+        for (name, child) in &mut self.procs {
+            if let Some(status) = child.try_wait()? {
+                dead = Some((*name, status));
+            }
+        }
+        if let Some((name, status)) = dead {
+            bail!(
+                "{name} exited ({status}) while starting; log tail:\n{}",
+                self.log_tail(name, 25)
+            );
+        }
+        Ok(())
+    }
+
+    async fn wait_for(
+        &mut self,
+        what: &str,
+        mut ready: impl FnMut() -> Result<bool>,
+    ) -> Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            self.check_alive()?;
+            if ready().unwrap_or(false) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "timed out waiting for {what}; logs:\n{}",
+                    self.all_log_tails()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn wait_for_async<F, Fut>(&mut self, what: &str, mut ready: F) -> Result<()>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<bool>>,
+    {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            self.check_alive()?;
+            if ready().await.unwrap_or(false) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "timed out waiting for {what}; logs:\n{}",
+                    self.all_log_tails()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn kubeconfig_yaml(&self) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: marklb-test\n  cluster:\n    server: {url}\n    certificate-authority: {ca}\nusers:\n- name: admin\n  user:\n    token: {token}\ncontexts:\n- name: marklb-test\n  context:\n    cluster: marklb-test\n    user: admin\n    namespace: default\ncurrent-context: marklb-test\n",
+            url = self.url,
+            ca = self.dir().join("ca.crt").display(),
+            token = self.token,
+        )
+    }
+
+    /// A new client for the server's administrator (built from the kubeconfig file).
+    pub async fn client(&self) -> Result<Client> {
+        let kubeconfig = Kubeconfig::read_from(&self.kubeconfig)?;
+        let config =
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+        Ok(Client::try_from(config)?)
+    }
+
+    /// The kubeconfig file (for `kubectl --kubeconfig` / `KUBECONFIG`, Helm).
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// `https://127.0.0.1:<port>`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The administrator's bearer token (in `system:masters` on 1.20).
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    pub fn flavor(&self) -> Flavor {
+        self.flavor
+    }
+
+    /// Time from the start of etcd to the server being ready.
+    pub fn startup(&self) -> Duration {
+        self.startup
+    }
+
+    /// The temporary directory (logs `<process>.log`, etcd data, kubeconfig, certificates).
+    pub fn dir(&self) -> &Path {
+        self.dir
+            .as_ref()
+            .expect("directory present until drop")
+            .path()
+    }
+
+    /// PIDs of etcd and the server.
+    pub fn pids(&self) -> Vec<u32> {
+        self.procs.iter().map(|(_, c)| c.id()).collect()
+    }
+
+    /// Resident memory of etcd + server in KiB (from /proc).
+    pub fn rss_kib(&self) -> u64 {
+        self.pids()
+            .iter()
+            .filter_map(|pid| fs::read_to_string(format!("/proc/{pid}/status")).ok())
+            .filter_map(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            })
+            .sum()
+    }
+
+    /// The last `lines` lines of a process's log (`etcd`, `kube-apiserver`, `apiextensions-apiserver`).
+    pub fn log_tail(&self, name: &str, lines: usize) -> String {
+        let text = fs::read_to_string(self.dir().join(format!("{name}.log"))).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    fn all_log_tails(&self) -> String {
+        self.procs
+            .iter()
+            .map(|(name, _)| format!("--- {name}:\n{}", self.log_tail(name, 15)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Runs `kubectl` (from PATH) against this server; `None` when there is no kubectl.
+    pub fn kubectl(&self, args: &[&str]) -> Option<std::process::Output> {
+        Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .output()
+            .ok()
+    }
+
+    /// Stops the processes (SIGTERM to their groups, SIGKILL after 5 s) and removes the directory.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        // The server first, then etcd.
+        while let Some((_, mut child)) = self.procs.pop() {
+            let pid = child.id() as libc::pid_t;
+            if matches!(child.try_wait(), Ok(None)) {
+                // SAFETY: plain kill(2) of the process group we created for this child.
+                unsafe { libc::kill(-pid, libc::SIGTERM) };
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                if matches!(child.try_wait(), Ok(None)) {
+                    // SAFETY: as above.
+                    unsafe { libc::kill(-pid, libc::SIGKILL) };
+                }
+            }
+            let _ = child.wait();
+        }
+        if let Some(dir) = self.dir.take()
+            && std::thread::panicking()
+            && std::env::var(KEEP_ENV).as_deref() == Ok("1")
+        {
+            report(&format!("kept {}", dir.keep().display()));
+        }
+    }
+}
+
+impl Drop for KubeServer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// The cluster an end-to-end test runs against: the one `KUBECONFIG` names when it is set
+/// (a real cluster), else a local server of the given flavor started here.
+pub enum TestCluster {
+    /// `KUBECONFIG` was set: its cluster, as it is.
+    External { kubeconfig: PathBuf, client: Client },
+    /// No cluster given: a local server (stopped when this is dropped).
+    Local { server: KubeServer, client: Client },
+}
+
+impl TestCluster {
+    /// `KUBECONFIG`'s cluster, or a local `flavor` server; `None` (after a SKIP line) when there
+    /// is no `KUBECONFIG` and the set-up recorded the local server as unavailable.
+    pub async fn from_env_or_local(flavor: Flavor, test: &str) -> Option<TestCluster> {
+        if let Some(path) = std::env::var_os("KUBECONFIG").filter(|v| !v.is_empty()) {
+            let kubeconfig = std::env::split_paths(&path).next().unwrap_or_default();
+            let config = kube::Config::from_kubeconfig(&KubeConfigOptions::default())
+                .await
+                .unwrap_or_else(|e| panic!("KUBECONFIG={}: {e}", kubeconfig.display()));
+            let client = Client::try_from(config).expect("client from KUBECONFIG");
+            return Some(TestCluster::External { kubeconfig, client });
+        }
+        let server = KubeServer::start_or_skip(flavor, test).await?;
+        let client = server.client().await.expect("client of the local server");
+        report(&format!(
+            "{}: no KUBECONFIG, running against a local {flavor} at {}",
+            test_name(test),
+            server.url()
+        ));
+        Some(TestCluster::Local { server, client })
+    }
+
+    pub fn client(&self) -> Client {
+        match self {
+            TestCluster::External { client, .. } | TestCluster::Local { client, .. } => {
+                client.clone()
+            }
+        }
+    }
+
+    /// A kubeconfig file for `kubectl`/Helm.
+    pub fn kubeconfig(&self) -> &Path {
+        match self {
+            TestCluster::External { kubeconfig, .. } => kubeconfig,
+            TestCluster::Local { server, .. } => server.kubeconfig(),
+        }
+    }
+
+    /// The local server, when there is one.
+    pub fn local(&self) -> Option<&KubeServer> {
+        match self {
+            TestCluster::Local { server, .. } => Some(server),
+            TestCluster::External { .. } => None,
+        }
+    }
+}
+
+/// Server-side applies every document of a (multi-document) YAML text, in order, with
+/// `field_manager` (forced); returns the objects as the server stored them. Kinds are resolved
+/// through discovery (retried for a few seconds: a CRD just established may not be served yet).
+pub async fn apply_yaml(
+    client: &Client,
+    yaml: &str,
+    field_manager: &str,
+) -> Result<Vec<DynamicObject>> {
+    let mut out = Vec::new();
+    for value in yaml_documents(yaml)? {
+        out.push(apply_value(client, &value, field_manager).await?);
+    }
+    Ok(out)
+}
+
+/// The non-empty documents of a YAML text, as JSON values.
+pub fn yaml_documents(yaml: &str) -> Result<Vec<serde_json::Value>> {
+    let mut docs = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(yaml) {
+        let value = serde_json::Value::deserialize(doc).context("parsing YAML")?;
+        if !value.is_null() {
+            docs.push(value);
+        }
+    }
+    Ok(docs)
+}
+
+/// The API (and whether it is namespaced) for an object's apiVersion/kind, through discovery.
+pub async fn api_for(client: &Client, value: &serde_json::Value) -> Result<Api<DynamicObject>> {
+    let types: TypeMeta = serde_json::from_value(value.clone()).context("apiVersion/kind")?;
+    let gvk = GroupVersionKind::try_from(&types)?;
+    let namespace = value["metadata"]["namespace"].as_str().unwrap_or("default");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (resource, caps) = loop {
+        match kube::discovery::pinned_kind(client, &gvk).await {
+            Ok(found) => break found,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e).with_context(|| format!("discovering {gvk:?}")),
+        }
+    };
+    Ok(match caps.scope {
+        Scope::Namespaced => Api::namespaced_with(client.clone(), namespace, &resource),
+        Scope::Cluster => Api::all_with(client.clone(), &resource),
+    })
+}
+
+/// Server-side applies one object (forced).
+pub async fn apply_value(
+    client: &Client,
+    value: &serde_json::Value,
+    field_manager: &str,
+) -> Result<DynamicObject> {
+    let api = api_for(client, value).await?;
+    let name = value["metadata"]["name"]
+        .as_str()
+        .ok_or_else(|| anyhow!("object without metadata.name"))?;
+    let params = PatchParams::apply(field_manager).force();
+    Ok(api.patch(name, &params, &Patch::Apply(value)).await?)
+}
+
+/// Creates one object (POST, as `kubectl create` does).
+pub async fn create_value(client: &Client, value: &serde_json::Value) -> Result<DynamicObject> {
+    let api = api_for(client, value).await?;
+    let obj: DynamicObject = serde_json::from_value(value.clone()).context("object")?;
+    Ok(api.create(&PostParams::default(), &obj).await?)
+}
+
+/// Waits until the CustomResourceDefinition `name` has condition Established=True.
+pub async fn wait_crd_established(client: &Client, name: &str, timeout: Duration) -> Result<()> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let deadline = Instant::now() + timeout;
+    loop {
+        let crd = api.get(name).await?;
+        let conditions = crd.status.and_then(|s| s.conditions).unwrap_or_default();
+        if conditions
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True")
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("CRD {name} not Established after {timeout:?}: {conditions:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Applies CRD manifests and waits until each is Established; returns the CRD names.
+pub async fn install_crds(client: &Client, yaml: &str) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for obj in apply_yaml(client, yaml, "marklb-tests").await? {
+        let name = obj.metadata.name.clone().unwrap_or_default();
+        wait_crd_established(client, &name, Duration::from_secs(30)).await?;
+        names.push(name);
+    }
+    Ok(names)
+}
+
+/// The running test's name (libtest names its thread after it), else `fallback`.
+pub fn test_name(fallback: &str) -> String {
+    std::thread::current()
+        .name()
+        .filter(|n| *n != "main")
+        .map(|n| format!("{fallback}::{n}"))
+        .unwrap_or_else(|| fallback.to_string())
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn random_hex(bytes: usize) -> String {
+    (0..bytes)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect()
+}
+
+fn run_openssl(args: &[&str], out: &Path) -> Result<()> {
+    let status = Command::new("openssl")
+        .args(args)
+        .arg(out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .context("running openssl (Debian package openssl)")?;
+    if !status.success() {
+        bail!("openssl {args:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// GET over plain HTTP/1.0 on loopback; the body.
+fn http_get_plain(port: u16, path: &str) -> Result<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    Ok(resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default())
+}
+
+fn pem_blocks(text: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    let mut cur: Option<String> = None;
+    for line in text.lines() {
+        if line.starts_with("-----BEGIN CERTIFICATE-----") {
+            cur = Some(String::new());
+        }
+        if let Some(c) = cur.as_mut() {
+            c.push_str(line);
+            c.push('\n');
+        }
+        if line.starts_with("-----END CERTIFICATE-----") {
+            blocks.extend(cur.take());
+        }
+    }
+    blocks
+}
