@@ -560,11 +560,11 @@ pub fn interface_addrs(iface: &str) -> io::Result<Vec<IpAddr>> {
 #[derive(Clone, Debug, clap::Args)]
 pub struct DecapArgs {
     /// Interface the encapsulated packets arrive on.
-    #[arg(long, short = 'i')]
+    #[arg(long)]
     pub interface: String,
     /// Extra local address to accept as outer destination (repeatable). The interface's own
     /// addresses are always included unless --no-interface-addresses.
-    #[arg(long = "address", short = 'a', value_name = "ADDR")]
+    #[arg(long = "address", value_name = "ADDR")]
     pub addresses: Vec<IpAddr>,
     /// Accept only the --address addresses, not the interface's.
     #[arg(long)]
@@ -665,4 +665,88 @@ pub async fn run_until(
     let total = decap.counters()?;
     tracing::info!(total = %total.summary(), "detached");
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        decap: DecapArgs,
+    }
+
+    #[test]
+    fn args_flatten_and_parse() {
+        Cli::command().debug_assert();
+        let cli = Cli::parse_from([
+            "decap",
+            "--interface",
+            "eth1",
+            "--address",
+            "10.0.0.1",
+            "--address",
+            "fd00::1",
+            "--mode",
+            "tc",
+            "--drop-foreign",
+        ]);
+        let a = cli.decap;
+        assert_eq!(a.interface, "eth1");
+        assert_eq!(
+            a.addresses,
+            vec![
+                "10.0.0.1".parse::<IpAddr>().unwrap(),
+                "fd00::1".parse().unwrap()
+            ]
+        );
+        assert_eq!(a.mode, DecapMode::Tc);
+        assert!(a.drop_foreign && !a.no_interface_addresses);
+        assert_eq!(a.stats_interval, 10);
+        let d = Cli::parse_from(["decap", "--interface", "eth1"]).decap;
+        assert_eq!(d.mode, DecapMode::Xdp);
+        assert!(Cli::try_parse_from(["decap", "--interface", "eth1", "--mode", "bogus"]).is_err());
+        assert!(
+            Cli::try_parse_from(["decap"]).is_err(),
+            "--interface is required"
+        );
+    }
+
+    #[test]
+    fn loopback_addresses() {
+        let addrs = interface_addrs("lo").expect("lo");
+        assert!(addrs.contains(&"127.0.0.1".parse().unwrap()), "{addrs:?}");
+        assert!(interface_addrs("no-such-if0").is_err());
+        let args = DecapArgs {
+            interface: "lo".into(),
+            addresses: vec!["192.0.2.1".parse().unwrap()],
+            no_interface_addresses: true,
+            mode: DecapMode::Xdp,
+            drop_foreign: false,
+            stats_interval: 1,
+        };
+        assert_eq!(
+            args.local_addrs().unwrap(),
+            vec!["192.0.2.1".parse::<IpAddr>().unwrap()]
+        );
+    }
+
+    #[test]
+    fn counter_arithmetic() {
+        let mut a = DecapCounters::default();
+        a.0.insert(DecapCounter::DecapIpip, 5);
+        a.0.insert(DecapCounter::DecapIp4ip6, 2);
+        a.0.insert(DecapCounter::DropMalformed, 1);
+        a.0.insert(DecapCounter::PassNotIp, 3);
+        assert_eq!((a.decapsulated(), a.dropped(), a.total()), (7, 1, 11));
+        let mut b = a.clone();
+        b.0.insert(DecapCounter::DecapIpip, 9);
+        assert_eq!(b.since(&a).get(DecapCounter::DecapIpip), 4);
+        assert_eq!(b.since(&a).total(), 4);
+        assert_eq!(a.labelled().len(), DecapCounter::ALL.len());
+        assert!(a.summary().contains("decap_ipip=5"));
+    }
 }

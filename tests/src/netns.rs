@@ -279,8 +279,11 @@ pub struct TopologyOptions {
     pub vips_v4: Vec<Ipv4Addr>,
     /// IPv6 VIPs, likewise.
     pub vips_v6: Vec<Ipv6Addr>,
-    /// MTU of every veth.
+    /// MTU of every veth except the client's link.
     pub mtu: u32,
+    /// MTU of the client's link (both ends). Below `mtu - 40`, full-sized client packets
+    /// still fit once the balancer adds its outer header (TCP's MSS follows it).
+    pub client_mtu: u32,
     /// Attach the trivial XDP program to the router's side of the load balancer's link
     /// (needed for `XDP_TX` from the balancer to arrive promptly).
     pub router_xdp: bool,
@@ -293,6 +296,7 @@ impl Default for TopologyOptions {
             vips_v4: vec![Ipv4Addr::new(10, 99, 0, 1)],
             vips_v6: vec![Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 1)],
             mtu: 1500,
+            client_mtu: 1500,
             router_xdp: true,
         }
     }
@@ -537,11 +541,15 @@ impl Topology {
             netns_exec(&ns, &args)?;
         }
 
-        let mtu = opts.mtu.to_string();
         let mut router = vec!["link set lo up".to_string()];
         for h in self.hosts() {
             let g = &h.gateway;
             let p = &h.port;
+            let mtu = if h.name == "client" {
+                opts.client_mtu
+            } else {
+                opts.mtu
+            };
             router.push(format!(
                 "link add {} address {} mtu {mtu} type veth peer name {} address {} mtu {mtu} netns {}",
                 g.iface,

@@ -5,7 +5,7 @@
 //! Three VIPs cover the three encapsulations: 10.99.0.1 with IPv4 reals (IPv4-in-IPv4),
 //! 10.99.0.2 with the reals' IPv6 addresses (IPv4-in-IPv6) and fd00:99::1 (IPv6-in-IPv6).
 //! The reals decapsulate in every mode: real1 XDP (native), real2 TC through tcx, real3 TC
-//! through a cls_bpf filter.
+//! through a cls_bpf filter, real4 generic XDP.
 //!
 //! Checked: real TCP connections and UDP flows reach every real through the balancer; the
 //! real each connection landed on is the one in the balancer's connection table; the
@@ -36,7 +36,7 @@ use marklb_tests::netns::{
 
 const TCP_PORT: u16 = 80;
 const UDP_PORT: u16 = 53;
-const FLOWS: usize = 40;
+const FLOWS: usize = 60;
 const TABLE_SIZE: u32 = 4099;
 const T: Duration = Duration::from_secs(5);
 
@@ -63,6 +63,8 @@ fn setup(reals: usize, attach_decaps: bool) -> Setup {
         reals,
         vips_v4: vec![VIP_4IN4, VIP_4IN6],
         vips_v6: vec![VIP_6IN6],
+        // Room for the outer header: full-sized client segments still fit the real links.
+        client_mtu: 1400,
         ..Default::default()
     })
     .expect("building the topology");
@@ -115,15 +117,21 @@ fn setup(reals: usize, attach_decaps: bool) -> Setup {
                 "addresses of {iface}"
             );
             d.set_local_addrs(&addrs).unwrap();
-            match i % 3 {
+            match i % 4 {
                 0 => d.attach_xdp(&iface),
                 1 => d.attach_tc_with(&iface, TcApi::Tcx),
-                _ => d.attach_tc_with(&iface, TcApi::ClsBpf),
+                2 => d.attach_tc_with(&iface, TcApi::ClsBpf),
+                _ => d.attach_xdp_mode(&iface, XdpMode::Skb),
             }
             .expect("attach decap")
         })
         .unwrap();
-        let want = [Attached::XdpNative, Attached::Tcx, Attached::ClsBpf][i % 3];
+        let want = [
+            Attached::XdpNative,
+            Attached::Tcx,
+            Attached::ClsBpf,
+            Attached::XdpGeneric,
+        ][i % 4];
         assert_eq!(how, want, "{} attached as {how:?}", real.name);
         decaps.push(d);
     }
@@ -187,7 +195,7 @@ fn forwarded(dp: &Datapath) -> u64 {
 
 #[test]
 fn tcp_and_udp_through_balancer_and_decap_with_direct_return() {
-    let s = setup(3, true);
+    let s = setup(4, true);
     let names: BTreeSet<String> = s.topo.reals.iter().map(|r| r.name.clone()).collect();
     let servers = Servers::start(&s.topo, TCP_PORT, UDP_PORT).expect("servers");
     let mut replies = 0u64;
@@ -243,6 +251,20 @@ fn tcp_and_udp_through_balancer_and_decap_with_direct_return() {
             replies += 1;
         }
     }
+    // Bulk both ways on one connection per (VIP, real): full-sized segments (GRO/GSO on
+    // the way, segmentation offload on the reals) through every decap mode.
+    let mut bulk_done = BTreeSet::new();
+    let big = "x".repeat(200_000);
+    for (addr, c) in all_conns.iter_mut() {
+        if bulk_done.insert((*addr, c.real.clone())) {
+            let real = c
+                .request(&big)
+                .unwrap_or_else(|e| panic!("bulk {addr} from {}: {e}", c.local));
+            assert_eq!(real, c.real);
+            replies += 1;
+        }
+    }
+    assert_eq!(bulk_done.len(), 3 * s.topo.reals.len());
     for (i, (addr, f)) in all_flows.iter_mut().enumerate() {
         let real = f
             .ask(&format!("flow {i} again"))
@@ -311,8 +333,13 @@ fn tcp_and_udp_through_balancer_and_decap_with_direct_return() {
         "balancer forwarded {fwd}, reals decapsulated {decapsulated}"
     );
     assert_eq!(
-        lb.get(Counter::DropMalformed) + lb.get(Counter::DropNoReal) + lb.get(Counter::DropEncap),
-        0
+        lb.get(Counter::DropMalformed)
+            + lb.get(Counter::DropNoReal)
+            + lb.get(Counter::DropEncap)
+            + lb.get(Counter::DropMtu)
+            + lb.get(Counter::IcmpTooBigSent),
+        0,
+        "balancer drops"
     );
 
     // Direct server return: the load balancer's XDP program saw every client packet but
