@@ -321,6 +321,25 @@ impl Balancer {
                 "Maglev table size {table_size} is not prime"
             )));
         }
+        let table = maglev::build_table(backends, table_size);
+        self.set_vip_with_table(dp, vip, backends, table_size, &table)
+    }
+
+    /// [`Balancer::set_vip`] with the Maglev table (`maglev::build_table(backends,
+    /// table_size)`) computed by the caller, e.g. for many VIPs in parallel.
+    pub fn set_vip_with_table(
+        &mut self,
+        dp: &mut Datapath,
+        vip: VipId,
+        backends: &[Backend],
+        table_size: u32,
+        table: &[u32],
+    ) -> Result<Vec<RetiringReal>> {
+        if !maglev::is_prime(table_size) {
+            return Err(DatapathError::Capacity(format!(
+                "Maglev table size {table_size} is not prime"
+            )));
+        }
         let existing = self.vips.get(&vip).cloned();
         let (vip_id, generation) = match &existing {
             Some(s) => (s.vip_id, s.generation),
@@ -338,7 +357,6 @@ impl Balancer {
         for b in backends {
             ids.push(self.acquire_real(dp, b.addr)?);
         }
-        let table = maglev::build_table(backends, table_size);
         let ring_ids: Vec<u32> = table.iter().map(|&i| ids[i as usize]).collect();
         // An identical ring (adopted after a restart, or a weight-only no-op) stays in place.
         let current = existing.as_ref().and_then(|s| s.ring);

@@ -4,6 +4,7 @@
 pub mod attach;
 pub mod balancer;
 pub mod bench;
+pub mod control_bench;
 pub mod daemon;
 pub mod datapath;
 pub mod decap;

@@ -38,6 +38,9 @@ enum Command {
         #[arg(long, default_value = "/sys/fs/bpf")]
         bpffs: std::path::PathBuf,
     },
+    /// Decapsulate marklb's IP-in-IP traffic on a real server (for kernels without
+    /// ipip/ip6tnl devices); runs until SIGTERM/SIGINT.
+    Decap(marklb_agent::decap::DecapArgs),
     /// Measure ns/packet of every datapath path with BPF_PROG_TEST_RUN (needs root).
     Bench {
         /// Repetitions per measurement.
@@ -52,6 +55,9 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Measure the control plane instead (programming, mark installs, latency, memory).
+        #[arg(long)]
+        control_plane: bool,
     },
 }
 
@@ -76,6 +82,12 @@ fn main() -> Result<()> {
                 .build()?;
             rt.block_on(marklb_agent::daemon::run(args))?;
         }
+        Command::Decap(args) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(marklb_agent::decap::run(args))?;
+        }
         Command::Cleanup { interface, bpffs } => {
             if marklb_agent::daemon::cleanup(&bpffs, &interface)? {
                 println!("removed the marklb datapath from {interface}");
@@ -84,10 +96,23 @@ fn main() -> Result<()> {
             }
         }
         Command::Bench {
+            json,
+            control_plane: true,
+            ..
+        } => {
+            let report = marklb_agent::control_bench::run()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", marklb_agent::control_bench::render(&report));
+            }
+        }
+        Command::Bench {
             repeat,
             rounds,
             flows,
             json,
+            control_plane: false,
         } => {
             let opts = marklb_agent::bench::BenchOptions {
                 repeat,

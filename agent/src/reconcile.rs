@@ -8,7 +8,8 @@ use marklb_common::{MAX_REALS, MAX_VIPS};
 use crate::{
     balancer::{Balancer, RetiringReal, VipId},
     datapath::{Datapath, Result as DpResult},
-    desired::Desired,
+    desired::{Desired, VipPlan},
+    maglev,
     marks::MarkManager,
 };
 
@@ -75,6 +76,7 @@ pub fn apply(
         leaving.extend(lb.remove_vip(dp, &vip)?);
         report.removed.push(vip);
     }
+    let mut todo = Vec::new();
     for (vip, plan) in &desired.vips {
         let current = lb.backends(vip);
         let same = current == Some(plan.backends.as_slice())
@@ -88,7 +90,11 @@ pub fn apply(
         } else {
             report.added.push(*vip);
         }
-        leaving.extend(lb.set_vip(dp, *vip, &plan.backends, plan.table_size)?);
+        todo.push((*vip, plan));
+    }
+    let tables = build_tables(&todo);
+    for ((vip, plan), table) in todo.iter().zip(&tables) {
+        leaving.extend(lb.set_vip_with_table(dp, *vip, &plan.backends, plan.table_size, table)?);
     }
     // Reals a previous agent programmed that nothing claims now.
     leaving.extend(lb.unclaimed_reals());
@@ -101,4 +107,25 @@ pub fn apply(
     lb.retire(dp, &leaving)?;
     report.reals_retired = leaving.len();
     Ok(report)
+}
+
+/// Maglev tables of many VIPs, computed on every core (the tables are pure; only writing
+/// them into the maps is sequential).
+fn build_tables(todo: &[(VipId, &VipPlan)]) -> Vec<Vec<u32>> {
+    let build = |p: &VipPlan| maglev::build_table(&p.backends, p.table_size);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if threads <= 1 || todo.len() < 8 {
+        return todo.iter().map(|(_, p)| build(p)).collect();
+    }
+    let chunk = todo.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = todo
+            .chunks(chunk)
+            .map(|part| s.spawn(move || part.iter().map(|(_, p)| build(p)).collect::<Vec<_>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("Maglev table thread"))
+            .collect()
+    })
 }
