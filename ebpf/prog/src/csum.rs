@@ -28,7 +28,10 @@ pub unsafe fn sum_words<const N: usize>(p: *const u16, mut acc: u64) -> u64 {
 /// Adds an address (network byte order words) to an accumulator.
 #[inline(always)]
 pub fn sum_addr(a: &[u32; 4], acc: u64) -> u64 {
-    acc + fold_u32(a[0]) as u64 + fold_u32(a[1]) as u64 + fold_u32(a[2]) as u64 + fold_u32(a[3]) as u64
+    acc + fold_u32(a[0]) as u64
+        + fold_u32(a[1]) as u64
+        + fold_u32(a[2]) as u64
+        + fold_u32(a[3]) as u64
 }
 
 #[inline(always)]

@@ -26,7 +26,11 @@ pub struct Inner {
 /// Bytes the outer header adds for this real.
 #[inline(always)]
 pub fn overhead(real: &RealDef) -> u32 {
-    if real.flags & REAL_F_IPV6 != 0 { IPV6_HLEN as u32 } else { IPV4_HLEN as u32 }
+    if real.flags & REAL_F_IPV6 != 0 {
+        IPV6_HLEN as u32
+    } else {
+        IPV4_HLEN as u32
+    }
 }
 
 /// Prepends the outer header, rewrites the MACs (source: our address the packet came to,

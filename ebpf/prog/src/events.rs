@@ -16,7 +16,11 @@ fn allow(cfg: &LbConfig, now: u64) -> bool {
         return false;
     };
     let interval = cfg.event_interval_ns as u64;
-    let burst = if cfg.events_burst == 0 { 1 } else { cfg.events_burst as u64 };
+    let burst = if cfg.events_burst == 0 {
+        1
+    } else {
+        cfg.events_burst as u64
+    };
     let tat = unsafe { (*b).tat_ns };
     let tat = if tat > now { tat } else { now };
     if tat - now > (burst - 1) * interval {

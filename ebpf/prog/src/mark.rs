@@ -95,7 +95,11 @@ pub fn fast_path(ctx: &XdpContext, cfg: &LbConfig) -> Option<u32> {
     if mark == 0 {
         return None;
     }
-    let entry = if mark < MAX_MARKS { MARKS.get(mark) } else { None };
+    let entry = if mark < MAX_MARKS {
+        MARKS.get(mark)
+    } else {
+        None
+    };
     let Some(entry) = entry.filter(|e| e.real_id != 0) else {
         count(Counter::MarkMiss);
         return None;
