@@ -50,6 +50,7 @@ pub enum Prog {
     EmulatedNic,
     BenchRestore,
     BenchTrivial,
+    BenchGrow,
 }
 
 impl Prog {
@@ -59,6 +60,7 @@ impl Prog {
             Prog::EmulatedNic => prog_names::EMULATED_NIC,
             Prog::BenchRestore => prog_names::BENCH_RESTORE,
             Prog::BenchTrivial => prog_names::BENCH_TRIVIAL,
+            Prog::BenchGrow => prog_names::BENCH_GROW,
         }
     }
 }

@@ -55,6 +55,8 @@ pub mod prog_names {
     pub const EMULATED_NIC: &str = "marklb_emulated_nic";
     /// Benchmark wrapper: restores the frame before every repetition, then tail-calls.
     pub const BENCH_RESTORE: &str = "marklb_bench_restore";
+    /// Benchmark calibration: grows the frame by 20 bytes and returns XDP_TX.
+    pub const BENCH_GROW: &str = "marklb_bench_grow";
     /// Benchmark floor: returns XDP_PASS and nothing else.
     pub const BENCH_TRIVIAL: &str = "marklb_bench_trivial";
 }

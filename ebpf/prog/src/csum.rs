@@ -52,15 +52,18 @@ pub fn replace16(check: u16, old: u16, new: u16) -> u16 {
 /// arithmetically (words in host order), without reading the header back.
 #[inline(always)]
 pub fn ipv4_header_check(tos: u8, tot_len: u32, saddr_be: u32, daddr_be: u32) -> u16 {
-    let s = u32::from_be(saddr_be) as u64;
-    let d = u32::from_be(daddr_be) as u64;
-    let sum = 0x4500u64
-        + tos as u64
-        + tot_len as u64
-        + ((64u64 << 8) | marklb_common::IPPROTO_IPIP as u64)
+    let s = u32::from_be(saddr_be);
+    let d = u32::from_be(daddr_be);
+    // Eight terms below 2^16 each: the sum stays below 2^19, two folds are enough.
+    let mut sum = 0x4500u32
+        + tos as u32
+        + (tot_len & 0xffff)
+        + ((64u32 << 8) | marklb_common::IPPROTO_IPIP as u32)
         + (s >> 16)
         + (s & 0xffff)
         + (d >> 16)
         + (d & 0xffff);
-    (!fold(sum)).to_be()
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    (!(sum as u16)).to_be()
 }

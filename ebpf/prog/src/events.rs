@@ -44,14 +44,25 @@ pub fn notify(cfg: &LbConfig, flow: &FlowKey, vip_id: u32, real_id: u32, real_ge
     }
     match EVENTS.reserve::<NewFlowEvent>(0) {
         Some(mut slot) => {
-            slot.write(NewFlowEvent {
-                flow: *flow,
-                vip_id,
-                real_id,
-                real_gen,
-                _pad: 0,
-                ts_ns: now,
-            });
+            // Field by field: a whole-struct write becomes an out-of-line byte-by-byte
+            // memmove on BPF (hundreds of instructions for 64 bytes).
+            let e = slot.as_mut_ptr();
+            unsafe {
+                let f = &mut (*e).flow;
+                for i in 0..4 {
+                    f.src_be[i] = flow.src_be[i];
+                    f.dst_be[i] = flow.dst_be[i];
+                }
+                f.sport_be = flow.sport_be;
+                f.dport_be = flow.dport_be;
+                f.proto = flow.proto;
+                f._pad = [0; 3];
+                (*e).vip_id = vip_id;
+                (*e).real_id = real_id;
+                (*e).real_gen = real_gen;
+                (*e)._pad = 0;
+                (*e).ts_ns = now;
+            }
             slot.submit(0);
             count(Counter::EventSent);
         }

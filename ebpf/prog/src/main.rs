@@ -49,6 +49,16 @@ pub fn marklb_bench_restore(ctx: XdpContext) -> u32 {
     bench::restore(&ctx)
 }
 
+/// Benchmark calibration: grows the frame by an outer IPv4 header and sends it, like a
+/// forwarding path, so the wrapper's cost of shrinking it back can be measured.
+#[xdp]
+pub fn marklb_bench_grow(ctx: XdpContext) -> u32 {
+    if unsafe { aya_ebpf::helpers::bpf_xdp_adjust_head(ctx.ctx, -20) } != 0 {
+        return xdp_action::XDP_ABORTED;
+    }
+    xdp_action::XDP_TX
+}
+
 /// Benchmark floor: the cheapest possible XDP program.
 #[xdp]
 pub fn marklb_bench_trivial(_ctx: XdpContext) -> u32 {
