@@ -17,6 +17,7 @@ demo: setup ## Run the network-namespace demo (root)
 	./target/release/marklb-demo
 
 test: setup lint ## Everything CI runs: formatting, clippy, all tests (root)
+	$(CARGO) build -p marklb-agent --bins  # the end-to-end tests run the agent binary
 	$(CARGO) test --no-fail-fast
 
 lint: fmt clippy ## Formatting and clippy with warnings denied

@@ -33,10 +33,13 @@ if ! rustup toolchain list | grep -q '^nightly'; then
   log "rustup toolchain install nightly"
   rustup toolchain install nightly --profile minimal
 fi
-if ! rustup component list --toolchain nightly --installed | grep -q '^rust-src'; then
-  log "rustup component add rust-src (nightly)"
-  rustup component add rust-src --toolchain nightly
-fi
+# rust-src: -Z build-std=core for bpfel-unknown-none; clippy: the eBPF crate's lint pass.
+for c in rust-src clippy; do
+  if ! rustup component list --toolchain nightly --installed | grep -q "^$c"; then
+    log "rustup component add $c (nightly)"
+    rustup component add "$c" --toolchain nightly
+  fi
+done
 for c in rustfmt clippy; do
   rustup component list --installed | grep -q "^$c" || rustup component add "$c"
 done

@@ -168,18 +168,6 @@ pub struct DecapRun {
     pub frame: Vec<u8>,
 }
 
-/// `struct xdp_md` for `ctx_in`: the frame without metadata.
-#[repr(C)]
-#[derive(Default, Clone, Copy)]
-struct XdpMd {
-    data: u32,
-    data_end: u32,
-    data_meta: u32,
-    ingress_ifindex: u32,
-    rx_queue_index: u32,
-    egress_ifindex: u32,
-}
-
 /// The loaded decapsulation object: its maps, both programs, and what it is attached to.
 pub struct Decap {
     ebpf: Ebpf,
@@ -441,35 +429,11 @@ impl Decap {
 
     /// Runs the XDP variant once on `frame` (`BPF_PROG_TEST_RUN`).
     pub fn test_run(&mut self, frame: &[u8]) -> Result<DecapRun> {
-        let md = XdpMd {
-            data: 0,
-            data_end: frame.len() as u32,
-            ..Default::default()
-        };
-        let ctx_in = unsafe {
-            std::slice::from_raw_parts(
-                (&md as *const XdpMd).cast::<u8>(),
-                std::mem::size_of::<XdpMd>(),
-            )
-        };
-        let mut ctx_out = vec![0u8; std::mem::size_of::<XdpMd>()];
-        let mut data_out = vec![0u8; frame.len() + 256];
-        let res = self
-            .xdp()?
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut data_out),
-                ctx_in: Some(ctx_in),
-                ctx_out: Some(&mut ctx_out),
-                ..TestRunOptions::new()
-            })
+        let r = crate::datapath::testrun::run_xdp(self.xdp()?, frame, None, 1)
             .map_err(prog_err(decap_prog_names::XDP))?;
-        let out_md: XdpMd = unsafe { std::ptr::read_unaligned(ctx_out.as_ptr().cast()) };
-        let size = (res.data_size_out as usize).min(data_out.len());
-        let meta = (out_md.data as usize).min(size);
         Ok(DecapRun {
-            action: res.return_value,
-            frame: data_out[meta..size].to_vec(),
+            action: r.action,
+            frame: r.frame,
         })
     }
 

@@ -40,18 +40,23 @@ impl Netlink {
         Ok(Self { handle })
     }
 
-    pub async fn link(&self, name: &str) -> Result<Link> {
+    /// The kernel's link message for an interface.
+    async fn link_message(&self, name: &str) -> Result<netlink_packet_route::link::LinkMessage> {
         let mut links = self
             .handle
             .link()
             .get()
             .match_name(name.to_string())
             .execute();
-        let msg = links
+        links
             .try_next()
             .await
             .with_context(|| format!("interface {name} not found"))?
-            .ok_or_else(|| anyhow!("interface {name} not found"))?;
+            .ok_or_else(|| anyhow!("interface {name} not found"))
+    }
+
+    pub async fn link(&self, name: &str) -> Result<Link> {
+        let msg = self.link_message(name).await?;
         let mac = msg.attributes.iter().find_map(|a| match a {
             LinkAttribute::Address(b) => mac6(b),
             _ => None,
@@ -205,16 +210,7 @@ pub struct XdpAttachment {
 impl Netlink {
     pub async fn xdp_attachment(&self, name: &str) -> Result<Option<XdpAttachment>> {
         use netlink_packet_route::link::{LinkXdp, XdpAttached};
-        let mut links = self
-            .handle
-            .link()
-            .get()
-            .match_name(name.to_string())
-            .execute();
-        let msg = links
-            .try_next()
-            .await?
-            .ok_or_else(|| anyhow!("interface {name} not found"))?;
+        let msg = self.link_message(name).await?;
         let Some(xdp) = msg.attributes.iter().find_map(|a| match a {
             LinkAttribute::Xdp(x) => Some(x),
             _ => None,
