@@ -73,6 +73,10 @@ pub fn apply(
         .copied()
         .collect();
     for vip in stale {
+        if let Some(vip_id) = lb.vip_stats_id(&vip) {
+            // Established flows of the VIP stop with its generation; its marks go here.
+            marks.invalidate_vip(dp, vip_id);
+        }
         leaving.extend(lb.remove_vip(dp, &vip)?);
         report.removed.push(vip);
     }
@@ -93,8 +97,26 @@ pub fn apply(
         todo.push((*vip, plan));
     }
     let tables = build_tables(&todo);
+    // (VIP stats slot, real slot) pairs a changed VIP no longer lists.
+    let mut dropped = Vec::new();
     for ((vip, plan), table) in todo.iter().zip(&tables) {
+        if let (Some(old), Some(vip_id)) = (lb.backends(vip), lb.vip_stats_id(vip)) {
+            for b in old
+                .iter()
+                .filter(|b| !plan.backends.iter().any(|n| n.addr == b.addr))
+            {
+                dropped.extend(lb.real_id(&b.addr).map(|r| (vip_id, r, b.addr)));
+            }
+        }
         leaving.extend(lb.set_vip_with_table(dp, *vip, &plan.backends, plan.table_size, table)?);
+    }
+    // A dropped real that other VIPs keep keeps its slot: that VIP's flows to it must move
+    // all the same (their marks and connection-table entries go; the ring no longer has it).
+    for (vip_id, real_id, addr) in dropped {
+        if lb.real_id(&addr) == Some(real_id) {
+            marks.invalidate_pair(dp, vip_id, real_id);
+            dp.purge_conns(|_, c| c.vip_id == vip_id && c.real_id == real_id)?;
+        }
     }
     // Reals a previous agent programmed that nothing claims now.
     leaving.extend(lb.unclaimed_reals());

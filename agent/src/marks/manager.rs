@@ -282,10 +282,24 @@ impl MarkManager {
     /// A real is leaving: its marks stop sending packets to it now (map entries cleared
     /// first), then its rules and marks go.
     pub fn invalidate_real(&mut self, dp: &mut Datapath, real_id: u32) {
-        let marks: Vec<u32> = self
+        self.invalidate_where(dp, |t| t.real_id == real_id);
+    }
+
+    /// A VIP went away: the marks of its flows go.
+    pub fn invalidate_vip(&mut self, dp: &mut Datapath, vip_id: u32) {
+        self.invalidate_where(dp, |t| t.vip_id == vip_id);
+    }
+
+    /// A real left one VIP but still serves others: that VIP's marks to it go.
+    pub fn invalidate_pair(&mut self, dp: &mut Datapath, vip_id: u32, real_id: u32) {
+        self.invalidate_where(dp, |t| t.vip_id == vip_id && t.real_id == real_id);
+    }
+
+    fn invalidate_where(&mut self, dp: &mut Datapath, matches: impl Fn(&Target) -> bool) {
+        let marks: std::collections::HashSet<u32> = self
             .marks
             .iter()
-            .filter(|(_, u)| u.target.real_id == real_id)
+            .filter(|(_, u)| matches(&u.target))
             .map(|(m, _)| *m)
             .collect();
         if marks.is_empty() {
