@@ -316,7 +316,10 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
         ));
         // The same without new-flow events (flow marks off): the cost of notifying.
         let with_events = bench.dp.config()?;
-        bench.dp.set_config(&LbConfig { flags: with_events.flags & !CFG_F_EVENTS, ..with_events })?;
+        bench.dp.set_config(&LbConfig {
+            flags: with_events.flags & !CFG_F_EVENTS,
+            ..with_events
+        })?;
         rows.push((
             "new flow (SYN), events off",
             1,
@@ -479,7 +482,11 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
 
         // Everything but the non-VIP pass forwards (grows the frame).
         let above_floor = |path: &str, ns: f64| {
-            if path.starts_with("non-VIP") { ns - floor } else { ns - floor - restore }
+            if path.starts_with("non-VIP") {
+                ns - floor
+            } else {
+                ns - floor - restore
+            }
         };
         let established = |flows: u32, rows: &[(&str, u32, f64)]| {
             rows.iter()
