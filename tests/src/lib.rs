@@ -1,4 +1,5 @@
 //! Helpers shared by the integration tests.
+pub mod agent_proc;
 pub mod datapath_fixture;
 pub mod kube_harness;
 pub mod netns;

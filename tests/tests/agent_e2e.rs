@@ -1,0 +1,1025 @@
+//! End to end with the agent as a real process: `marklb-agent run` (emulated NIC unless
+//! stated) on the load balancer namespace's interface, reals decapsulating with
+//! `marklb-decap` and answering the client directly (DSR), real TCP and UDP traffic from the
+//! client namespace (topology in `marklb_tests::netns`).
+//!
+//! Each test builds its own topology (unique namespace names), working directory (config,
+//! log, bpffs mount point under /run) and agent, so the tests run in parallel; everything is
+//! torn down on drop, also when a test panics (the agent's log tail is printed then).
+//!
+//! Needs root, and the agent binary of the same profile (`cargo build -p marklb-agent`);
+//! fails loudly otherwise.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use marklb_agent::decap::Decap;
+use marklb_tests::{
+    agent_proc::{
+        Agent, AgentOptions, Manifest, Scrape, Workdir, agent_binary, attach_decaps,
+        promtool_check, run_agent_command, write_atomic, xdp_prog_id,
+    },
+    netns::{
+        Servers, TcpConn, Topology, TopologyOptions, UdpFlow, in_netns, require_root, tally,
+        tcp_connect_many, udp_flows,
+    },
+};
+
+const TCP_PORT: u16 = 80;
+const UDP_PORT: u16 = 53;
+const VIP4: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 1);
+/// Timeout of one connection attempt or request.
+const T: Duration = Duration::from_secs(5);
+/// How long the agent may take to start, reload, or update a counter.
+const WAIT: Duration = Duration::from_secs(30);
+
+fn tcp4() -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(VIP4), TCP_PORT)
+}
+fn udp4() -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(VIP4), UDP_PORT)
+}
+fn tcp6() -> SocketAddr {
+    SocketAddr::new(IpAddr::V6(VIP6), TCP_PORT)
+}
+fn udp6() -> SocketAddr {
+    SocketAddr::new(IpAddr::V6(VIP6), UDP_PORT)
+}
+
+/// One test's world. Field order is drop order: the agent is killed first, then the
+/// decapsulators detach, the servers stop, the bpffs is unmounted and the namespaces go.
+struct Env {
+    agent: Option<Agent>,
+    decaps: Vec<Decap>,
+    servers: Servers,
+    work: Workdir,
+    topo: Topology,
+    manifest: Manifest,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Some(a) = &self.agent
+        {
+            eprintln!(
+                "---- marklb-agent log ({}), last lines ----\n{}\n----",
+                a.opts.log.display(),
+                a.log_tail(60)
+            );
+        }
+    }
+}
+
+impl Env {
+    /// Topology with `reals` reals, decapsulators, servers and a manifest for every VIP
+    /// (TCP and UDP, weight 1); the agent is not started.
+    fn prepare(reals: usize) -> Self {
+        require_root("the agent end-to-end tests");
+        let topo = Topology::build(TopologyOptions {
+            reals,
+            vips_v4: vec![VIP4],
+            vips_v6: vec![VIP6],
+            // Room for the outer header: full-sized client segments still fit the real links.
+            client_mtu: 1400,
+            ..Default::default()
+        })
+        .expect("building the topology");
+        let decaps = attach_decaps(&topo).expect("decapsulation on the reals");
+        let servers = Servers::start(&topo, TCP_PORT, UDP_PORT).expect("servers on the reals");
+        let work = Workdir::new("marklb-e2e-").expect("working directory");
+        let manifest = Manifest::for_topology(&topo, TCP_PORT, UDP_PORT);
+        write_atomic(&work.config(), &manifest.to_yaml()).expect("writing the manifest");
+        Env {
+            agent: None,
+            decaps,
+            servers,
+            work,
+            topo,
+            manifest,
+        }
+    }
+
+    fn options(&self) -> AgentOptions {
+        AgentOptions::for_topology(&self.topo, &self.work)
+    }
+
+    /// Starts the agent and waits for `/readyz`.
+    fn start(&mut self, opts: AgentOptions) {
+        let mut a = Agent::spawn(opts).expect("starting marklb-agent");
+        a.wait_ready(WAIT);
+        self.agent = Some(a);
+    }
+
+    /// [`Env::prepare`] and [`Env::start`] with the default options.
+    fn up(reals: usize) -> Self {
+        let mut e = Self::prepare(reals);
+        let opts = e.options();
+        e.start(opts);
+        e
+    }
+
+    fn agent(&mut self) -> &mut Agent {
+        self.agent.as_mut().expect("agent started")
+    }
+
+    fn write_manifest(&mut self, m: Manifest) {
+        write_atomic(&self.work.config(), &m.to_yaml()).expect("writing the manifest");
+        self.manifest = m;
+    }
+
+    fn write_text(&self, text: &str) {
+        write_atomic(&self.work.config(), text).expect("writing the manifest");
+    }
+
+    fn scrape(&mut self) -> Scrape {
+        self.agent().scrape()
+    }
+
+    /// Scrapes until `cond` holds.
+    fn wait_scrape(&mut self, what: &str, cond: impl Fn(&Scrape) -> bool) -> Scrape {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let s = self.scrape();
+            if cond(&s) {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "waited {WAIT:?} for {what}; last scrape:\n{}",
+                interesting(&s)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn connect(&self, vip: SocketAddr, n: usize) -> Vec<TcpConn> {
+        tcp_connect_many(&self.topo.client.ns, vip, n, T)
+            .unwrap_or_else(|e| panic!("TCP to {vip}: {e}"))
+    }
+
+    fn udp(&self, vip: SocketAddr, n: usize) -> Vec<UdpFlow> {
+        udp_flows(&self.topo.client.ns, vip, n, T).unwrap_or_else(|e| panic!("UDP to {vip}: {e}"))
+    }
+
+    /// Whether a new TCP connection to `vip` gets through within `timeout`.
+    fn reachable(&self, vip: SocketAddr, timeout: Duration) -> bool {
+        in_netns(&self.topo.client.ns, || TcpConn::connect(vip, timeout))
+            .unwrap()
+            .is_ok()
+    }
+
+    fn real_names(&self) -> BTreeSet<String> {
+        self.topo.reals.iter().map(|r| r.name.clone()).collect()
+    }
+}
+
+/// The marklb lines of a scrape, without histogram buckets (for failure messages).
+fn interesting(s: &Scrape) -> String {
+    s.text
+        .lines()
+        .filter(|l| l.starts_with("marklb_") && !l.contains("_bucket"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Every connection still answers, from the real that greeted it.
+fn assert_keep_real(conns: &mut [TcpConn], tag: &str) {
+    for (i, c) in conns.iter_mut().enumerate() {
+        let real = c
+            .request(&format!("{tag} {i}"))
+            .unwrap_or_else(|e| panic!("{tag}: connection {} -> {}: {e}", c.local, c.peer));
+        assert_eq!(real, c.real, "{tag}: connection {} moved", c.local);
+    }
+}
+
+/// Every UDP flow is still answered by the same real.
+fn assert_flows_keep_real(flows: &mut [UdpFlow], tag: &str) {
+    for (i, f) in flows.iter_mut().enumerate() {
+        let real = f
+            .ask(&format!("{tag} {i}"))
+            .unwrap_or_else(|e| panic!("{tag}: flow {} -> {}: {e}", f.local, f.vip));
+        assert_eq!(real, f.real, "{tag}: flow {} moved", f.local);
+    }
+}
+
+fn names_of(t: &BTreeMap<String, usize>) -> BTreeSet<String> {
+    t.keys().cloned().collect()
+}
+
+fn reloads(s: &Scrape, result: &str) -> f64 {
+    s.get("marklb_config_reloads_total", &[("result", result)])
+}
+
+fn path(s: &Scrape, p: &str) -> f64 {
+    s.get("marklb_datapath_packets_total", &[("path", p)])
+}
+
+fn drops(s: &Scrape) -> f64 {
+    s.samples
+        .iter()
+        .filter(|x| {
+            x.name == "marklb_datapath_packets_total"
+                && x.labels.get("path").is_some_and(|p| p.starts_with("drop_"))
+        })
+        .map(|x| x.value)
+        .sum()
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. Traffic through the agent
+// ---------------------------------------------------------------------------------------
+
+/// TCP and UDP to an IPv4 and an IPv6 VIP through the agent reach every real, which answer
+/// directly; connections keep their real; the per-VIP and per-real counters saw it all.
+/// The next hop is left to the agent to resolve (the lb namespace's default gateway).
+#[test]
+fn tcp_and_udp_over_ipv4_and_ipv6_reach_every_real() {
+    let mut env = Env::prepare(3);
+    let mut m = env.manifest.clone();
+    m.next_hop_mac = None;
+    env.write_manifest(m);
+    let opts = env.options();
+    env.start(opts);
+    let names = env.real_names();
+
+    let mut conns = Vec::new();
+    let mut flows = Vec::new();
+    for vip in [tcp4(), tcp6()] {
+        let c = env.connect(vip, 45);
+        let t = tally(c.iter().map(|c| c.real.as_str()));
+        eprintln!("TCP {vip}: {t:?}");
+        assert_eq!(names_of(&t), names, "every real gets connections to {vip}");
+        conns.extend(c);
+    }
+    for vip in [udp4(), udp6()] {
+        let f = env.udp(vip, 45);
+        let t = tally(f.iter().map(|f| f.real.as_str()));
+        eprintln!("UDP {vip}: {t:?}");
+        assert_eq!(names_of(&t), names, "every real gets flows to {vip}");
+        flows.extend(f);
+    }
+    assert_keep_real(&mut conns, "again");
+    assert_flows_keep_real(&mut flows, "again");
+    let per_real = tally(conns.iter().map(|c| c.real.as_str()));
+    for (name, n) in env.servers.tcp_accepted() {
+        assert_eq!(
+            per_real.get(&name).copied().unwrap_or(0) as u64,
+            n,
+            "connections accepted by {name}"
+        );
+    }
+
+    let s = env.scrape();
+    for vip in ["tcp-v4-0", "udp-v4-0", "tcp-v6-1", "udp-v6-1"] {
+        let n = s.get("marklb_vip_packets_total", &[("vip", vip)]);
+        assert!(n >= 90.0, "marklb_vip_packets_total{{vip={vip:?}}} = {n}");
+    }
+    for r in &env.topo.reals {
+        for v6 in [false, true] {
+            let a = r.addr(v6).to_string();
+            let n = s.get("marklb_real_packets_total", &[("real", a.as_str())]);
+            assert!(n > 0.0, "marklb_real_packets_total{{real={a:?}}} = {n}");
+        }
+    }
+    assert_eq!(drops(&s), 0.0, "drops:\n{}", interesting(&s));
+    assert_eq!(s.get("marklb_vips", &[]), 4.0);
+    assert_eq!(s.get("marklb_reals", &[]), 6.0);
+    // Every real decapsulated, without drops, exactly what the balancer forwarded.
+    for c in conns {
+        c.close();
+    }
+    let decapsulated = |env: &Env| -> f64 {
+        env.decaps
+            .iter()
+            .map(|d| d.counters().expect("decap counters").decapsulated() as f64)
+            .sum()
+    };
+    for (r, d) in env.topo.reals.iter().zip(&env.decaps) {
+        let c = d.counters().unwrap();
+        assert!(c.decapsulated() > 0, "{} decapsulated nothing", r.name);
+        assert_eq!(c.dropped(), 0, "{}: {}", r.name, c.summary());
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let s = env.scrape();
+        let fwd = path(&s, "mark_hit") + path(&s, "established") + path(&s, "new_flow");
+        let dec = decapsulated(&env);
+        if fwd == dec {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the balancer forwarded {fwd}, the reals decapsulated {dec}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. Weights
+// ---------------------------------------------------------------------------------------
+
+/// Weights 1:3 give real2 three quarters of new TCP connections and UDP flows. With 400
+/// connections the share's standard deviation is ~2.2 points, so the band 0.75 +- 0.08 is
+/// +-3.7 sigma; equal weights (0.5) would be 11 sigma away.
+#[test]
+fn distribution_follows_weights() {
+    let mut env = Env::prepare(2);
+    let mut m = env.manifest.clone();
+    m.table_size = Some(65537);
+    let (r1, r2) = (env.topo.real(1).addr(false), env.topo.real(2).addr(false));
+    for name in ["tcp-v4-0", "udp-v4-0"] {
+        m.vip_mut(name).backends = vec![(r1, 1), (r2, 3)];
+    }
+    env.write_manifest(m);
+    let opts = env.options();
+    env.start(opts);
+
+    let conns = env.connect(tcp4(), 400);
+    let t = tally(conns.iter().map(|c| c.real.as_str()));
+    let share = *t.get("real2").unwrap_or(&0) as f64 / conns.len() as f64;
+    eprintln!("TCP 1:3 -> {t:?}, real2 share {share:.3}");
+    assert!(
+        (0.67..=0.83).contains(&share),
+        "real2 (weight 3 of 4) got {share:.3} of TCP connections: {t:?}"
+    );
+    drop(conns);
+
+    let flows = env.udp(udp4(), 300);
+    let t = tally(flows.iter().map(|f| f.real.as_str()));
+    let share = *t.get("real2").unwrap_or(&0) as f64 / flows.len() as f64;
+    eprintln!("UDP 1:3 -> {t:?}, real2 share {share:.3}");
+    // 300 flows: sigma 2.5 points, band +-3.6 sigma.
+    assert!(
+        (0.66..=0.84).contains(&share),
+        "real2 (weight 3 of 4) got {share:.3} of UDP flows: {t:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. Reloads that remove a real
+// ---------------------------------------------------------------------------------------
+
+/// How a reload is triggered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Trigger {
+    /// The agent notices the rewritten file (polling every 200 ms).
+    Rewrite,
+    /// The agent polls rarely; SIGHUP makes it read the file now.
+    Sighup,
+}
+
+fn removed_real_keeps_the_others(trigger: Trigger) {
+    let mut env = Env::prepare(3);
+    let mut opts = env.options();
+    if trigger == Trigger::Sighup {
+        // The first poll happens at start; the next one not within this test.
+        opts.reload_interval = "60m".into();
+    }
+    env.start(opts);
+
+    let mut conns = in_netns(&env.topo.client.ns, || {
+        (0..60)
+            .map(|_| TcpConn::connect(tcp4(), Duration::from_secs(2)).expect("connect"))
+            .collect::<Vec<_>>()
+    })
+    .unwrap();
+    let mut flows = env.udp(udp4(), 60);
+    let t_tcp = tally(conns.iter().map(|c| c.real.as_str()));
+    let t_udp = tally(flows.iter().map(|f| f.real.as_str()));
+    eprintln!("before: TCP {t_tcp:?} UDP {t_udp:?}");
+    assert_eq!(names_of(&t_tcp), env.real_names());
+    assert_eq!(names_of(&t_udp), env.real_names());
+    // Every flow has its mark before the real goes, so invalidation is exercised too.
+    let before = env.wait_scrape("a mark for every flow", |s| {
+        s.get("marklb_mark_installs_total", &[("result", "ok")]) >= 120.0
+    });
+    let ok0 = reloads(&before, "success");
+    assert_eq!(reloads(&before, "failure"), 0.0);
+
+    let real3 = env.topo.real(3).clone();
+    let m = env
+        .manifest
+        .clone()
+        .without_backend(real3.addr(false))
+        .without_backend(real3.addr(true));
+    env.write_manifest(m);
+    if trigger == Trigger::Sighup {
+        // Not polled: nothing changes until the signal.
+        std::thread::sleep(Duration::from_millis(600));
+        let s = env.scrape();
+        assert_eq!(reloads(&s, "success"), ok0, "reloaded without SIGHUP");
+        assert_eq!(s.get("marklb_reals", &[]), 6.0);
+        env.agent().signal(libc::SIGHUP);
+        env.agent().wait_log("SIGHUP: reloading", 1, WAIT);
+    }
+    let after = env.wait_scrape("the reload", |s| reloads(s, "success") >= ok0 + 1.0);
+    assert_eq!(reloads(&after, "success"), ok0 + 1.0);
+    assert_eq!(reloads(&after, "failure"), 0.0);
+    assert_eq!(after.get("marklb_config_valid", &[]), 1.0);
+    assert_eq!(
+        after.get("marklb_reals", &[]),
+        4.0,
+        "real3's two addresses left"
+    );
+    let invalidated = after.get("marklb_marks_removed_total", &[("reason", "real_removed")]);
+    let on_real3 = t_tcp["real3"] + t_udp["real3"];
+    assert!(
+        invalidated >= on_real3 as f64,
+        "{invalidated} marks invalidated, {on_real3} flows were on real3"
+    );
+    let applied = env.agent().log_lines("configuration applied");
+    assert!(
+        applied
+            .last()
+            .is_some_and(|l| l.contains("4 changed") && l.contains("2 reals retired")),
+        "{applied:#?}"
+    );
+
+    // Connections on real1 and real2 keep their real; real3's cannot continue (their
+    // packets now go to a real that does not know them).
+    let (mut kept, lost): (Vec<TcpConn>, Vec<TcpConn>) =
+        conns.drain(..).partition(|c| c.real != real3.name);
+    assert_keep_real(&mut kept, "after reload");
+    for mut c in lost {
+        if let Ok(r) = c.request("still there?") {
+            panic!("connection {} answered by {r} after real3 left", c.local);
+        }
+    }
+    // UDP flows of real3 move to the others; the rest stay.
+    let (mut kept, mut moved): (Vec<UdpFlow>, Vec<UdpFlow>) =
+        flows.drain(..).partition(|f| f.real != real3.name);
+    assert_flows_keep_real(&mut kept, "after reload");
+    for f in &mut moved {
+        let r = f.ask("moved?").expect("a moved flow is answered");
+        assert_ne!(r, real3.name, "flow {} still on real3", f.local);
+    }
+    // New connections avoid real3.
+    let fresh = env.connect(tcp4(), 40);
+    let t = tally(fresh.iter().map(|c| c.real.as_str()));
+    eprintln!("after: new TCP {t:?}, {} UDP flows moved", moved.len());
+    assert!(!t.contains_key(&real3.name), "{t:?}");
+}
+
+/// Rewriting the manifest without real3: its flows move, the others keep their real.
+#[test]
+fn reload_by_rewrite_removes_a_real_and_keeps_the_other_flows() {
+    removed_real_keeps_the_others(Trigger::Rewrite);
+}
+
+/// The same change applied by SIGHUP (the agent is not polling the file).
+#[test]
+fn reload_by_sighup_removes_a_real_and_keeps_the_other_flows() {
+    removed_real_keeps_the_others(Trigger::Sighup);
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. Bad configurations
+// ---------------------------------------------------------------------------------------
+
+/// Five kinds of bad file are each rejected (failure counter +1, `marklb_config_valid 0`,
+/// a log line naming the problem) while the previous state keeps serving: open
+/// connections keep their real, new ones still spread over both reals, nothing in the
+/// datapath changed. A good file is then accepted again (as a no-op diff).
+#[test]
+fn bad_configurations_are_rejected_while_the_last_good_state_serves() {
+    let mut env = Env::up(2);
+    let good = env.manifest.to_yaml();
+    let names = env.real_names();
+    let mut conns = env.connect(tcp4(), 30);
+    let mut flows = env.udp(udp4(), 20);
+    assert_eq!(
+        names_of(&tally(conns.iter().map(|c| c.real.as_str()))),
+        names
+    );
+
+    let real2_v4 = env.topo.real(2).addr(false).to_string();
+    let mut dup = env.manifest.clone();
+    let mut copy = dup.vip_mut("tcp-v4-0").clone();
+    copy.name = Some("tcp-v4-again".into());
+    dup.vips.push(copy);
+    let cases: Vec<(&str, String, Vec<&str>)> = vec![
+        (
+            "bad YAML",
+            good.replace("      port: 80\n", "     port: 80\n"),
+            vec!["invalid LoadBalancer manifest", "at line"],
+        ),
+        (
+            "unknown field",
+            good.replacen("weight: 1", "wieght: 1", 1),
+            vec!["spec.vips[0].backends[0]", "unknown field `wieght`"],
+        ),
+        (
+            "bad address",
+            good.replace(&format!("\"{real2_v4}\""), "\"10.201.2.300\""),
+            vec!["spec.vips[0].backends[1].address", "10.201.2.300"],
+        ),
+        (
+            "duplicate VIP",
+            dup.to_yaml(),
+            vec!["spec.vips[4]", "duplicate VIP 10.99.0.1:80/TCP"],
+        ),
+        (
+            "non-prime table size",
+            good.replace("maglevTableSize: 4099", "maglevTableSize: 4096"),
+            vec!["spec.hashing.maglevTableSize", "not a prime"],
+        ),
+    ];
+    let mut failures = 0.0;
+    for (what, text, expect) in &cases {
+        assert_ne!(*text, good, "{what}: the case changes the file");
+        let s0 = env.scrape();
+        env.write_text(text);
+        failures += 1.0;
+        let s = env.wait_scrape(&format!("{what} rejected"), |s| {
+            reloads(s, "failure") >= failures
+        });
+        assert_eq!(reloads(&s, "failure"), failures, "{what}");
+        assert_eq!(reloads(&s, "success"), reloads(&s0, "success"), "{what}");
+        assert_eq!(s.get("marklb_config_valid", &[]), 0.0, "{what}");
+        assert_eq!(s.get("marklb_vips", &[]), 4.0, "{what}: VIPs changed");
+        assert_eq!(s.get("marklb_reals", &[]), 4.0, "{what}: reals changed");
+        let rejected = env
+            .agent()
+            .wait_log("configuration rejected", failures as usize, WAIT);
+        let line = rejected.last().expect("a rejection line");
+        eprintln!("{what}: {line}");
+        for e in expect {
+            assert!(
+                line.contains(e),
+                "{what}: the log line does not name {e:?}: {line}"
+            );
+        }
+        // The previous state serves.
+        assert_keep_real(&mut conns, what);
+        assert_flows_keep_real(&mut flows, what);
+        let fresh = env.connect(tcp4(), 12);
+        assert!(
+            fresh.iter().all(|c| names.contains(&c.real)),
+            "{what}: {fresh:?}"
+        );
+        conns.extend(fresh);
+    }
+    assert_eq!(
+        names_of(&tally(conns.iter().map(|c| c.real.as_str()))),
+        names
+    );
+
+    // Good again: accepted, and nothing changes in the datapath.
+    let ok0 = reloads(&env.scrape(), "success");
+    env.write_text(&good);
+    let s = env.wait_scrape("the good file accepted", |s| reloads(s, "success") > ok0);
+    assert_eq!(s.get("marklb_config_valid", &[]), 1.0);
+    assert_eq!(reloads(&s, "failure"), failures);
+    let applied = env.agent().log_lines("configuration applied");
+    let last = applied.last().expect("applied line");
+    assert!(
+        last.contains("0 changed") && last.contains("4 unchanged"),
+        "{last}"
+    );
+    assert_keep_real(&mut conns, "good again");
+    assert_flows_keep_real(&mut flows, "good again");
+    assert_eq!(drops(&s), 0.0, "{}", interesting(&s));
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. kill -9 and restart
+// ---------------------------------------------------------------------------------------
+
+/// `kill -9` with connections open: the pinned datapath keeps serving while no agent runs,
+/// and an agent restarted on the same pin directory adopts it: every connection and flow
+/// keeps working on its real, no mark is lost, the counters continue, marks keep hitting.
+#[test]
+fn kill_9_and_restart_adopts_the_pinned_datapath_without_losing_flows() {
+    let mut env = Env::up(3);
+    let names = env.real_names();
+    let mut conns = env.connect(tcp4(), 60);
+    conns.extend(env.connect(tcp6(), 30));
+    let mut flows = env.udp(udp4(), 30);
+    assert_eq!(
+        names_of(&tally(conns.iter().map(|c| c.real.as_str()))),
+        names
+    );
+    let before = env.wait_scrape("a mark for every flow", |s| {
+        s.get("marklb_mark_installs_total", &[("result", "ok")]) >= 120.0
+            && s.get("marklb_nic_rules", &[]) >= 120.0
+    });
+    let rules0 = before.get("marklb_nic_rules", &[]);
+    let marks0 = before.get("marklb_marks_in_use", &[]);
+    let first_pid = env.agent().pid;
+
+    let st = env.agent().kill9();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&st),
+        Some(libc::SIGKILL)
+    );
+    // Nobody runs the agent: the datapath keeps forwarding, marks included.
+    assert_keep_real(&mut conns, "agent dead");
+    assert_flows_keep_real(&mut flows, "agent dead");
+    let orphan = env.connect(tcp4(), 6);
+    assert!(orphan.iter().all(|c| names.contains(&c.real)));
+    conns.extend(orphan);
+
+    let opts = env.options();
+    env.start(opts);
+    assert_ne!(env.agent().pid, first_pid);
+    let adopted = env.agent().log_lines("adopted the pinned datapath");
+    assert_eq!(adopted.len(), 1, "log:\n{}", env.agent().log());
+    eprintln!("{}", adopted[0]);
+    let attached = env.agent().log_lines("datapath attached");
+    assert!(
+        attached.len() == 1 && attached[0].contains("adopted=true"),
+        "{attached:?}"
+    );
+    let after = env.scrape();
+    let (rules1, marks1) = (
+        after.get("marklb_nic_rules", &[]),
+        after.get("marklb_marks_in_use", &[]),
+    );
+    eprintln!("NIC rules {rules0} -> {rules1}, marks in use {marks0} -> {marks1}");
+    assert!(rules1 >= rules0, "NIC rules {rules0} -> {rules1}");
+    assert!(marks1 >= marks0, "marks in use {marks0} -> {marks1}");
+    // The restarted agent's first apply re-claims the adopted VIPs (their backends are
+    // not in the maps, so it counts them as changed; identical rings stay in place) and
+    // adds, removes or retires nothing.
+    let applied = env.agent().log_lines("configuration applied");
+    assert!(
+        applied.len() == 1
+            && applied[0].contains("0 VIPs added")
+            && applied[0].contains("0 removed")
+            && applied[0].contains("0 reals retired"),
+        "{applied:?}"
+    );
+    // Counters continue from the pinned maps.
+    for p in ["new_flow", "mark_hit", "established"] {
+        assert!(
+            path(&after, p) >= path(&before, p),
+            "{p}: {} -> {}",
+            path(&before, p),
+            path(&after, p)
+        );
+    }
+
+    assert_keep_real(&mut conns, "after restart");
+    assert_flows_keep_real(&mut flows, "after restart");
+    let hits0 = path(&after, "mark_hit");
+    for round in 0..3 {
+        assert_keep_real(&mut conns, &format!("round {round}"));
+    }
+    let s = env.scrape();
+    assert!(
+        path(&s, "mark_hit") >= hits0 + 270.0,
+        "mark hits {} -> {} after 270 requests",
+        hits0,
+        path(&s, "mark_hit")
+    );
+    assert_eq!(drops(&s), 0.0, "{}", interesting(&s));
+}
+
+// ---------------------------------------------------------------------------------------
+// 6. Marks and the fast path
+// ---------------------------------------------------------------------------------------
+
+/// Drives `conns` connections and `udp` flows, waits for the agent to have seen their
+/// events, then sends `rounds` more requests on each; returns the scrapes before and after
+/// the established traffic.
+fn established_traffic(
+    env: &mut Env,
+    conns: usize,
+    udp: usize,
+    rounds: usize,
+    marks: bool,
+) -> (Scrape, Scrape) {
+    let mut c = env.connect(tcp4(), conns);
+    let mut f = env.udp(udp4(), udp);
+    let n = (conns + udp) as f64;
+    let before = env.wait_scrape("the new-flow events (and marks)", |s| {
+        s.get("marklb_flow_events_total", &[("result", "sent")]) >= n
+            && (!marks || s.get("marklb_mark_installs_total", &[("result", "ok")]) >= n)
+    });
+    for round in 0..rounds {
+        assert_keep_real(&mut c, &format!("round {round}"));
+        assert_flows_keep_real(&mut f, &format!("round {round}"));
+    }
+    // Let the last ACKs land.
+    std::thread::sleep(Duration::from_millis(200));
+    let after = env.scrape();
+    for c in c {
+        c.close();
+    }
+    (before, after)
+}
+
+/// With the emulated NIC every new flow gets a mark (installed after its first packet)
+/// and the packets that follow take the mark fast path.
+#[test]
+fn marks_are_installed_and_the_fast_path_is_taken() {
+    let mut env = Env::up(2);
+    let (before, after) = established_traffic(&mut env, 40, 40, 5, true);
+    let ok = before.get("marklb_mark_installs_total", &[("result", "ok")]);
+    assert!(
+        ok >= 80.0,
+        "mark installs ok: {ok}\n{}",
+        interesting(&before)
+    );
+    assert!(before.get("marklb_marks_in_use", &[]) >= 80.0);
+    assert!(before.get("marklb_nic_rules", &[]) >= 80.0);
+    let observed = before.get(
+        "marklb_event_to_mark_seconds_count",
+        &[("backend", "emulated")],
+    );
+    assert!(observed >= 80.0, "event-to-mark observations: {observed}");
+    let d = |p: &str| path(&after, p) - path(&before, p);
+    let (hit, est, new) = (d("mark_hit"), d("established"), d("new_flow"));
+    eprintln!("established traffic: mark_hit +{hit}, established +{est}, new_flow +{new}");
+    // 5 rounds x (40 TCP requests + 40 UDP datagrams), each at least one client packet.
+    assert!(hit >= 400.0, "mark hits +{hit}");
+    assert!(
+        hit >= 0.95 * (hit + est + new),
+        "fast path share: {hit} of {}",
+        hit + est + new
+    );
+    let marked = after.get("marklb_emulated_nic_packets_total", &[("result", "marked")])
+        - before.get("marklb_emulated_nic_packets_total", &[("result", "marked")]);
+    assert!(
+        marked >= hit,
+        "the emulated NIC marked {marked}, {hit} hits"
+    );
+    assert_eq!(drops(&after), 0.0, "{}", interesting(&after));
+}
+
+/// Without a NIC backend nothing is marked: every packet after the first takes the
+/// established (connection table) path.
+#[test]
+fn without_a_nic_backend_there_are_no_mark_hits() {
+    let mut env = Env::prepare(2);
+    let mut opts = env.options();
+    opts.hw_backend = "none".into();
+    env.start(opts);
+    let (before, after) = established_traffic(&mut env, 40, 40, 5, false);
+    for s in [&before, &after] {
+        assert_eq!(
+            s.get("marklb_mark_installs_total", &[("result", "ok")]),
+            0.0
+        );
+        assert_eq!(path(s, "mark_hit"), 0.0, "{}", interesting(s));
+        assert_eq!(s.get("marklb_marks_in_use", &[]), 0.0);
+        assert_eq!(s.get("marklb_nic_rules", &[]), 0.0);
+    }
+    let est = path(&after, "established") - path(&before, "established");
+    assert!(est >= 400.0, "established +{est}");
+    let info = after.by_label("marklb_datapath_info", "hw_backend");
+    assert_eq!(info.keys().collect::<Vec<_>>(), ["none"], "{info:?}");
+    assert_eq!(drops(&after), 0.0, "{}", interesting(&after));
+}
+
+// ---------------------------------------------------------------------------------------
+// 7. Metrics and health endpoints
+// ---------------------------------------------------------------------------------------
+
+/// `/healthz` answers as soon as the agent serves; `/readyz` only once a valid
+/// configuration is applied on an attached datapath (the agent starts here with an invalid
+/// file, then gets a good one). `/metrics` passes `promtool check metrics`, parses, has
+/// every documented family with its type, and its values agree with the traffic and with
+/// the kernel (the program id `ip link` shows).
+#[test]
+fn metrics_pass_promtool_and_health_endpoints_answer() {
+    let mut env = Env::prepare(2);
+    let good = env.manifest.to_yaml();
+    env.write_text(&good.replacen("protocol: TCP", "protocol: TCP\n      colour: blue", 1));
+    let opts = env.options();
+    env.agent = Some(Agent::spawn(opts).expect("starting marklb-agent"));
+    let deadline = Instant::now() + WAIT;
+    let health = loop {
+        match env.agent().get("/healthz") {
+            Ok(r) => break r,
+            Err(e) => {
+                assert!(env.agent().is_running(), "{}", env.agent().log_tail(30));
+                assert!(Instant::now() < deadline, "/healthz: {e}");
+                std::thread::sleep(Duration::from_millis(25));
+            }
+        }
+    };
+    assert_eq!(health.status, 200, "{health:?}");
+    let ready = env.agent().get("/readyz").unwrap();
+    assert_eq!(ready.status, 503, "{ready:?}");
+    assert!(ready.body.contains("no valid configuration"), "{ready:?}");
+    let s = env.scrape();
+    assert_eq!(s.get("marklb_config_valid", &[]), 0.0);
+    assert_eq!(reloads(&s, "failure"), 1.0);
+    assert!(env.agent().log_lines("configuration rejected")[0].contains("colour"));
+
+    env.write_text(&good);
+    env.agent().wait_ready(WAIT);
+    assert_eq!(env.agent().get("/healthz").unwrap().status, 200);
+    let mut conns = env.connect(tcp4(), 20);
+    conns.extend(env.connect(tcp6(), 20));
+    let _flows = env.udp(udp4(), 20);
+    env.wait_scrape("marks for the flows", |s| {
+        s.get("marklb_mark_installs_total", &[("result", "ok")]) >= 60.0
+    });
+    assert_keep_real(&mut conns, "more");
+
+    let r = env.agent().get("/metrics").unwrap();
+    assert_eq!(r.status, 200);
+    assert!(
+        r.header("content-type")
+            .is_some_and(|c| c.starts_with("text/plain") && c.contains("version=0.0.4")),
+        "{:?}",
+        r.headers
+    );
+    let report = promtool_check(&r.body).unwrap_or_else(|e| panic!("{e}\n{}", r.body));
+    eprintln!("promtool check metrics: ok {}", report.trim());
+    let s = Scrape::parse(&r.body).expect("parsing /metrics");
+    for (family, ty) in [
+        ("marklb_vip_packets_total", "counter"),
+        ("marklb_vip_bytes_total", "counter"),
+        ("marklb_real_packets_total", "counter"),
+        ("marklb_real_bytes_total", "counter"),
+        ("marklb_datapath_packets_total", "counter"),
+        ("marklb_flow_events_total", "counter"),
+        ("marklb_mark_installs_total", "counter"),
+        ("marklb_marks_removed_total", "counter"),
+        ("marklb_marks_in_use", "gauge"),
+        ("marklb_marks_capacity", "gauge"),
+        ("marklb_nic_rules", "gauge"),
+        ("marklb_vips", "gauge"),
+        ("marklb_reals", "gauge"),
+        ("marklb_event_to_mark_seconds", "histogram"),
+        ("marklb_config_reloads_total", "counter"),
+        ("marklb_config_valid", "gauge"),
+        ("marklb_datapath_info", "gauge"),
+    ] {
+        assert_eq!(
+            s.types.get(family).map(String::as_str),
+            Some(ty),
+            "# TYPE of {family}"
+        );
+    }
+    assert_eq!(s.get("marklb_config_valid", &[]), 1.0);
+    assert_eq!(reloads(&s, "success"), 1.0);
+    assert_eq!(reloads(&s, "failure"), 1.0);
+    assert_eq!(s.get("marklb_vips", &[]), 4.0);
+    assert_eq!(s.get("marklb_reals", &[]), 4.0);
+    assert!(s.get("marklb_marks_in_use", &[]) >= 60.0);
+    assert_eq!(s.get("marklb_marks_capacity", &[]), 65535.0);
+
+    // Per-VIP packets add up to what the paths forwarded; per-real likewise.
+    let forwarded = path(&s, "mark_hit") + path(&s, "established") + path(&s, "new_flow");
+    assert!(forwarded > 0.0);
+    assert_eq!(s.sum("marklb_vip_packets_total", &[]), forwarded);
+    assert_eq!(s.sum("marklb_real_packets_total", &[]), forwarded);
+    let by_vip = s.by_label("marklb_vip_packets_total", "vip");
+    assert_eq!(
+        by_vip.keys().collect::<Vec<_>>(),
+        ["tcp-v4-0", "tcp-v6-1", "udp-v4-0", "udp-v6-1"]
+    );
+    assert!(by_vip["tcp-v4-0"] >= 60.0 && by_vip["tcp-v6-1"] >= 60.0);
+    assert!(by_vip["udp-v4-0"] >= 20.0);
+
+    // The histogram: cumulative buckets ending in +Inf = _count, a plausible sum.
+    let labels = [("backend", "emulated")];
+    let b = s.buckets("marklb_event_to_mark_seconds", &labels);
+    assert!(b.len() >= 2 && b.last().unwrap().0.is_infinite(), "{b:?}");
+    assert!(
+        b.windows(2).all(|w| w[0].1 <= w[1].1),
+        "not cumulative: {b:?}"
+    );
+    let count = s.get("marklb_event_to_mark_seconds_count", &labels);
+    assert_eq!(b.last().unwrap().1, count);
+    assert!(count >= 60.0);
+    let sum = s.get("marklb_event_to_mark_seconds_sum", &labels);
+    assert!(
+        sum > 0.0 && sum / count < 1.0,
+        "mean event-to-mark {}",
+        sum / count
+    );
+    eprintln!(
+        "event to mark: mean {:.1} us, p50 {:.1} us, p99 {:.1} us",
+        sum / count * 1e6,
+        s.quantile("marklb_event_to_mark_seconds", &labels, 0.5)
+            .unwrap()
+            * 1e6,
+        s.quantile("marklb_event_to_mark_seconds", &labels, 0.99)
+            .unwrap()
+            * 1e6
+    );
+
+    // The datapath info names the kernel's program.
+    let info: Vec<_> = s
+        .samples
+        .iter()
+        .filter(|x| x.name == "marklb_datapath_info")
+        .collect();
+    assert_eq!(info.len(), 1, "{info:?}");
+    let l = &info[0].labels;
+    assert_eq!(info[0].value, 1.0);
+    assert_eq!(l["interface"], env.topo.lb.port.iface);
+    assert_eq!(l["xdp_mode"], "native");
+    assert_eq!(l["hw_backend"], "emulated");
+    let prog = xdp_prog_id(&env.topo.lb.ns, &env.topo.lb.port.iface)
+        .unwrap()
+        .expect("XDP on lb0");
+    assert_eq!(l["program_id"], prog.to_string());
+
+    let missing = env.agent().get("/nonexistent").unwrap();
+    assert_eq!(missing.status, 404);
+}
+
+// ---------------------------------------------------------------------------------------
+// 8. Leaving: SIGTERM, --remove-on-exit, cleanup
+// ---------------------------------------------------------------------------------------
+
+/// Plain SIGTERM leaves the datapath serving (pinned); `--remove-on-exit` on SIGTERM
+/// removes it; `marklb-agent cleanup` removes what a stopped agent left. "Removed" means:
+/// no XDP program on the interface, no pins, and traffic to the VIPs no longer reaches the
+/// reals.
+#[test]
+fn sigterm_keeps_serving_remove_on_exit_and_cleanup_remove_the_datapath() {
+    let mut env = Env::up(2);
+    let iface = env.topo.lb.port.iface.clone();
+    let lb_ns = env.topo.lb.ns.clone();
+    let pins = env.work.bpffs().join("marklb").join(&iface);
+    let xdp = |env: &Env| xdp_prog_id(&env.topo.lb.ns, &env.topo.lb.port.iface).unwrap();
+    let mut conns = env.connect(tcp4(), 20);
+    let mut flows = env.udp(udp4(), 10);
+    let prog = xdp(&env).expect("XDP attached");
+    assert!(pins.join("xdp_link").exists());
+
+    // 1. Plain SIGTERM: the agent exits, the datapath serves on.
+    let st = env.agent().terminate(WAIT).expect("exit on SIGTERM");
+    assert!(st.success(), "{st}");
+    env.agent().wait_log("the datapath keeps serving", 1, WAIT);
+    assert_eq!(xdp(&env), Some(prog), "the program stays");
+    assert!(pins.join("xdp_link").exists());
+    assert_keep_real(&mut conns, "after SIGTERM");
+    assert_flows_keep_real(&mut flows, "after SIGTERM");
+    conns.extend(env.connect(tcp4(), 4));
+
+    // 2. --remove-on-exit: the restarted agent adopts, then SIGTERM removes everything.
+    let mut opts = env.options();
+    opts.remove_on_exit = true;
+    env.start(opts);
+    assert_eq!(
+        env.agent().log_lines("adopted the pinned datapath").len(),
+        1
+    );
+    assert_keep_real(&mut conns, "adopted");
+    let st = env.agent().terminate(WAIT).expect("exit on SIGTERM");
+    assert!(st.success(), "{st}");
+    env.agent().wait_log("datapath removed", 1, WAIT);
+    assert_eq!(xdp(&env), None, "XDP still on {iface}");
+    assert!(!pins.exists(), "{} left", pins.display());
+    let accepted = env.servers.tcp_accepted();
+    assert!(
+        !env.reachable(tcp4(), Duration::from_millis(800)),
+        "VIP reachable without the balancer"
+    );
+    assert!(
+        in_netns(&env.topo.client.ns, || UdpFlow::open(
+            udp4(),
+            Duration::from_millis(600)
+        ))
+        .unwrap()
+        .is_err()
+    );
+    assert_eq!(env.servers.tcp_accepted(), accepted);
+    drop(conns);
+    drop(flows);
+
+    // 3. A fresh agent (nothing pinned: it attaches anew), killed; `cleanup` removes what
+    // it left.
+    let opts = env.options();
+    env.start(opts);
+    let attached = env.agent().log_lines("datapath attached");
+    assert!(attached[0].contains("adopted=false"), "{attached:?}");
+    assert!(env.reachable(tcp4(), T));
+    env.agent().kill9();
+    assert!(xdp(&env).is_some());
+    assert!(env.reachable(tcp4(), T), "serving without the agent");
+    let bin = agent_binary();
+    let bpffs = env.work.bpffs().display().to_string();
+    let args = ["cleanup", "--interface", &iface, "--bpffs", &bpffs];
+    let (st, out) = run_agent_command(&bin, &lb_ns, &args, WAIT).unwrap();
+    assert!(st.success(), "cleanup: {st}: {out}");
+    assert!(
+        out.contains("removed the marklb datapath from lb0"),
+        "{out}"
+    );
+    assert_eq!(xdp(&env), None, "XDP still on {iface} after cleanup");
+    assert!(!pins.exists(), "{} left after cleanup", pins.display());
+    let accepted = env.servers.tcp_accepted();
+    assert!(!env.reachable(tcp4(), Duration::from_millis(800)));
+    assert_eq!(env.servers.tcp_accepted(), accepted);
+    // Nothing left: a second cleanup says so.
+    let (st, out) = run_agent_command(&bin, &lb_ns, &args, WAIT).unwrap();
+    assert!(
+        st.success() && out.contains("nothing of marklb's on lb0"),
+        "{out}"
+    );
+}
