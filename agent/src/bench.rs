@@ -299,6 +299,12 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
         // the frame costs that helper call once in itself and once in the wrapper.
         let grow = bench.wrapped(Prog::BenchGrow, &ack, &[])?;
         let restore = ((grow - floor) / 2.0).max(0.0);
+        // Marked frames carry 4 bytes of metadata that the wrapper writes and every
+        // adjust_head moves: their floor and shrink cost are measured with a mark too.
+        let with_mark = BenchFrame { mark: 1, ..ack };
+        let floor_marked = bench.wrapped(Prog::BenchTrivial, &with_mark, &[])?;
+        let grow_marked = bench.wrapped(Prog::BenchGrow, &with_mark, &[])?;
+        let restore_marked = ((grow_marked - floor_marked) / 2.0).max(0.0);
         if fi == 0 {
             floor_ns = floor;
             restore_ns = restore;
@@ -484,6 +490,8 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
         let above_floor = |path: &str, ns: f64| {
             if path.starts_with("non-VIP") {
                 ns - floor
+            } else if path.starts_with("mark") {
+                ns - floor_marked - restore_marked
             } else {
                 ns - floor - restore
             }
