@@ -385,10 +385,18 @@ pub fn spawn_in_netns_process(ns: &str, cmd: &mut Command) -> io::Result<Child> 
     let handle = File::open(netns_path(ns))
         .map_err(|e| io::Error::new(e.kind(), format!("namespace {ns}: {e}")))?;
     let fd = handle.as_raw_fd();
-    // SAFETY: setns(2) is async-signal-safe; `handle` outlives the spawn.
+    // SAFETY: setns(2) and sigprocmask(2) are async-signal-safe; `handle` outlives the
+    // spawn.
     unsafe {
         cmd.pre_exec(move || {
             if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The child inherits the signal mask; a parent that blocks SIGTERM/SIGINT to
+            // handle them on one thread (the demo) must not pass that on.
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) != 0 {
                 return Err(io::Error::last_os_error());
             }
             Ok(())
