@@ -105,6 +105,8 @@ struct VipState {
     ring: Option<(u32, u32)>,
     backends: Vec<Backend>,
     table_size: u32,
+    /// Found in the maps at start (backends unknown until the configuration claims it).
+    adopted: bool,
 }
 
 /// User-space model of what is programmed, kept in step with the maps.
@@ -180,6 +182,7 @@ impl Balancer {
                     ring,
                     backends: Vec::new(),
                     table_size: meta.ring_size,
+                    adopted: true,
                 },
             );
         }
@@ -414,6 +417,7 @@ impl Balancer {
                 ring,
                 backends: backends.to_vec(),
                 table_size,
+                adopted: false,
             },
         );
         Ok(leaving)
@@ -439,6 +443,11 @@ impl Balancer {
             .iter()
             .filter_map(|b| self.release_real(&b.addr))
             .collect())
+    }
+
+    /// Whether a VIP was adopted from a previous agent and not yet claimed by a config.
+    pub fn is_adopted(&self, vip: &VipId) -> bool {
+        self.vips.get(vip).is_some_and(|v| v.adopted)
     }
 
     /// The Maglev table size a VIP was programmed with.

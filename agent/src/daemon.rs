@@ -133,9 +133,16 @@ struct Agent {
 impl Agent {
     /// Reads, validates and applies the configuration file. Bad input changes nothing.
     async fn reload(&mut self, force: bool) {
+        // An unreadable file is reported once, not on every poll.
         let text = std::fs::read_to_string(&self.args.config).ok();
-        if !force && text.is_some() && text == self.seen {
+        if !force && text == self.seen {
             return;
+        }
+        // A file being written in place may be caught half-way: act on it only once two
+        // reads a moment apart agree (ConfigMap volumes are swapped atomically anyway).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if std::fs::read_to_string(&self.args.config).ok() != text {
+            return; // still changing: the next poll looks again
         }
         self.seen = text;
         match self.try_reload().await {
@@ -188,9 +195,10 @@ impl Agent {
         s.next_hop_mac = Some(mac);
         s.applied = Some(loaded.desired);
         Ok(format!(
-            "{} VIPs added, {} changed, {} removed, {} unchanged, {} reals retired",
+            "{} VIPs added, {} changed, {} adopted, {} removed, {} unchanged, {} reals retired",
             report.added.len(),
             report.changed.len(),
+            report.adopted.len(),
             report.removed.len(),
             report.unchanged,
             report.reals_retired

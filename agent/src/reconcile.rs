@@ -18,6 +18,8 @@ use crate::{
 pub struct ApplyReport {
     pub added: Vec<VipId>,
     pub changed: Vec<VipId>,
+    /// VIPs a previous agent left, now claimed with their backends (rings kept when equal).
+    pub adopted: Vec<VipId>,
     pub removed: Vec<VipId>,
     pub unchanged: usize,
     pub reals_retired: usize,
@@ -89,7 +91,9 @@ pub fn apply(
             report.unchanged += 1;
             continue;
         }
-        if current.is_some() {
+        if lb.is_adopted(vip) {
+            report.adopted.push(*vip);
+        } else if current.is_some() {
             report.changed.push(*vip);
         } else {
             report.added.push(*vip);

@@ -36,6 +36,10 @@ pub enum ManifestError {
     /// `metadata.name` is missing or empty.
     #[error("metadata.name: required")]
     MissingName,
+    /// `spec:` is present but empty (null). Refused rather than read as "no VIPs": a file
+    /// caught half-written looks exactly like this, and would remove every VIP.
+    #[error("spec: empty; write `spec: {{}}` to serve no VIPs")]
+    EmptySpec,
     /// The spec parsed but breaks a rule (one line per error).
     #[error("invalid LoadBalancer spec:\n{0}")]
     Invalid(#[from] ValidationErrors),
@@ -115,6 +119,9 @@ pub fn from_yaml_manifest(text: &str) -> Result<LoadBalancer, ManifestError> {
             expected: expected_kind,
             found: kind,
         });
+    }
+    if matches!(map.get("spec"), Some(serde_yaml::Value::Null)) {
+        return Err(ManifestError::EmptySpec);
     }
     if let Some(serde_yaml::Value::Mapping(meta)) = map.get("metadata") {
         for key in meta.keys() {
@@ -230,6 +237,14 @@ spec:
             "apiVersion: marklb.io/v1alpha1\nkind: LoadBalancer\nmetadata: {name: x}\nspec: {}\n";
         let lb = from_yaml_manifest(text).unwrap();
         assert_eq!(lb.spec, LoadBalancerSpec::default());
+    }
+
+    #[test]
+    fn a_null_spec_is_refused_not_read_as_no_vips() {
+        // What a file caught half-written looks like: applying it would remove every VIP.
+        let text =
+            "apiVersion: marklb.io/v1alpha1\nkind: LoadBalancer\nmetadata: {name: x}\nspec:\n";
+        assert!(err(text).contains("spec: empty"), "{}", err(text));
     }
 
     #[test]

@@ -529,6 +529,12 @@ fn bad_configurations_are_rejected_while_the_last_good_state_serves() {
             good.replace("maglevTableSize: 4099", "maglevTableSize: 4096"),
             vec!["spec.hashing.maglevTableSize", "not a prime"],
         ),
+        (
+            // What a file caught half-written looks like; applying it would remove every VIP.
+            "empty spec",
+            good[..good.find("spec:").expect("spec") + "spec:\n".len()].to_string(),
+            vec!["spec: empty"],
+        ),
     ];
     let mut failures = 0.0;
     for (what, text, expect) in &cases {
@@ -569,6 +575,16 @@ fn bad_configurations_are_rejected_while_the_last_good_state_serves() {
         names_of(&tally(conns.iter().map(|c| c.real.as_str()))),
         names
     );
+
+    // A missing file is one failure, not one per poll, and the state keeps serving.
+    std::fs::remove_file(env.work.config()).expect("removing the manifest");
+    failures += 1.0;
+    env.wait_scrape("missing file reported", |s| {
+        reloads(s, "failure") >= failures
+    });
+    std::thread::sleep(Duration::from_secs(1)); // five more polls at 200 ms
+    assert_eq!(reloads(&env.scrape(), "failure"), failures, "reported once");
+    assert_keep_real(&mut conns, "missing file");
 
     // Good again: accepted, and nothing changes in the datapath.
     let ok0 = reloads(&env.scrape(), "success");
@@ -644,13 +660,14 @@ fn kill_9_and_restart_adopts_the_pinned_datapath_without_losing_flows() {
     eprintln!("NIC rules {rules0} -> {rules1}, marks in use {marks0} -> {marks1}");
     assert!(rules1 >= rules0, "NIC rules {rules0} -> {rules1}");
     assert!(marks1 >= marks0, "marks in use {marks0} -> {marks1}");
-    // The restarted agent's first apply re-claims the adopted VIPs (their backends are
-    // not in the maps, so it counts them as changed; identical rings stay in place) and
-    // adds, removes or retires nothing.
+    // The restarted agent's first apply re-claims the adopted VIPs (identical rings stay
+    // in place) and adds, changes, removes or retires nothing.
     let applied = env.agent().log_lines("configuration applied");
     assert!(
         applied.len() == 1
             && applied[0].contains("0 VIPs added")
+            && applied[0].contains("0 changed")
+            && applied[0].contains("4 adopted")
             && applied[0].contains("0 removed")
             && applied[0].contains("0 reals retired"),
         "{applied:?}"
