@@ -83,12 +83,17 @@ pub fn build_table(backends: &[Backend], size: u32) -> Vec<u32> {
     // advanced by adding skip (no division in the loop). Probing, the hot part (about
     // m ln m probes), reads an occupancy bitmap (8 KiB for 65,537 slots: L1-resident);
     // each slot's owner is written once.
-    assert!(live.len() < u16::MAX as usize, "more than 65,534 live backends");
+    assert!(
+        live.len() < u16::MAX as usize,
+        "more than 65,534 live backends"
+    );
     let mut pos: Vec<u64> = perm.iter().map(|p| p.0).collect();
     let mut credit = vec![0u64; live.len()];
     let mut taken = vec![0u64; (size as usize).div_ceil(64)];
     let mut slots = vec![0u16; size as usize];
-    let equal = live.iter().all(|&i| backends[i].weight as u64 == max_weight);
+    let equal = live
+        .iter()
+        .all(|&i| backends[i].weight as u64 == max_weight);
     let mut filled = 0u64;
     'fill: loop {
         for k in 0..live.len() {
