@@ -654,21 +654,8 @@ pub fn run_agent_command(
         .stdout(out.try_clone()?)
         .stderr(out.try_clone()?);
     let mut child = spawn_in_netns_process(ns, &mut cmd)?;
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(st) = child.try_wait()? {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("marklb-agent {args:?} timed out"),
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status =
+        crate::netns::wait_with_timeout(&mut child, timeout, &format!("marklb-agent {args:?}"))?;
     let mut f = out;
     use std::io::Seek;
     f.seek(io::SeekFrom::Start(0))?;

@@ -109,21 +109,7 @@ pub fn run_command(
         let _ = err.read_to_string(&mut s);
         s
     });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(st) = child.try_wait()? {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("{line}: timed out after {timeout:?}"),
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let status = wait_with_timeout(&mut child, timeout, &line)?;
     let stdout = out_t.join().unwrap_or_default();
     let stderr = err_t.join().unwrap_or_default();
     if !status.success() {
@@ -1264,4 +1250,27 @@ pub fn tally<'a>(names: impl IntoIterator<Item = &'a str>) -> BTreeMap<String, u
         *t.entry(n.to_string()).or_default() += 1;
     }
     t
+}
+
+/// Waits for a child process; kills it (and says so, naming `what`) after `timeout`.
+pub fn wait_with_timeout(
+    child: &mut std::process::Child,
+    timeout: Duration,
+    what: &str,
+) -> io::Result<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(st) = child.try_wait()? {
+            return Ok(st);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("{what}: timed out after {timeout:?}"),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
