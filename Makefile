@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: help setup demo test lint fmt clippy unit bench crdgen clean
+.PHONY: help setup demo test lint fmt clippy unit bench crdgen clean image cluster-up cluster-down
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -11,6 +11,7 @@ help: ## List the targets
 setup: ## Install what a fresh Debian machine lacks (idempotent, quick when done)
 	bash scripts/setup.sh
 	@if [ -f scripts/setup-k8s.sh ]; then bash scripts/setup-k8s.sh; fi
+	@if [ -f scripts/setup-cluster.sh ]; then bash scripts/setup-cluster.sh; fi
 
 demo: setup ## Run the network-namespace demo (root)
 	$(CARGO) build --release -p marklb-agent -p marklb-tests
@@ -38,3 +39,15 @@ crdgen: ## Regenerate crds/yaml from the Rust types
 
 clean:
 	$(CARGO) clean
+
+image: ## Container images as OCI archives in target/images (static musl binaries; no engine)
+	bash scripts/image/build.sh
+
+cluster-up: ## Start the tests' one-node Kubernetes cluster and leave it running (root)
+	bash scripts/setup-cluster.sh
+	$(CARGO) build -p marklb-tests --bin marklb-cluster
+	./target/debug/marklb-cluster up
+
+cluster-down: ## Stop that cluster and undo everything it changed on the host (root)
+	$(CARGO) build -p marklb-tests --bin marklb-cluster
+	./target/debug/marklb-cluster down

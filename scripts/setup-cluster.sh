@@ -131,7 +131,7 @@ for f in "$out.new"/bin/* "$out.new"/cni/bridge; do
 done
 "$out.new/bin/containerd" --version >&2
 "$out.new/bin/runc" --version | head -1 >&2
-"$out.new/bin/kubectl" version --client --short 2>/dev/null >&2 || true
+"$out.new/bin/kubectl" version --client --short >&2 2>/dev/null || true
 {
   echo "key=$key"
   echo "source=${versions[*]}"
