@@ -35,11 +35,11 @@ if ! rustup target list --installed 2>/dev/null | grep -qx "$TRIPLE"; then
   rustup target add "$TRIPLE" >&2
 fi
 start=$(date +%s)
+# One build: the packer itself is static too and runs here (no second, host-target build).
 "$CARGO" build --release --target "$TRIPLE" -p marklb-agent -p marklb-image \
-  --bin marklb-agent --bin marklb-pause >&2
-"$CARGO" build --release -p marklb-image --bin marklb-image >&2
+  --bin marklb-agent --bin marklb-pause --bin marklb-image >&2
 BIN=$TARGET_DIR/$TRIPLE/release
-TOOL=$TARGET_DIR/release/marklb-image
+TOOL=$BIN/marklb-image
 
 version=$("$BIN/marklb-agent" --version | awk '{print $2}')
 revision=$(git rev-parse HEAD 2>/dev/null || echo unknown)

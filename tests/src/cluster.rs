@@ -398,8 +398,8 @@ pub struct Record {
     pub sysctls: BTreeMap<String, String>,
     /// Host directories: None = absent before, else their entries before.
     pub host_paths: BTreeMap<String, Option<Vec<String>>>,
-    /// Entries of /var/run/netns before (CNI puts pod namespaces there).
-    pub netns_before: Vec<String>,
+    /// Entries of /var/run/netns before (CNI puts pod namespaces there), None: no directory.
+    pub netns_before: Option<Vec<String>>,
     /// Top-level entries of each cgroup hierarchy before.
     pub cgroups_before: BTreeMap<String, Vec<String>>,
     /// iptables chains before: "ipv4 nat" -> chains.
@@ -734,7 +734,8 @@ pub struct HostState {
     pub cgroups: BTreeMap<String, Vec<String>>,
     /// Processes of cluster executables or with a cluster directory on their command line.
     pub processes: Vec<String>,
-    /// Network interfaces of the host.
+    /// Network interfaces of the host the cluster or its tests could make (CNI bridge and
+    /// pod veths, the tests' `mlbk*` veths).
     pub links: Vec<String>,
     /// Addresses on lo.
     pub lo_addrs: Vec<String>,
@@ -793,7 +794,16 @@ impl HostState {
             })
             .collect();
         processes.sort();
-        let links = dir_entries(Path::new("/sys/class/net")).unwrap_or_default();
+        let links = dir_entries(Path::new("/sys/class/net"))
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|l| {
+                l == CNI_BRIDGE
+                    || l.starts_with("veth")
+                    || l.starts_with("mlbk")
+                    || l.starts_with("cni")
+            })
+            .collect();
         let lo_addrs = ip(None, &["-o", "addr", "show", "dev", "lo"])
             .unwrap_or_default()
             .lines()
@@ -1053,7 +1063,9 @@ pub fn teardown(rec: &Record) -> Vec<String> {
     let new_netns: Vec<String> = dir_entries(Path::new("/var/run/netns"))
         .unwrap_or_default()
         .into_iter()
-        .filter(|e| e.starts_with("cni-") && !rec.netns_before.contains(e))
+        .filter(|e| {
+            e.starts_with("cni-") && !rec.netns_before.as_ref().is_some_and(|b| b.contains(e))
+        })
         .collect();
     for e in &new_netns {
         prefixes.push(Path::new("/var/run/netns").join(e));
@@ -1062,6 +1074,10 @@ pub fn teardown(rec: &Record) -> Vec<String> {
     unmount_under(&prefixes, &mut problems);
     for e in &new_netns {
         remove_tree(&Path::new("/var/run/netns").join(e), &mut problems);
+    }
+    if rec.netns_before.is_none() {
+        // Made for the pods' namespaces; removed only when empty (others may use it now).
+        let _ = fs::remove_dir("/var/run/netns");
     }
     // 5. iptables.
     for v6 in [false, true] {
@@ -2202,7 +2218,7 @@ impl Cluster {
                 .iter()
                 .map(|p| (p.to_string(), dir_entries(Path::new(p))))
                 .collect(),
-            netns_before: dir_entries(Path::new("/var/run/netns")).unwrap_or_default(),
+            netns_before: dir_entries(Path::new("/var/run/netns")),
             cgroups_before: cgroup_dirs(),
             chains_before,
             pins_before: dir_entries(&Path::new(BPFFS).join("marklb")),

@@ -372,6 +372,51 @@ fn status_field(pid: u32, field: &str) -> String {
         .unwrap_or_default()
 }
 
+struct ImageInfo {
+    manifest_digest: String,
+    config_digest: String,
+    labels: BTreeMap<String, String>,
+}
+
+/// An image in the node's containerd: its digests and labels (from the stored blobs).
+fn image_labels(cluster: &Cluster, name: &str) -> ImageInfo {
+    let list = cluster.ctr(&["images", "ls"]).expect("ctr images ls");
+    let manifest_digest = list
+        .lines()
+        .find_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w.first() == Some(&name)).then(|| w.get(2).map(|d| d.to_string()))?
+        })
+        .unwrap_or_else(|| panic!("{name} not in containerd:\n{list}"));
+    let manifest: Value = serde_json::from_str(
+        &cluster
+            .ctr(&["content", "get", &manifest_digest])
+            .expect("manifest blob"),
+    )
+    .expect("manifest JSON");
+    let config_digest = manifest["config"]["digest"]
+        .as_str()
+        .expect("config digest")
+        .to_string();
+    let config: Value = serde_json::from_str(
+        &cluster
+            .ctr(&["content", "get", &config_digest])
+            .expect("config blob"),
+    )
+    .expect("config JSON");
+    let labels = config["config"]["Labels"]
+        .as_object()
+        .expect("labels")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+        .collect();
+    ImageInfo {
+        manifest_digest,
+        config_digest,
+        labels,
+    }
+}
+
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
@@ -436,6 +481,30 @@ async fn daemonset_pod_carries_traffic_exposes_metrics_and_logs() {
     assert_eq!(cap_eff & (1 << CAP_SYS_ADMIN), 0, "no CAP_SYS_ADMIN");
     assert_eq!(status_field(pid, "NoNewPrivs"), "1");
     let prog = env.topo.xdp_prog_id().expect("XDP on the node's veth");
+
+    // The image the pod runs is the archive the build made, with its version labels.
+    let image = image_labels(cluster, &env.image);
+    assert_eq!(
+        image.labels["org.opencontainers.image.version"],
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(
+        image.labels["org.opencontainers.image.title"],
+        "marklb-agent"
+    );
+    assert!(!image.labels["org.opencontainers.image.revision"].is_empty());
+    let running_id = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .map(|c| c[0].image_id.clone())
+        .unwrap_or_default();
+    assert!(
+        running_id.ends_with(&image.config_digest) || running_id.ends_with(&image.manifest_digest),
+        "the pod runs {running_id}, the imported image is {} / {}",
+        image.manifest_digest,
+        image.config_digest
+    );
 
     // Traffic reaches every real, both families, TCP and UDP.
     let reals = env.reals();
@@ -619,25 +688,48 @@ async fn deleting_the_pod_loses_no_established_connection() {
     pods.delete(&name(&old), &DeleteParams::default())
         .await
         .expect("deleting the pod");
-    let new = env
-        .wait_pod("replacing the deleted one", Duration::from_secs(60), |p| {
-            uid(p) != uid(&old) && pod_running(p)
-        })
-        .await;
-    let to_running = t_delete.elapsed();
+    // The timeline: old agent process gone, old pod object gone, new pod created, Running, Ready.
+    let (mut agent_gone, mut old_gone, mut created) = (None, None, None);
+    let (new, to_running) = loop {
+        let pods = env.pods().await;
+        if agent_gone.is_none() && agent_pid(&env.topo.iface).is_none() {
+            agent_gone = Some(t_delete.elapsed());
+        }
+        if old_gone.is_none() && !pods.iter().any(|p| uid(p) == uid(&old)) {
+            old_gone = Some(t_delete.elapsed());
+        }
+        if let Some(p) = pods.iter().find(|p| uid(p) != uid(&old)) {
+            created.get_or_insert(t_delete.elapsed());
+            if pod_running(p) {
+                break (p.clone(), t_delete.elapsed());
+            }
+        }
+        assert!(
+            t_delete.elapsed() < Duration::from_secs(60),
+            "no new agent pod running 60 s after the deletion"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
     let new = env
         .wait_pod("Ready (new)", Duration::from_secs(60), |p| {
             uid(p) == uid(&new) && pod_ready(p)
         })
         .await;
     let to_ready = t_delete.elapsed();
+    let opt = |d: Option<Duration>| d.map(secs).unwrap_or_else(|| "-".into());
+    report(&format!(
+        "figure: agent pod restart timeline after the delete: old agent process gone {}, old pod object gone {}, new pod created {}, Running {}, Ready {}",
+        opt(agent_gone),
+        opt(old_gone),
+        opt(created),
+        secs(to_running),
+        secs(to_ready)
+    ));
     // Traffic keeps flowing a little longer through the new pod's datapath.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rep = prober.finish();
     report(&format!(
-        "figure: agent pod deleted -> new pod Running {}, Ready {}; meanwhile {} requests on {} established connections in {} rounds: {} failed, {} moved; {} new connections, {} failed; slowest round {}",
-        secs(to_running),
-        secs(to_ready),
+        "figure: during the restart {} requests on {} established connections in {} rounds: {} failed, {} moved; {} new connections, {} failed; slowest round {}",
         rep.requests,
         rep.conns.len(),
         rep.rounds,
