@@ -461,6 +461,26 @@ async fn daemonset_pod_carries_traffic_exposes_metrics_and_logs() {
         secs(to_traffic)
     ));
 
+    // Every server is the 1.20.2 build.
+    let version = env.client.apiserver_version().await.expect("/version");
+    assert_eq!(version.git_version, "v1.20.2", "{version:?}");
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(env.client.clone());
+    let info = nodes
+        .get(NODE_NAME)
+        .await
+        .expect("node")
+        .status
+        .and_then(|s| s.node_info)
+        .expect("nodeInfo");
+    assert_eq!(info.kubelet_version, "v1.20.2");
+    assert_eq!(info.kube_proxy_version, "v1.20.2");
+    assert!(
+        info.container_runtime_version
+            .starts_with("containerd://1.6."),
+        "{}",
+        info.container_runtime_version
+    );
+
     // What runs: the node's pod, host network, unprivileged, exactly the datapath's capabilities.
     let spec = pod.spec.clone().expect("spec");
     assert_eq!(spec.node_name.as_deref(), Some(NODE_NAME));
