@@ -77,7 +77,8 @@ pub const BASE_ENV: &str = "MARKLB_CLUSTER_DIR";
 pub const DEFAULT_BASE: &str = "/var/lib/marklb/clusters";
 /// Set to 1 to turn a SKIP into a failure (CI on a machine that must run the cluster).
 pub const REQUIRED_ENV: &str = "MARKLB_CLUSTER_REQUIRED";
-/// Set to 1 to copy the cluster's logs to `/tmp/marklb-cluster-logs-<pid>` when it stops.
+/// Set to 1 to copy the cluster's logs to `/tmp/marklb-cluster-logs-<pid>` when it stops (done
+/// anyway when a test of the process panicked).
 pub const KEEP_LOGS_ENV: &str = "MARKLB_CLUSTER_KEEP_LOGS";
 
 const START_TIMEOUT: Duration = Duration::from_secs(120);
@@ -1165,7 +1166,9 @@ pub fn teardown(rec: &Record) -> Vec<String> {
     }
     // 11. The directory (logs copied out first when asked).
     if !rec.dir.as_os_str().is_empty() {
-        if std::env::var(KEEP_LOGS_ENV).as_deref() == Ok("1") {
+        if std::env::var(KEEP_LOGS_ENV).as_deref() == Ok("1")
+            || TEST_PANICKED.load(std::sync::atomic::Ordering::SeqCst)
+        {
             let to = PathBuf::from(format!("/tmp/marklb-cluster-logs-{}", std::process::id()));
             let _ = fs::create_dir_all(&to);
             for e in dir_entries(&rec.dir.join("logs")).unwrap_or_default() {
@@ -1989,7 +1992,7 @@ clusterDNS: ["10.96.0.10"]
                     format!("--node-ip={NODE_IP}"),
                     format!("--hostname-override={NODE_NAME}"),
                     format!("--pod-infra-container-image={}", opts.pause.name),
-                    "--v=1".into(),
+                    "--v=2".into(),
                 ])
                 .env("PATH", &path_env),
         )?;
@@ -2084,6 +2087,9 @@ fn log_tail(dir: &Path, name: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// Set when a test of this process panicked: the cluster's logs are kept then.
+static TEST_PANICKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Records of clusters this process started and has not stopped: what the exit and signal
 /// handlers undo.
 static LIVE: Mutex<Vec<Record>> = Mutex::new(Vec::new());
@@ -2119,6 +2125,12 @@ fn install_handlers() {
     ONCE.call_once(|| {
         // SAFETY: registering a plain extern "C" function.
         unsafe { libc::atexit(on_exit) };
+        // A failing test keeps the cluster's logs (copied out when the cluster stops).
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            TEST_PANICKED.store(true, std::sync::atomic::Ordering::SeqCst);
+            previous(info)
+        }));
         let mut fds = [0i32; 2];
         // SAFETY: pipe2 fills two descriptors.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {

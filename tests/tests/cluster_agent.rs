@@ -235,11 +235,22 @@ impl Env {
 
     async fn wait_no_pods(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
-        while !self.pods().await.is_empty() {
-            assert!(
-                Instant::now() < deadline,
-                "agent pods still there after {timeout:?}"
-            );
+        loop {
+            let pods = self.pods().await;
+            if pods.is_empty() {
+                return;
+            }
+            if Instant::now() > deadline {
+                let state: Vec<String> = pods
+                    .iter()
+                    .map(|p| format!("{}: {:?}\n{:?}", name(p), p.metadata, p.status))
+                    .collect();
+                panic!(
+                    "agent pods still there {timeout:?} after the DaemonSet was deleted: {state:#?}\nkube-controller-manager:\n{}\nkubelet:\n{}",
+                    self.cluster.log_tail("kube-controller-manager", 30),
+                    self.cluster.log_tail("kubelet", 40)
+                );
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
