@@ -3,17 +3,19 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: help setup demo test lint fmt clippy unit bench crdgen clean image cluster-up cluster-down
+.PHONY: help setup setup-base demo test lint fmt clippy unit bench crdgen clean image cluster-up cluster-down
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
-setup: ## Install what a fresh Debian machine lacks (idempotent, quick when done)
-	bash scripts/setup.sh
+setup: setup-base ## Install what a fresh Debian machine lacks (idempotent, quick when done)
 	@if [ -f scripts/setup-k8s.sh ]; then bash scripts/setup-k8s.sh; fi
 	@if [ -f scripts/setup-cluster.sh ]; then bash scripts/setup-cluster.sh; fi
 
-demo: setup ## Run the network-namespace demo (root)
+setup-base: ## What the demo needs: toolchains, bpf-linker, iproute2 (no Kubernetes builds)
+	bash scripts/setup.sh
+
+demo: setup-base ## Run the network-namespace demo (root)
 	$(CARGO) build --release -p marklb-agent -p marklb-tests
 	./target/release/marklb-demo
 
