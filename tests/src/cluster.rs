@@ -56,7 +56,7 @@ use kube::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::kube_harness::{cache_dir, report, test_name};
+use crate::kube_harness::{cache_dir, random_hex, report, test_name};
 use crate::netns::{Topology, TopologyOptions, ip, run_command};
 
 /// The node's name.
@@ -1359,12 +1359,6 @@ struct Starter {
 
 fn free_port_on(ip: Ipv4Addr) -> Result<u16> {
     Ok(TcpListener::bind((ip, 0))?.local_addr()?.port())
-}
-
-fn random_hex(bytes: usize) -> String {
-    (0..bytes)
-        .map(|_| format!("{:02x}", rand::random::<u8>()))
-        .collect()
 }
 
 fn openssl(args: &[&str], cwd: &Path) -> Result<()> {
