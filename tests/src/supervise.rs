@@ -14,7 +14,10 @@
 //!   [`client_from_kubeconfig`]: what both harnesses need to run etcd and talk to an API server.
 //!
 //! Invariant: every child the supervisor started is either still in `children` (and reaped by
-//! [`Supervisor::stop_all`]) or was handed back by [`Supervisor::detach_all`].
+//! [`Supervisor::stop_all`], [`Supervisor::stop_one`] or [`Supervisor::reap_all`]), or was taken
+//! out by [`Supervisor::take_matching`] (and is reaped by [`reap`]), or was let go by
+//! [`Supervisor::detach_all`]. The supervisor is shared between threads (`&self` methods,
+//! a short lock inside, never held across an `await`).
 
 use std::{
     fs::{self, File},
@@ -23,7 +26,7 @@ use std::{
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::Arc,
+    sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
@@ -50,7 +53,7 @@ pub struct SpawnOptions {
 /// The processes of one harness and their logs.
 pub struct Supervisor {
     logs: PathBuf,
-    children: Vec<(String, Child)>,
+    children: Mutex<Vec<(String, Child)>>,
 }
 
 impl std::fmt::Debug for Supervisor {
@@ -68,18 +71,26 @@ impl Supervisor {
         fs::create_dir_all(logs).with_context(|| format!("creating {}", logs.display()))?;
         Ok(Self {
             logs: logs.to_path_buf(),
-            children: Vec::new(),
+            children: Mutex::new(Vec::new()),
         })
     }
 
-    /// The log of process `name`.
+    fn children(&self) -> MutexGuard<'_, Vec<(String, Child)>> {
+        self.children.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The log of process `name` (a name `node/process` logs to `<logs>/node/process.log`).
     pub fn log_path(&self, name: &str) -> PathBuf {
         self.logs.join(format!("{name}.log"))
     }
 
     /// Starts `cmd` as process `name`; its PID.
-    pub fn spawn(&mut self, name: &str, cmd: &mut Command, opts: &SpawnOptions) -> Result<u32> {
-        let log = File::create(self.log_path(name))?;
+    pub fn spawn(&self, name: &str, cmd: &mut Command, opts: &SpawnOptions) -> Result<u32> {
+        let path = self.log_path(name);
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        let log = File::create(&path)?;
         let cwd = opts
             .cwd
             .clone()
@@ -106,24 +117,24 @@ impl Supervisor {
         }
         let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
         let pid = child.id();
-        self.children.push((name.to_string(), child));
+        self.children().push((name.to_string(), child));
         Ok(pid)
     }
 
     /// Names of the processes started, in order.
     pub fn names(&self) -> Vec<String> {
-        self.children.iter().map(|(n, _)| n.clone()).collect()
+        self.children().iter().map(|(n, _)| n.clone()).collect()
     }
 
     /// PIDs of the processes started, in order.
     pub fn pids(&self) -> Vec<u32> {
-        self.children.iter().map(|(_, c)| c.id()).collect()
+        self.children().iter().map(|(_, c)| c.id()).collect()
     }
 
     /// Fails with its log tail if a process exited.
-    pub fn check_alive(&mut self) -> Result<()> {
+    pub fn check_alive(&self) -> Result<()> {
         let mut dead = None;
-        for (name, child) in &mut self.children {
+        for (name, child) in self.children().iter_mut() {
             if let Some(status) = child.try_wait()? {
                 dead = Some((name.clone(), status));
                 break;
@@ -141,7 +152,7 @@ impl Supervisor {
     /// Polls `ready` every `poll` until it says true; fails when a process exits, or after
     /// `timeout` with the last error `ready` returned and every log tail.
     pub async fn wait_until<F, Fut>(
-        &mut self,
+        &self,
         what: &str,
         timeout: Duration,
         poll: Duration,
@@ -178,52 +189,86 @@ impl Supervisor {
 
     /// The last `n` lines of every process's log, headed by its name.
     pub fn all_log_tails(&self, n: usize) -> String {
-        self.children
+        self.names()
             .iter()
-            .map(|(name, _)| format!("--- {name}:\n{}", self.log_tail(name, n)))
+            .map(|name| format!("--- {name}:\n{}", self.log_tail(name, n)))
             .collect::<Vec<_>>()
             .join("\n")
     }
 
     /// Stops the processes, newest first: SIGTERM to each one's process group, SIGKILL after
     /// `grace`; reaps them.
-    pub fn stop_all(&mut self, grace: Duration) {
-        while let Some((_, mut child)) = self.children.pop() {
-            let pid = child.id() as libc::pid_t;
-            if matches!(child.try_wait(), Ok(None)) {
-                // SAFETY: kill(2) of the process group (session) we created for this child.
-                unsafe { libc::kill(-pid, libc::SIGTERM) };
-                let deadline = Instant::now() + grace;
-                while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                if matches!(child.try_wait(), Ok(None)) {
-                    // SAFETY: as above.
-                    unsafe { libc::kill(-pid, libc::SIGKILL) };
-                }
-            }
-            let _ = child.wait();
+    pub fn stop_all(&self, grace: Duration) {
+        while let Some((_, child)) = self.children().pop() {
+            stop_child(child, grace);
         }
     }
 
-    /// Reaps children that are gone already (their processes were stopped by PID elsewhere)
-    /// and forgets the rest: they keep running, nobody waits for them.
-    pub fn detach_all(&mut self) {
-        for (_, c) in &mut self.children {
-            let _ = c.try_wait();
-        }
-        self.children.clear();
+    /// Stops process `name` as [`stop_all`](Self::stop_all) does and forgets it; whether it
+    /// was there.
+    pub fn stop_one(&self, name: &str, grace: Duration) -> bool {
+        let child = {
+            let mut children = self.children();
+            let Some(i) = children.iter().position(|(n, _)| n == name) else {
+                return false;
+            };
+            children.remove(i).1
+        };
+        stop_child(child, grace);
+        true
+    }
+
+    /// Takes the processes whose names `matches` out of supervision (a wait no longer fails
+    /// when they exit): the caller stops them, then hands them to [`reap`].
+    pub fn take_matching(&self, matches: impl Fn(&str) -> bool) -> Vec<Child> {
+        let mut children = self.children();
+        let (gone, kept): (Vec<_>, Vec<_>) = children.drain(..).partition(|(n, _)| matches(n));
+        *children = kept;
+        gone.into_iter().map(|(_, c)| c).collect()
     }
 
     /// Kills and reaps every child still running (after they were stopped by PID elsewhere).
-    pub fn reap_all(&mut self) {
-        for (_, mut c) in self.children.drain(..) {
-            if matches!(c.try_wait(), Ok(None)) {
-                let _ = c.kill();
-            }
-            let _ = c.wait();
+    pub fn reap_all(&self) {
+        reap(self.take_matching(|_| true));
+    }
+
+    /// Reaps children that are gone already and forgets the rest: they keep running, nobody
+    /// waits for them.
+    pub fn detach_all(&self) {
+        let mut children = self.children();
+        for (_, c) in children.iter_mut() {
+            let _ = c.try_wait();
+        }
+        children.clear();
+    }
+}
+
+/// Kills (if still running) and reaps `children`.
+pub fn reap(children: Vec<Child>) {
+    for mut c in children {
+        if matches!(c.try_wait(), Ok(None)) {
+            let _ = c.kill();
+        }
+        let _ = c.wait();
+    }
+}
+
+/// SIGTERM to the child's process group (its session), SIGKILL after `grace`; reaps it.
+fn stop_child(mut child: Child, grace: Duration) {
+    let pid = child.id() as libc::pid_t;
+    if matches!(child.try_wait(), Ok(None)) {
+        // SAFETY: kill(2) of the process group (session) we created for this child.
+        unsafe { libc::kill(-pid, libc::SIGTERM) };
+        let deadline = Instant::now() + grace;
+        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if matches!(child.try_wait(), Ok(None)) {
+            // SAFETY: as above.
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
         }
     }
+    let _ = child.wait();
 }
 
 /// The last `n` lines of a file (empty when it cannot be read).
@@ -355,7 +400,7 @@ mod tests {
     #[tokio::test]
     async fn a_process_that_exits_fails_the_wait_with_its_log() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Supervisor::new(&dir.path().join("logs")).unwrap();
+        let s = Supervisor::new(&dir.path().join("logs")).unwrap();
         s.spawn(
             "quitter",
             Command::new("sh").args(["-c", "echo bye; exit 3"]),
@@ -381,7 +426,7 @@ mod tests {
     #[tokio::test]
     async fn stop_all_ends_and_reaps_a_running_process() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Supervisor::new(&dir.path().join("logs")).unwrap();
+        let s = Supervisor::new(&dir.path().join("logs")).unwrap();
         let pid = s
             .spawn(
                 "sleeper",

@@ -1,20 +1,25 @@
-//! The agent as a real DaemonSet pod on a real one-node cluster (kubelet 1.20 + containerd,
-//! `marklb_tests::cluster`), from the image `scripts/image/build.sh` builds, carrying real
-//! traffic.
+//! The agent as a real DaemonSet pod on a real two-node cluster (kubelet 1.20 + containerd per
+//! node, each node in its own network and mount namespaces, `marklb_tests::cluster`), from the
+//! image `scripts/image/build.sh` builds, carrying real traffic.
 //!
-//! Each test builds a topology in network namespaces around a veth on the node (client and
+//! Each test builds a topology in network namespaces around a veth on node 2 (client and
 //! router in namespaces, DSR reals that decapsulate with `marklb-decap`, the load balancer's
-//! end of the link on the node), deploys the test manifests of `tests/manifests/agent-daemonset`
-//! (its own namespace, interface and metrics port) and lets the agent pod attach to the veth:
+//! end of the link in the node's network namespace), deploys the test manifests of
+//! `tests/manifests/agent-daemonset` (its own namespace, interface and metrics port, a node
+//! selector for node 2) and lets the agent pod attach to the veth. Where it matters, node 1
+//! runs an agent of its own at the same time, for its own VIP and topology: each node's traffic
+//! goes through its own agent only, and what happens to one node's agent leaves the other's
+//! alone.
 //!
 //! - `daemonset_pod_carries_traffic_exposes_metrics_and_logs`: TCP and UDP (IPv4 and IPv6 VIPs)
 //!   reach every real through the pod's datapath; the pod runs unprivileged with exactly
-//!   CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (read from the process); `/metrics` scrapes, parses
-//!   and passes `promtool check metrics` with counters that match the traffic; `kubectl logs`
-//!   shows the agent's JSON logs.
+//!   CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (read from the process) in node 2's network
+//!   namespace; `/metrics` scrapes, parses and passes `promtool check metrics` with counters
+//!   that match the traffic; `kubectl logs` shows the agent's JSON logs. Node 1's agent serves
+//!   its own VIP meanwhile and counts none of node 2's packets (nor node 2's agent node 1's).
 //! - `deleting_the_pod_loses_no_established_connection`: connections carry requests without
 //!   a single failure while the pod is deleted and the DaemonSet brings a new one, which adopts
-//!   the pinned datapath (and resumes installing flow marks).
+//!   the pinned datapath (and resumes installing flow marks); node 1's agent pod is not touched.
 //! - `bad_configmap_is_rejected_while_the_last_good_state_serves`: a ConfigMap change is applied;
 //!   a bad one is rejected (metrics, logs) while the last good state keeps serving and the pod
 //!   stays Ready; fixing it applies again.
@@ -23,12 +28,13 @@
 //!   DaemonSet removes it from the interface and bpffs, and the VIPs stop answering.
 //!
 //! One cluster serves the whole binary; the tests run one at a time. When the machine cannot
-//! run the cluster, they print SKIP with the reason.
+//! run the cluster, they print SKIP with the reason. With `MARKLB_CLUSTER_NODES=1` the tests
+//! run on the single node and leave out the second agent.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -44,7 +50,7 @@ use kube::{
 use marklb_agent::decap::Decap;
 use marklb_tests::{
     agent_proc::{Manifest, Scrape, attach_decaps, http_get, promtool_check},
-    cluster::{self, Cluster, NODE_IP, NODE_NAME, NodeTopology, render},
+    cluster::{Cluster, NodeInfo, NodeTopology, render},
     cluster_or_skip,
     kube_harness::{apply_value, report, yaml_documents},
     netns::{
@@ -57,6 +63,9 @@ const TCP_PORT: u16 = 80;
 const UDP_PORT: u16 = 53;
 const VIP4: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
 const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 1);
+/// The VIPs of node 1's own agent (when there is a second node).
+const OTHER_VIP4: Ipv4Addr = Ipv4Addr::new(10, 99, 1, 1);
+const OTHER_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x99, 1, 0, 0, 0, 0, 1);
 const T: Duration = Duration::from_secs(3);
 const SELECTOR: &str = "app.kubernetes.io/name=marklb-agent";
 
@@ -70,10 +79,13 @@ fn manifests_dir() -> PathBuf {
     ))
 }
 
-/// A test's namespace, topology, reals and agent DaemonSet.
+/// A test's namespace, topology, reals and agent DaemonSet, on one node.
 struct Env {
     cluster: &'static Cluster,
+    node: NodeInfo,
     client: Client,
+    vip4: Ipv4Addr,
+    vip6: Ipv6Addr,
     ns: String,
     port: u16,
     image: String,
@@ -94,11 +106,7 @@ impl Drop for Env {
             "--wait=false",
             "--ignore-not-found",
         ]);
-        let _ = std::fs::remove_dir_all(
-            PathBuf::from(cluster::BPFFS)
-                .join("marklb")
-                .join(&self.topo.iface),
-        );
+        let _ = std::fs::remove_dir_all(self.node.pins(&self.topo.iface));
     }
 }
 
@@ -129,29 +137,55 @@ fn restarts(p: &Pod) -> i32 {
         .unwrap_or(0)
 }
 
+/// The node the tests run on: the last one (node 2 of 2).
+fn test_node(cluster: &Cluster) -> NodeInfo {
+    cluster.nodes().pop().expect("a node")
+}
+
+/// Node 1, when the test's node is another one.
+fn other_node(cluster: &Cluster) -> Option<NodeInfo> {
+    let nodes = cluster.nodes();
+    (nodes.len() > 1).then(|| nodes[0].clone())
+}
+
 impl Env {
+    /// The test's environment on node 2 (the last node).
     async fn new(cluster: &'static Cluster, name: &str) -> Env {
+        Env::on(cluster, name, test_node(cluster), VIP4, VIP6).await
+    }
+
+    /// An environment on `node` for VIPs `vip4`, `vip6`.
+    async fn on(
+        cluster: &'static Cluster,
+        name: &str,
+        node: NodeInfo,
+        vip4: Ipv4Addr,
+        vip6: Ipv6Addr,
+    ) -> Env {
         let client = cluster.client().await.expect("client");
         let ns = format!("e2e-{name}");
-        let topo = NodeTopology::build(TopologyOptions {
-            reals: 2,
-            vips_v4: vec![VIP4],
-            vips_v6: vec![VIP6],
-            client_mtu: 1400,
-            ..Default::default()
-        })
+        let topo = NodeTopology::build(
+            &node,
+            TopologyOptions {
+                reals: 2,
+                vips_v4: vec![vip4],
+                vips_v6: vec![vip6],
+                client_mtu: 1400,
+                ..Default::default()
+            },
+        )
         .expect("building the topology around a veth on the node");
         let decaps = attach_decaps(&topo).expect("decapsulation on the reals");
         let servers = Servers::start(&topo, TCP_PORT, UDP_PORT).expect("servers on the reals");
-        let port = std::net::TcpListener::bind((NODE_IP, 0))
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = node.free_port().expect("a free port on the node");
         let manifest = Manifest::for_topology(&topo, TCP_PORT, UDP_PORT);
-        let image = cluster::images().expect("images").agent.name;
+        let image = marklb_tests::cluster::images().expect("images").agent.name;
         let env = Env {
             cluster,
+            node,
             client,
+            vip4,
+            vip6,
             ns,
             port,
             image,
@@ -191,16 +225,24 @@ impl Env {
         docs.remove(0)
     }
 
-    /// Applies the DaemonSet with `extra` arguments for `marklb-agent run`.
+    /// Applies the DaemonSet, for this environment's node only, with `extra` arguments for
+    /// `marklb-agent run`.
     async fn deploy(&self, extra: &[&str]) -> Value {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let node = self.node.name.clone();
         self.apply_file("daemonset.yaml", |v| {
-            let args = v["spec"]["template"]["spec"]["containers"][0]["args"]
-                .as_array_mut()
-                .expect("args");
+            let pod = &mut v["spec"]["template"]["spec"];
+            pod["nodeSelector"] = serde_json::json!({ "kubernetes.io/hostname": node });
+            let args = pod["containers"][0]["args"].as_array_mut().expect("args");
             args.extend(extra.into_iter().map(Value::from));
         })
         .await
+    }
+
+    /// The node's kubelet log, last `n` lines.
+    fn kubelet_log(&self, n: usize) -> String {
+        self.cluster
+            .log_tail(&format!("{}/kubelet", self.node.name), n)
     }
 
     async fn pods(&self) -> Vec<Pod> {
@@ -226,7 +268,7 @@ impl Env {
                     .collect();
                 panic!(
                     "no agent pod {what} after {timeout:?}: {state:#?}\nkubelet:\n{}",
-                    self.cluster.log_tail("kubelet", 30)
+                    self.kubelet_log(30)
                 );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -248,7 +290,7 @@ impl Env {
                 panic!(
                     "agent pods still there {timeout:?} after the DaemonSet was deleted: {state:#?}\nkube-controller-manager:\n{}\nkubelet:\n{}",
                     self.cluster.log_tail("kube-controller-manager", 30),
-                    self.cluster.log_tail("kubelet", 40)
+                    self.kubelet_log(40)
                 );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -274,7 +316,7 @@ impl Env {
             left.iter()
                 .map(|p| format!("{}: {:?}", name(p), p.status))
                 .collect::<Vec<_>>(),
-            self.cluster.log_tail("kubelet", 40)
+            self.kubelet_log(40)
         );
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &self.ns);
         for p in &left {
@@ -305,7 +347,7 @@ impl Env {
     }
 
     fn metrics_addr(&self) -> SocketAddr {
-        SocketAddr::new(IpAddr::V4(NODE_IP), self.port)
+        SocketAddr::new(IpAddr::V4(self.node.ip), self.port)
     }
 
     fn scrape(&self) -> Scrape {
@@ -330,11 +372,11 @@ impl Env {
     }
 
     fn vip4(&self) -> SocketAddr {
-        SocketAddr::new(IpAddr::V4(VIP4), TCP_PORT)
+        SocketAddr::new(IpAddr::V4(self.vip4), TCP_PORT)
     }
 
     fn vip6(&self) -> SocketAddr {
-        SocketAddr::new(IpAddr::V6(VIP6), TCP_PORT)
+        SocketAddr::new(IpAddr::V6(self.vip6), TCP_PORT)
     }
 
     fn reals(&self) -> BTreeSet<String> {
@@ -391,9 +433,12 @@ impl Env {
     }
 
     fn pins(&self) -> PathBuf {
-        PathBuf::from(cluster::BPFFS)
-            .join("marklb")
-            .join(&self.topo.iface)
+        self.node.pins(&self.topo.iface)
+    }
+
+    /// Packets the agent's datapath forwarded so far (every path).
+    fn forwarded(&self) -> f64 {
+        self.scrape().sum("marklb_real_packets_total", &[])
     }
 }
 
@@ -425,9 +470,9 @@ struct ImageInfo {
     labels: BTreeMap<String, String>,
 }
 
-/// An image in the node's containerd: its digests and labels (from the stored blobs).
-fn image_labels(cluster: &Cluster, name: &str) -> ImageInfo {
-    let list = cluster.ctr(&["images", "ls"]).expect("ctr images ls");
+/// An image in a node's containerd: its digests and labels (from the stored blobs).
+fn image_labels(cluster: &Cluster, node: &str, name: &str) -> ImageInfo {
+    let list = cluster.ctr(node, &["images", "ls"]).expect("ctr images ls");
     let manifest_digest = list
         .lines()
         .find_map(|l| {
@@ -437,7 +482,7 @@ fn image_labels(cluster: &Cluster, name: &str) -> ImageInfo {
         .unwrap_or_else(|| panic!("{name} not in containerd:\n{list}"));
     let manifest: Value = serde_json::from_str(
         &cluster
-            .ctr(&["content", "get", &manifest_digest])
+            .ctr(node, &["content", "get", &manifest_digest])
             .expect("manifest blob"),
     )
     .expect("manifest JSON");
@@ -447,7 +492,7 @@ fn image_labels(cluster: &Cluster, name: &str) -> ImageInfo {
         .to_string();
     let config: Value = serde_json::from_str(
         &cluster
-            .ctr(&["content", "get", &config_digest])
+            .ctr(node, &["content", "get", &config_digest])
             .expect("config blob"),
     )
     .expect("config JSON");
@@ -478,6 +523,14 @@ async fn daemonset_pod_carries_traffic_exposes_metrics_and_logs() {
     let cluster = cluster_or_skip!();
     let _serial = SERIAL.lock().await;
     let env = Env::new(cluster, "traffic").await;
+    // Node 1's own agent, VIP and topology, running at the same time.
+    let other = match other_node(cluster) {
+        Some(n) => Some(Env::on(cluster, "traffic-other", n, OTHER_VIP4, OTHER_VIP6).await),
+        None => None,
+    };
+    if let Some(o) = &other {
+        o.deploy(&[]).await;
+    }
 
     let t_apply = Instant::now();
     env.deploy(&[]).await;
@@ -513,7 +566,7 @@ async fn daemonset_pod_carries_traffic_exposes_metrics_and_logs() {
     assert_eq!(version.git_version, "v1.20.2", "{version:?}");
     let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(env.client.clone());
     let info = nodes
-        .get(NODE_NAME)
+        .get(&env.node.name)
         .await
         .expect("node")
         .status
@@ -530,7 +583,7 @@ async fn daemonset_pod_carries_traffic_exposes_metrics_and_logs() {
 
     // What runs: the node's pod, host network, unprivileged, exactly the datapath's capabilities.
     let spec = pod.spec.clone().expect("spec");
-    assert_eq!(spec.node_name.as_deref(), Some(NODE_NAME));
+    assert_eq!(spec.node_name.as_deref(), Some(env.node.name.as_str()));
     assert_eq!(spec.host_network, Some(true));
     let sc = spec.containers[0]
         .security_context
@@ -539,6 +592,11 @@ async fn daemonset_pod_carries_traffic_exposes_metrics_and_logs() {
     assert_eq!(sc.privileged, Some(false));
     assert_eq!(sc.allow_privilege_escalation, Some(false));
     let pid = agent_pid(&env.topo.iface).expect("the agent's process on the node");
+    assert_eq!(
+        marklb_tests::netns::netns_inode(Path::new(&format!("/proc/{pid}"))),
+        env.node.netns_inode(),
+        "the host-network pod runs in its node's network namespace"
+    );
     let cap_eff = u64::from_str_radix(&status_field(pid, "CapEff"), 16).expect("CapEff");
     let want = (1u64 << CAP_NET_ADMIN) | (1u64 << CAP_PERFMON) | (1u64 << CAP_BPF);
     assert_eq!(
@@ -550,7 +608,7 @@ async fn daemonset_pod_carries_traffic_exposes_metrics_and_logs() {
     let prog = env.topo.xdp_prog_id().expect("XDP on the node's veth");
 
     // The image the pod runs is the archive the build made, with its version labels.
-    let image = image_labels(cluster, &env.image);
+    let image = image_labels(cluster, &env.node.name, &env.image);
     assert_eq!(
         image.labels["org.opencontainers.image.version"],
         env!("CARGO_PKG_VERSION")
@@ -644,7 +702,10 @@ async fn daemonset_pod_carries_traffic_exposes_metrics_and_logs() {
     let attached = env.log_events(&pod, "datapath attached");
     assert_eq!(attached.len(), 1, "{logs}");
     assert_eq!(attached[0]["fields"]["iface"], env.topo.iface.as_str());
-    assert_eq!(attached[0]["fields"]["node"], NODE_NAME);
+    assert_eq!(attached[0]["fields"]["node"], env.node.name.as_str());
+    if let Some(o) = &other {
+        each_node_through_its_own_agent(&env, o).await;
+    }
     assert_eq!(attached[0]["fields"]["hw_backend"], "emulated");
     assert!(
         !env.log_events(&pod, "configuration applied").is_empty(),
@@ -664,6 +725,64 @@ async fn daemonset_pod_carries_traffic_exposes_metrics_and_logs() {
     let agent_rss = status_field(pid, "VmRSS");
     report(&format!("figure: agent pod process RSS {agent_rss}"));
     env.finish().await;
+}
+
+/// Two agents on two nodes, each with its own VIPs: traffic to one node's VIPs goes through
+/// that node's agent (its counters grow, the other's stay), each agent's program is the one on
+/// its own node's interface, and pins are only in the node's own bpffs.
+async fn each_node_through_its_own_agent(env: &Env, other: &Env) {
+    other
+        .wait_pod("Ready (node 1)", Duration::from_secs(60), pod_ready)
+        .await;
+    assert_ne!(env.node.name, other.node.name);
+    for e in [env, other] {
+        let s = e.scrape();
+        let prog = e.topo.xdp_prog_id().expect("XDP on the node's veth");
+        assert_eq!(
+            s.get(
+                "marklb_datapath_info",
+                &[
+                    ("interface", e.topo.iface.as_str()),
+                    ("program_id", prog.to_string().as_str())
+                ]
+            ),
+            1.0,
+            "the agent on {} reports the program on its own node's interface",
+            e.node.name
+        );
+        assert!(e.pins().join("xdp_link").exists(), "{} pins", e.node.name);
+    }
+    assert!(
+        !other.node.pins(&env.topo.iface).exists() && !env.node.pins(&other.topo.iface).exists(),
+        "each node's bpffs holds only its own agent's pins"
+    );
+    // Node 2's traffic: node 2's agent forwards it, node 1's sees none of it; and back.
+    for (through, idle) in [(env, other), (other, env)] {
+        let (before_through, before_idle) = (through.forwarded(), idle.forwarded());
+        let t = through
+            .tcp_reals(through.vip4(), 20)
+            .expect("TCP through the node's own agent");
+        assert_eq!(t.keys().cloned().collect::<BTreeSet<_>>(), through.reals());
+        let u = through.udp_reals(IpAddr::V6(through.vip6), 20);
+        assert_eq!(u.keys().cloned().collect::<BTreeSet<_>>(), through.reals());
+        let (after_through, after_idle) = (through.forwarded(), idle.forwarded());
+        assert!(
+            after_through >= before_through + 40.0,
+            "{}'s agent forwarded {} packets for 40 flows",
+            through.node.name,
+            after_through - before_through
+        );
+        assert_eq!(
+            after_idle, before_idle,
+            "{}'s agent forwarded packets of {}'s traffic",
+            idle.node.name, through.node.name
+        );
+    }
+    report(&format!(
+        "{} and {} each carried their own traffic through their own agent only",
+        env.node.name, other.node.name
+    ));
+    other.finish().await;
 }
 
 /// Requests on established connections and new connections, in a loop, while the pod restarts.
@@ -734,10 +853,24 @@ async fn deleting_the_pod_loses_no_established_connection() {
     let cluster = cluster_or_skip!();
     let _serial = SERIAL.lock().await;
     let env = Env::new(cluster, "restart").await;
+    let other = match other_node(cluster) {
+        Some(n) => Some(Env::on(cluster, "restart-other", n, OTHER_VIP4, OTHER_VIP6).await),
+        None => None,
+    };
+    if let Some(o) = &other {
+        o.deploy(&[]).await;
+    }
     env.deploy(&[]).await;
     let old = env
         .wait_pod("Ready", Duration::from_secs(60), pod_ready)
         .await;
+    let other_pod = match &other {
+        Some(o) => Some(
+            o.wait_pod("Ready", Duration::from_secs(60), pod_ready)
+                .await,
+        ),
+        None => None,
+    };
     let prog_before = env.topo.xdp_prog_id().expect("XDP attached");
 
     let mut conns = tcp_connect_many(&env.topo.client.ns, env.vip4(), 16, T).expect("v4 conns");
@@ -851,6 +984,16 @@ async fn deleting_the_pod_loses_no_established_connection() {
         let want = c.real.clone();
         assert_eq!(c.request("after").expect("request after the restart"), want);
         c.close();
+    }
+    // Node 1's agent pod was not touched, and serves.
+    if let (Some(o), Some(p)) = (&other, &other_pod) {
+        let now = o.pods().await;
+        assert_eq!(now.len(), 1, "one agent pod on {}", o.node.name);
+        assert_eq!(uid(&now[0]), uid(p), "node 1's pod is the same pod");
+        assert_eq!(restarts(&now[0]), 0);
+        let t = o.tcp_reals(o.vip4(), 8).expect("node 1 serves");
+        assert_eq!(t.keys().cloned().collect::<BTreeSet<_>>(), o.reals());
+        o.finish().await;
     }
     env.finish().await;
 }

@@ -1,13 +1,17 @@
-//! The one-node cluster leaves nothing behind on the host: not when it is stopped, not when
-//! the process that runs it is interrupted (SIGINT), and not when that process is killed
-//! (SIGKILL: `marklb-cluster down`, i.e. `make cluster-down`, undoes it from the record).
+//! The cluster (two nodes, a third added and removed while it runs) leaves nothing behind on
+//! the host: not when it is stopped, not when the process that runs it is interrupted
+//! (SIGINT), and not when that process is killed (SIGKILL: `marklb-cluster down`, i.e.
+//! `make cluster-down`, undoes it from the record); nor does a node removed from a running
+//! cluster.
 //!
-//! Each test captures [`HostState`] (iptables of both families, the sysctls kubelet,
-//! kube-proxy and CNI change, host directories, mounts, cgroups, processes, links, addresses
-//! on lo, the bpffs) before the cluster starts, checks that the running cluster with workloads
-//! (a pod on the CNI bridge with a host port, a Service, the agent DaemonSet pinning its
-//! datapath) changed it in all those places (so the comparison can fail), and that it is
-//! back to the same after.
+//! Each test captures [`HostState`] (iptables of both families, sysctls, the host directories
+//! kubelet and containerd use, named network namespaces, mounts, cgroups, processes, links,
+//! addresses on lo, the host's bpffs and its pins) before the cluster starts, checks that the
+//! running cluster with workloads (a pod on a node's CNI bridge with a host port, a Service,
+//! the agent DaemonSet pinning its datapath) changed the host where a node must (its network
+//! namespace, cgroup root, veth, processes, kubelet's machine-wide sysctls: so the comparison
+//! can fail) and nowhere a node must not (iptables, the contents of `/var/log/pods` and the
+//! other node-private directories, the host's pins), and that it is back to the same after.
 //!
 //! Needs root; prints SKIP with the reason when the machine cannot run the cluster.
 
@@ -23,8 +27,8 @@ use std::{
 use marklb_tests::{
     agent_proc::Manifest,
     cluster::{
-        self, Availability, CNI_BRIDGE, Cluster, ClusterOptions, HostState, MachineLock, NODE_IP,
-        NodeTopology, Record, render,
+        self, Availability, Cluster, ClusterOptions, HOST_PATHS, HostState, MachineLock,
+        NODES_BRIDGE, NodeOptions, NodeTopology, Record, node::PRIVATE_DIRS, render,
     },
     kube_harness::{apply_value, report, yaml_documents},
     netns::TopologyOptions,
@@ -42,7 +46,7 @@ fn can_run(test: &str) -> bool {
                 panic!("{test}: the cluster cannot run here: {why}");
             }
             report(&format!(
-                "SKIP {test}: one-node cluster not available: {why}"
+                "SKIP {test}: the test cluster is not available: {why}"
             ));
             false
         }
@@ -114,32 +118,49 @@ fn start_workload(kubeconfig: &Path, pause: &str) {
     );
 }
 
-/// What a running cluster must have changed, so the before/after comparison means something.
-fn assert_changed(diff: &[String], pins: Option<&str>) {
+/// What a running cluster of `nodes` nodes must have changed on the host, so the before/after
+/// comparison means something; and what it must not have changed (each node's own network and
+/// mount namespaces keep it off the host).
+fn assert_changed(diff: &[String], nodes: usize) {
     let has = |needle: &str| diff.iter().any(|d| d.contains(needle));
     let mut want = vec![
-        "KUBE-SERVICES",
-        "KUBE-FIREWALL",
-        "CNI-HOSTPORT-DNAT",
-        "\"/var/log/pods\"",
-        "\"/var/lib/cni\"",
-        "\"kubepods\"",
-        "containerd-shim-runc-v2",
-        "kubelet",
-        CNI_BRIDGE,
-        "10.203.255.1/32",
-        "mount: new",
-        "net/ipv4/ip_forward",
-        "route_localnet",
+        "containerd-shim-runc-v2".to_string(),
+        "kubelet".into(),
+        "kube-proxy".into(),
+        format!("link: new \"{NODES_BRIDGE}\""),
+        "sysctl /proc/sys/".into(),
     ];
-    if let Some(p) = pins {
-        want.push(p);
+    for i in 1..=nodes {
+        want.push(format!("netns: new \"marklb-node-{i}\""));
+        want.push(format!("link: new \"mlbh{i}\""));
+        want.push(format!("new \"marklb-node-{i}\"")); // the cgroup root
     }
-    let missing: Vec<&&str> = want.iter().filter(|w| !has(w)).collect();
+    let missing: Vec<&String> = want.iter().filter(|w| !has(w)).collect();
     assert!(
         missing.is_empty(),
         "the running cluster should show {missing:?} in the host state; the diff was:\n{}",
         diff.join("\n")
+    );
+    // The node-private directories' mount points may be made (empty) on the host; nothing may
+    // appear below them or elsewhere in the host directories.
+    let mount_point = |d: &str| {
+        PRIVATE_DIRS
+            .iter()
+            .any(|(target, _)| d == format!("path: new \"{target}\""))
+    };
+    let private = |d: &&String| {
+        d.starts_with("iptables")
+            || d.starts_with("pin:")
+            || d.starts_with("bpffs")
+            || d.starts_with("address on lo")
+            || (HOST_PATHS.iter().any(|p| d.contains(&format!("\"{p}/"))) && !mount_point(d))
+            || (d.starts_with("sysctl /proc/sys/net/"))
+            || (d.starts_with("link:") && d.contains("mlbcni"))
+    };
+    let leaked: Vec<&String> = diff.iter().filter(private).collect();
+    assert!(
+        leaked.is_empty(),
+        "the nodes' own namespaces should keep these off the host: {leaked:#?}"
     );
 }
 
@@ -166,15 +187,38 @@ async fn stopping_the_cluster_leaves_nothing_behind() {
         ClusterOptions {
             pause: images.pause.clone(),
             images: vec![images.agent.clone()],
+            nodes: vec![NodeOptions::default(); 2],
             detached: false,
         },
         lock,
     )
     .expect("starting the cluster");
-    start_workload(c.kubeconfig(), &images.pause.name);
+    start_workload(&c.kubeconfig(), &images.pause.name);
 
-    // The agent DaemonSet on a veth of the node: its datapath is pinned in the bpffs.
-    let topo = NodeTopology::build(TopologyOptions::default()).expect("topology");
+    // A third node joins and leaves: nothing of it may stay on the host.
+    let with_two = HostState::capture();
+    let third = c
+        .add_node(NodeOptions::default())
+        .await
+        .expect("adding a node");
+    let grown = HostState::capture().diff(&with_two);
+    assert!(
+        grown
+            .iter()
+            .any(|d| d.contains(&format!("netns: new \"{}\"", third.name))),
+        "the added node shows on the host: {grown:#?}"
+    );
+    c.remove_node(&third.name).await.expect("removing the node");
+    let left = HostState::capture().diff(&with_two);
+    assert!(
+        left.iter()
+            .all(|d| !d.contains(&third.name) && !d.contains("mlbh3")),
+        "the removed node left: {left:#?}"
+    );
+
+    // The agent DaemonSet on a veth of node 2: its datapath is pinned in node 2's bpffs.
+    let node = c.nth_node(2);
+    let topo = NodeTopology::build(&node, TopologyOptions::default()).expect("topology");
     let client = c.client().await.expect("client");
     let vars = [
         ("NAMESPACE", "teardown".to_string()),
@@ -182,12 +226,7 @@ async fn stopping_the_cluster_leaves_nothing_behind() {
         ("INTERFACE", topo.iface.clone()),
         (
             "METRICS_PORT",
-            TcpListener::bind((NODE_IP, 0))
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-                .to_string(),
+            node.free_port().expect("a port").to_string(),
         ),
     ];
     let dir = PathBuf::from(concat!(
@@ -200,9 +239,13 @@ async fn stopping_the_cluster_leaves_nothing_behind() {
         if f == "configmap.yaml" {
             v["data"]["lb.yaml"] = Value::from(Manifest::for_topology(&topo, 80, 53).to_yaml());
         }
+        if f == "daemonset.yaml" {
+            v["spec"]["template"]["spec"]["nodeSelector"] =
+                serde_json::json!({ "kubernetes.io/hostname": node.name });
+        }
         apply_value(&client, &v, "teardown-test").await.expect(f);
     }
-    let pins = Path::new(cluster::BPFFS).join("marklb").join(&topo.iface);
+    let pins = node.pins(&topo.iface);
     let deadline = Instant::now() + Duration::from_secs(60);
     while topo.xdp_prog_id().is_none() || !pins.join("xdp_link").exists() {
         assert!(Instant::now() < deadline, "the agent pod did not attach");
@@ -211,7 +254,7 @@ async fn stopping_the_cluster_leaves_nothing_behind() {
     drop(topo);
 
     let running = HostState::capture().diff(&before);
-    assert_changed(&running, Some(&pins.display().to_string()));
+    assert_changed(&running, 2);
     report(&format!(
         "{test}: the running cluster changed {} things on the host",
         running.len()
@@ -229,8 +272,28 @@ async fn stopping_the_cluster_leaves_nothing_behind() {
     drop(lock);
 }
 
+/// `marklb-cluster up --foreground` as a child process. Dropped while it still runs (a failed
+/// assertion), it is interrupted and waited for, so the cluster it runs is stopped and undone
+/// before the next test wants the machine.
+struct CliCluster(Child);
+
+impl Drop for CliCluster {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            // SAFETY: kill(2) of our child.
+            unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGINT) };
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// `marklb-cluster up --foreground`, started; returns it and its kubeconfig once READY.
-fn cli_up() -> (Child, PathBuf) {
+fn cli_up() -> (CliCluster, PathBuf) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_marklb-cluster"))
         .args(["up", "--foreground"])
         .stdin(Stdio::null())
@@ -239,6 +302,7 @@ fn cli_up() -> (Child, PathBuf) {
         .spawn()
         .expect("marklb-cluster up --foreground");
     let out = child.stdout.take().unwrap();
+    let child = CliCluster(child);
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(out).lines().map_while(Result::ok) {
@@ -283,10 +347,10 @@ fn an_interrupted_or_killed_cluster_is_undone() {
     let (mut child, kc) = cli_up();
     start_workload(&kc, &pause);
     let running = HostState::capture().diff(&before);
-    assert_changed(&running, None);
+    assert_changed(&running, cluster::DEFAULT_NODES);
     // SAFETY: kill(2) of our child.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
-    let st = wait_exit(&mut child, Duration::from_secs(120));
+    unsafe { libc::kill(child.0.id() as libc::pid_t, libc::SIGINT) };
+    let st = wait_exit(&mut child.0, Duration::from_secs(120));
     report(&format!("{test}: marklb-cluster after SIGINT: {st}"));
     assert_same(&before, "after SIGINT");
 
@@ -295,8 +359,8 @@ fn an_interrupted_or_killed_cluster_is_undone() {
     let before = HostState::capture();
     let (mut child, kc) = cli_up();
     start_workload(&kc, &pause);
-    child.kill().unwrap();
-    wait_exit(&mut child, Duration::from_secs(30));
+    child.0.kill().unwrap();
+    wait_exit(&mut child.0, Duration::from_secs(30));
     std::thread::sleep(Duration::from_secs(1));
     let left = HostState::capture().diff(&before);
     assert!(

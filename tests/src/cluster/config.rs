@@ -1,10 +1,20 @@
-//! The configuration files of the node's components, as text: containerd (own root, state,
+//! The configuration files of a node's components, as text: containerd (own root, state,
 //! sockets; CRI settings this machine needs), the CNI network, kubelet and kube-proxy. Pure
 //! functions of their inputs; the reasons for each setting are in the comments and the README.
+//! Every node has its own network namespace, so the ports are fixed and the same on each.
 
-use std::path::Path;
+use std::{net::Ipv4Addr, path::Path};
 
-use super::{CNI_BRIDGE, NODE_IP, NODE_NAME, POD_CIDR};
+use super::{CLUSTER_CIDR, CNI_BRIDGE};
+
+/// kubelet's API port, on the node's address.
+pub(crate) const KUBELET_PORT: u16 = 10250;
+/// kubelet's health port, on the node's loopback.
+pub(crate) const KUBELET_HEALTHZ_PORT: u16 = 10248;
+/// kube-proxy's health port, on the node's address (the harness checks it from the host).
+pub(crate) const PROXY_HEALTHZ_PORT: u16 = 10256;
+/// kube-proxy's metrics port, on the node's loopback.
+pub(crate) const PROXY_METRICS_PORT: u16 = 10249;
 
 /// What a containerd configuration names.
 pub(crate) struct ContainerdPaths<'a> {
@@ -72,9 +82,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     )
 }
 
-/// The CNI network (bridge + host-local + portmap). Required even when every pod uses the
-/// host's network: without one the node stays NotReady.
-pub(crate) fn cni(ipam_dir: &Path) -> String {
+/// The CNI network (bridge + host-local + portmap) of a node, pods in `pod_cidr`. Required
+/// even when every pod uses the host's network: without one the node stays NotReady.
+pub(crate) fn cni(ipam_dir: &Path, pod_cidr: &str) -> String {
     format!(
         r#"{{
   "cniVersion": "0.4.0",
@@ -89,7 +99,7 @@ pub(crate) fn cni(ipam_dir: &Path) -> String {
       "ipam": {{
         "type": "host-local",
         "dataDir": "{data}",
-        "ranges": [[{{"subnet": "{POD_CIDR}"}}]],
+        "ranges": [[{{"subnet": "{pod_cidr}"}}]],
         "routes": [{{"dst": "0.0.0.0/0"}}]
       }}
     }},
@@ -103,15 +113,15 @@ pub(crate) fn cni(ipam_dir: &Path) -> String {
 
 /// kubelet's configuration file: cgroupfs, no swap check, a fast status loop (Ready in about
 /// 13 s instead of 21 s), eviction thresholds that never fire on a test machine.
-pub(crate) fn kubelet(port: u16, healthz: u16) -> String {
+pub(crate) fn kubelet(ip: Ipv4Addr) -> String {
     format!(
         r#"apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
-address: "{NODE_IP}"
-port: {port}
+address: "{ip}"
+port: {KUBELET_PORT}
 readOnlyPort: 0
 healthzBindAddress: 127.0.0.1
-healthzPort: {healthz}
+healthzPort: {KUBELET_HEALTHZ_PORT}
 cgroupDriver: cgroupfs
 failSwapOn: false
 nodeStatusUpdateFrequency: 2s
@@ -141,19 +151,20 @@ clusterDNS: ["10.96.0.10"]
     )
 }
 
-/// kube-proxy's configuration file: iptables mode; conntrack left as the machine has it.
-pub(crate) fn kube_proxy(kubeconfig: &Path, healthz: u16, metrics: u16) -> String {
+/// kube-proxy's configuration file for node `name` at `ip`: iptables mode (in the node's
+/// network namespace); conntrack left as the machine has it.
+pub(crate) fn kube_proxy(kubeconfig: &Path, name: &str, ip: Ipv4Addr) -> String {
     format!(
         r#"apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
 clientConnection:
   kubeconfig: "{kc}"
 mode: iptables
-hostnameOverride: {NODE_NAME}
-bindAddress: "{NODE_IP}"
-healthzBindAddress: "127.0.0.1:{healthz}"
-metricsBindAddress: "127.0.0.1:{metrics}"
-clusterCIDR: "{POD_CIDR}"
+hostnameOverride: {name}
+bindAddress: "{ip}"
+healthzBindAddress: "{ip}:{PROXY_HEALTHZ_PORT}"
+metricsBindAddress: "127.0.0.1:{PROXY_METRICS_PORT}"
+clusterCIDR: "{CLUSTER_CIDR}"
 conntrack:
   maxPerCore: 0
   min: 0

@@ -1,7 +1,14 @@
 //! The host as the cluster may change it: snapshots for the record (what to restore) and for
 //! leftover checks ([`HostState`]: a test takes one before the cluster starts and one after it
 //! stopped, and expects them equal), and the small readers they are made of (mounts, cgroups,
-//! iptables chains, directory entries).
+//! directory entries).
+//!
+//! The nodes live in their own network and mount namespaces, so kube-proxy's and CNI's
+//! iptables rules, the CNI bridge, pod namespaces, kubelet's and containerd's directories and
+//! the agents' pins never reach the host. What does: the node bridge and veths, the named
+//! network namespaces, the nodes' cgroup roots, mount-point directories that did not exist,
+//! the machine-wide sysctls kubelet sets, processes. [`HostState`] still watches the rest, to
+//! prove it stays untouched.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -12,11 +19,12 @@ use std::{
 
 use super::binaries::{BPF_FS_MAGIC, CGROUP_SUPER_MAGIC, CGROUP2_SUPER_MAGIC, statfs_magic};
 use super::record::{all_pids, base_dir, cmdline, exe_name};
-use super::{BPFFS, CNI_BRIDGE};
-use crate::netns::ip;
+use super::{BPFFS, CNI_BRIDGE, NODES_BRIDGE};
+use crate::netns::{NETNS_DIR, ip};
 
 /// Sysctls kubelet (`kernel.*`, `vm.*`), kube-proxy (`route_localnet`, conntrack) and the bridge
-/// plugin (`ip_forward`) may change: saved at start, put back at stop.
+/// plugin (`ip_forward`) may change: saved at start, put back at stop. The `net.*` ones belong
+/// to the nodes' network namespaces; they are here to show the host's stay as they were.
 pub const SYSCTLS: &[&str] = &[
     "/proc/sys/kernel/panic",
     "/proc/sys/kernel/panic_on_oops",
@@ -41,9 +49,9 @@ pub const SYSCTLS: &[&str] = &[
     "/sys/module/nf_conntrack/parameters/hashsize",
 ];
 
-/// Host directories kubelet, containerd and the CNI plugins create outside the cluster's own
-/// directory (hard-coded in these versions): removed at stop when they did not exist before,
-/// else only what appeared in them.
+/// Host directories kubelet, containerd and the CNI plugins use outside the cluster's own
+/// directory (hard-coded in these versions). Each node sees its own (bind mounts in its mount
+/// namespace); on the host nothing may appear in them.
 pub const HOST_PATHS: &[&str] = &[
     "/var/log/pods",
     "/var/log/containers",
@@ -107,36 +115,14 @@ pub(crate) fn tree(path: &Path, depth: usize, out: &mut Vec<String>) {
     }
 }
 
-/// One line of /proc/self/mountinfo: the mount id and the (unescaped) mount point.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Mount {
-    pub id: u64,
-    pub point: PathBuf,
-}
-
-/// The mounts of this process's mount namespace, in mount order (a later mount on the same
-/// point is on top of an earlier one).
-pub(crate) fn mounts() -> Vec<Mount> {
+/// Mount points (from /proc/self/mountinfo, unescaped).
+pub fn mount_points() -> Vec<PathBuf> {
     fs::read_to_string("/proc/self/mountinfo")
         .unwrap_or_default()
         .lines()
-        .filter_map(|l| {
-            let mut w = l.split(' ');
-            let id = w.next()?.parse().ok()?;
-            let point = PathBuf::from(unescape_mount(w.nth(3)?));
-            Some(Mount { id, point })
-        })
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| PathBuf::from(unescape_mount(m)))
         .collect()
-}
-
-/// Mount points (from /proc/self/mountinfo, unescaped).
-pub fn mount_points() -> Vec<PathBuf> {
-    mounts().into_iter().map(|m| m.point).collect()
-}
-
-/// The mount on top at `path`, if something is mounted there.
-pub(crate) fn top_mount(path: &Path) -> Option<Mount> {
-    mounts().into_iter().rev().find(|m| m.point == path)
 }
 
 fn unescape_mount(s: &str) -> String {
@@ -226,75 +212,6 @@ pub(crate) fn ipt_save(v6: bool, table: &str) -> String {
         .unwrap_or_default()
 }
 
-/// Chains declared in an iptables-save text.
-fn ipt_chains(save: &str) -> Vec<String> {
-    let mut v: Vec<String> = save
-        .lines()
-        .filter_map(|l| l.strip_prefix(':'))
-        .filter_map(|l| l.split_whitespace().next())
-        .map(str::to_string)
-        .collect();
-    v.sort();
-    v
-}
-
-/// The chains of every table of both families: "ipv4 nat" -> chains.
-pub(crate) fn ipt_all_chains() -> BTreeMap<String, Vec<String>> {
-    let mut m = BTreeMap::new();
-    for v6 in [false, true] {
-        for t in IPT_TABLES {
-            m.insert(
-                format!("{} {t}", ipt_family(v6)),
-                ipt_chains(&ipt_save(v6, t)),
-            );
-        }
-    }
-    m
-}
-
-/// Whether a chain is one kubelet, kube-proxy or the CNI plugins make.
-pub(crate) fn kube_chain(name: &str) -> bool {
-    name.starts_with("KUBE-") || name.starts_with("CNI-")
-}
-
-/// The `iptables-restore --noflush` input that removes the chains of `save` named `KUBE-*` or
-/// `CNI-*` that are not in `before`, and every rule elsewhere that jumps to them. None: nothing
-/// to remove.
-pub fn ipt_cleanup_script(table: &str, save: &str, before: &[String]) -> Option<String> {
-    let ours: BTreeSet<String> = ipt_chains(save)
-        .into_iter()
-        .filter(|c| kube_chain(c) && !before.contains(c))
-        .collect();
-    if ours.is_empty() {
-        return None;
-    }
-    let mut script = format!("*{table}\n");
-    for line in save.lines() {
-        let Some(rule) = line.strip_prefix("-A ") else {
-            continue;
-        };
-        let chain = rule.split_whitespace().next().unwrap_or("");
-        if ours.contains(chain) {
-            continue; // flushed below
-        }
-        let words: Vec<&str> = rule.split_whitespace().collect();
-        let jumps = words
-            .windows(2)
-            .any(|w| (w[0] == "-j" || w[0] == "-g") && ours.contains(w[1]));
-        if jumps {
-            script.push_str(&format!("-D {rule}\n"));
-        }
-    }
-    for c in &ours {
-        script.push_str(&format!("-F {c}\n"));
-    }
-    for c in &ours {
-        script.push_str(&format!("-X {c}\n"));
-    }
-    script.push_str("COMMIT\n");
-    Some(script)
-}
-
 pub(crate) fn link_exists(name: &str) -> bool {
     Path::new("/sys/class/net").join(name).exists()
 }
@@ -306,20 +223,24 @@ pub struct HostState {
     /// iptables-save per family and table, without counters and comments.
     pub iptables: BTreeMap<String, Vec<String>>,
     pub sysctls: BTreeMap<String, String>,
-    /// Everything below the host directories (and CNI's pod namespaces, the pins).
+    /// Everything below the host directories kubelet and containerd use.
     pub paths: Vec<String>,
+    /// Named network namespaces (`/var/run/netns`).
+    pub netns: Vec<String>,
     /// Mount points the cluster could have made.
     pub mounts: Vec<String>,
     /// Directories at the top of every cgroup hierarchy.
     pub cgroups: BTreeMap<String, Vec<String>>,
     /// Processes of cluster executables or with a cluster directory on their command line.
     pub processes: Vec<String>,
-    /// Network interfaces of the host the cluster or its tests could make (CNI bridge and
-    /// pod veths, the tests' `mlbk*` veths).
+    /// Network interfaces of the host the cluster or its tests could make (the node bridge and
+    /// veths, a CNI bridge, pod veths, the tests' `mlbk*` veths).
     pub links: Vec<String>,
     /// Addresses on lo.
     pub lo_addrs: Vec<String>,
     pub bpffs_mounted: bool,
+    /// What is pinned in the host's bpffs (the nodes have their own).
+    pub pins: Vec<String>,
 }
 
 impl HostState {
@@ -342,19 +263,16 @@ impl HostState {
         for p in HOST_PATHS {
             tree(Path::new(p), 4, &mut paths);
         }
-        for e in dir_entries(Path::new("/var/run/netns")).unwrap_or_default() {
-            if e.starts_with("cni-") {
-                paths.push(format!("/var/run/netns/{e}"));
-            }
+        let mut pins = Vec::new();
+        if is_bpffs(Path::new(BPFFS)) {
+            tree(Path::new(BPFFS), 3, &mut pins);
         }
-        tree(&Path::new(BPFFS).join("marklb"), 2, &mut paths);
         let base = base_dir().display().to_string();
         let watched = |m: &str| {
             m.starts_with(&base)
-                || m.starts_with("/run/containerd")
-                || m.starts_with("/var/lib/kubelet")
-                || m.starts_with("/var/run/netns/cni-")
-                || m.starts_with("/run/netns/cni-")
+                || HOST_PATHS.iter().any(|p| m.starts_with(p))
+                || m.starts_with(NETNS_DIR)
+                || m.starts_with("/run/netns")
                 || m.starts_with(BPFFS)
         };
         let mut mounts: Vec<String> = mount_points()
@@ -379,6 +297,8 @@ impl HostState {
             .into_iter()
             .filter(|l| {
                 l == CNI_BRIDGE
+                    || l == NODES_BRIDGE
+                    || l.starts_with("mlbh")
                     || l.starts_with("veth")
                     || l.starts_with("mlbk")
                     || l.starts_with("cni")
@@ -399,12 +319,14 @@ impl HostState {
             iptables,
             sysctls: read_sysctls(),
             paths,
+            netns: dir_entries(Path::new(NETNS_DIR)).unwrap_or_default(),
             mounts,
             cgroups: cgroup_dirs(),
             processes,
             links,
             lo_addrs,
             bpffs_mounted: is_bpffs(Path::new(BPFFS)),
+            pins,
         }
     }
 
@@ -438,6 +360,8 @@ impl HostState {
             }
         }
         sets("path", &before.paths, &self.paths, &mut d);
+        sets("netns", &before.netns, &self.netns, &mut d);
+        sets("pin", &before.pins, &self.pins, &mut d);
         sets("mount", &before.mounts, &self.mounts, &mut d);
         for (k, v) in &self.cgroups {
             sets(
@@ -465,25 +389,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cleanup_script_removes_new_kube_chains_and_the_jumps_to_them() {
-        let save = "*nat\n:PREROUTING ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:CNI-abc - [0:0]\n:MINE - [0:0]\n-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n-A POSTROUTING -s 10.244.0.2/32 -m comment --comment \"name: x\" -j CNI-abc\n-A POSTROUTING -j MINE\n-A KUBE-SERVICES -j KUBE-POSTROUTING\n-A CNI-abc -j MASQUERADE\nCOMMIT\n";
-        let script = ipt_cleanup_script("nat", save, &["KUBE-POSTROUTING".to_string()]).unwrap();
-        assert_eq!(
-            script,
-            "*nat\n-D PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n-D POSTROUTING -s 10.244.0.2/32 -m comment --comment \"name: x\" -j CNI-abc\n-F CNI-abc\n-F KUBE-SERVICES\n-X CNI-abc\n-X KUBE-SERVICES\nCOMMIT\n"
-        );
-        assert!(ipt_cleanup_script("nat", ":MINE - [0:0]\n", &[]).is_none());
-    }
-
-    #[test]
     fn mountinfo_escapes() {
         assert_eq!(unescape_mount("/a\\040b"), "/a b");
         assert_eq!(unescape_mount("/plain"), "/plain");
-    }
-
-    #[test]
-    fn the_root_mount_is_listed_with_its_id() {
-        let root = top_mount(Path::new("/")).expect("/ is mounted");
-        assert!(mounts().iter().any(|m| m.id == root.id));
     }
 }

@@ -1,28 +1,32 @@
-//! A network-namespace topology around a veth on the node, where a host-network pod (the agent)
-//! attaches to it; and manifest templating for the tests.
+//! A network-namespace topology around a veth on a node, where a host-network pod of that node
+//! (the agent) attaches to it; and manifest templating for the tests.
 
 use std::{fs, io, sync::atomic::AtomicUsize};
 
 use anyhow::{Result, bail};
 
-use crate::netns::{Topology, TopologyOptions, ip};
+use super::NodeInfo;
+use crate::netns::{Topology, TopologyOptions, in_netns, ip};
 
 static NODE_TOPO_SEQ: AtomicUsize = AtomicUsize::new(0);
 
-/// A [`Topology`] whose load-balancer end sits on the node (the host's network namespace),
-/// where a host-network pod can attach to it: client and reals in namespaces, the router
-/// routing the VIPs to the node's veth. The veth has no address on the node (the router knows
-/// its MAC statically), so the node's routing is unchanged. Dropping it removes the
+/// A [`Topology`] whose load-balancer end sits on a node (in the node's network namespace),
+/// where a host-network pod of that node can attach to it: client and reals in namespaces, the
+/// router routing the VIPs to the node's veth. The veth has no address on the node (the router
+/// knows its MAC statically), so the node's routing is unchanged. Dropping it removes the
 /// namespaces, which destroys the veth too.
 pub struct NodeTopology {
     /// The node's end of the load balancer's link (the interface the agent attaches to).
     pub iface: String,
     pub mac: [u8; 6],
+    /// The node's network namespace.
+    pub node_netns: String,
     pub topo: Topology,
 }
 
 impl NodeTopology {
-    pub fn build(opts: TopologyOptions) -> io::Result<Self> {
+    /// Builds the topology with its load balancer's end on `node`.
+    pub fn build(node: &NodeInfo, opts: TopologyOptions) -> io::Result<Self> {
         let topo = Topology::build(opts)?;
         let iface = format!(
             "mlbk{}x{}",
@@ -33,27 +37,17 @@ impl NodeTopology {
         let old = topo.lb.port.iface.clone();
         ip(Some(&lb_ns), &["link", "set", &old, "down"])?;
         ip(Some(&lb_ns), &["link", "set", &old, "name", &iface])?;
-        ip(
-            Some(&lb_ns),
-            &[
-                "link",
-                "set",
-                &iface,
-                "netns",
-                &std::process::id().to_string(),
-            ],
-        )?;
+        ip(Some(&lb_ns), &["link", "set", &iface, "netns", &node.netns])?;
         let me = NodeTopology {
             mac: topo.lb.port.mac,
             iface,
+            node_netns: node.netns.clone(),
             topo,
         };
         // No addresses of our own on the node's side (not even IPv6 link-local).
-        let _ = fs::write(
-            format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", me.iface),
-            "1",
-        );
-        ip(None, &["link", "set", &me.iface, "up"])?;
+        let sysctl = format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", me.iface);
+        let _ = in_netns(&me.node_netns, || fs::write(&sysctl, "1"));
+        ip(Some(&me.node_netns), &["link", "set", &me.iface, "up"])?;
         let mac = me.topo.lb.port.mac_string();
         let gw = me.topo.lb.gateway.iface.clone();
         let router = me.topo.router_ns.clone();
@@ -81,13 +75,14 @@ impl NodeTopology {
 
     /// The XDP program id on the node's interface, if one is attached.
     pub fn xdp_prog_id(&self) -> Option<u64> {
-        xdp_prog_id(&self.iface)
+        xdp_prog_id(&self.node_netns, &self.iface)
     }
 }
 
-/// The XDP program id on a node interface (`ip -d -j link`), if one is attached.
-pub fn xdp_prog_id(iface: &str) -> Option<u64> {
-    let out = ip(None, &["-d", "-j", "link", "show", "dev", iface]).ok()?;
+/// The XDP program id on interface `iface` of network namespace `netns` (`ip -d -j link`), if
+/// one is attached.
+pub fn xdp_prog_id(netns: &str, iface: &str) -> Option<u64> {
+    let out = ip(Some(netns), &["-d", "-j", "link", "show", "dev", iface]).ok()?;
     let v: serde_json::Value = serde_json::from_str(&out).ok()?;
     v[0]["xdp"]["prog"]["id"].as_u64()
 }

@@ -1,13 +1,15 @@
 //! The cluster's certificates and identities: a CA, the API server's serving certificate (SANs
-//! loopback, the first service IP and the node address), the service-account key pair, and one
-//! static token per component (administrator in `system:masters`, the node in `system:nodes`).
-//! Test-only security: tokens in a file, an anonymous kubelet API.
+//! loopback, the first service IP and the host's address on the node bridge), the
+//! service-account key pair, and one static token per component (administrator in
+//! `system:masters`, each node in `system:nodes` as `system:node:<name>`). The API server reads
+//! its token file once: the tokens of every node a cluster may ever have ([`super::MAX_NODES`])
+//! are made at start. Test-only security: tokens in a file, an anonymous kubelet API.
 
 use std::{fs, path::Path};
 
 use anyhow::Result;
 
-use super::NODE_IP;
+use super::BRIDGE_IP;
 use crate::kube_harness::random_hex;
 use crate::supervise::{openssl, service_account_keys};
 
@@ -47,7 +49,7 @@ pub(crate) fn write_pki(dir: &Path) -> Result<()> {
     fs::write(
         pki.join("apiserver.ext"),
         format!(
-            "subjectAltName=IP:127.0.0.1,IP:10.96.0.1,IP:{NODE_IP},DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\nextendedKeyUsage=serverAuth\nkeyUsage=digitalSignature\n"
+            "subjectAltName=IP:127.0.0.1,IP:10.96.0.1,IP:{BRIDGE_IP},DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\nextendedKeyUsage=serverAuth\nkeyUsage=digitalSignature\n"
         ),
     )?;
     openssl(

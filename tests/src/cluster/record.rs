@@ -77,13 +77,49 @@ impl MachineLock {
 }
 
 /// A process of the cluster.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
 pub struct ProcRecord {
+    /// The component (`etcd`, `kubelet`, ...), and for a node's process the node's name.
     pub name: String,
+    pub node: Option<String>,
     pub pid: u32,
     /// Start time (clock ticks since boot, /proc/<pid>/stat field 22): a PID reused by another
     /// process is never signalled.
     pub start: u64,
+}
+
+impl ProcRecord {
+    /// The name its log and the supervisor know it by: `kubelet`, `marklb-node-2/kubelet`.
+    pub fn label(&self) -> String {
+        match &self.node {
+            Some(n) => format!("{n}/{}", self.name),
+            None => self.name.clone(),
+        }
+    }
+}
+
+/// What one node changed on the host.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct NodeRecord {
+    pub name: String,
+    /// 1-based; the node's address and pod range follow from it.
+    pub index: usize,
+    pub ip: Option<std::net::Ipv4Addr>,
+    /// The named network namespace (`/var/run/netns/<netns>`), once created.
+    pub netns: Option<String>,
+    /// Its inode (processes inside it are the node's, whatever they are).
+    pub netns_inode: Option<u64>,
+    /// The inode of the node's mount namespace, once made.
+    pub mntns_inode: Option<u64>,
+    /// The host end of the node's veth.
+    pub host_veth: String,
+    /// The node's directory (below the cluster's).
+    pub dir: PathBuf,
+    pub containerd_socket: PathBuf,
+    /// The cgroups made as the node's `--cgroup-root`, one per hierarchy.
+    pub cgroups: Vec<PathBuf>,
 }
 
 /// Everything a cluster changed on the host, written as it happens. Fields missing in a record
@@ -96,28 +132,20 @@ pub struct Record {
     /// The process that owns the cluster (None: detached, `make cluster-up`).
     pub owner: Option<ProcRecord>,
     pub procs: Vec<ProcRecord>,
-    pub containerd_socket: PathBuf,
     pub kubeconfig: PathBuf,
     pub api_url: String,
-    pub node_ip_added: bool,
-    /// The mount id (`/proc/self/mountinfo` field 1) of the bpffs the cluster mounted, if it did.
-    pub bpffs_mount: Option<u64>,
-    /// What a new bpffs holds before anyone pins (the kernel's preloaded `maps.debug`,
-    /// `progs.debug` iterators).
-    pub bpffs_initial: Vec<String>,
-    /// Saved sysctl values (path -> value).
+    /// The host bridge the nodes' veths are attached to, when the cluster made it.
+    pub bridge: Option<String>,
+    pub nodes: Vec<NodeRecord>,
+    /// Host directories made as mount points of the nodes' private directories, in the order
+    /// they were made (removed in reverse, when empty).
+    pub created_dirs: Vec<PathBuf>,
+    /// Saved sysctl values (path -> value): kubelet changes a few machine-wide ones.
     pub sysctls: BTreeMap<String, String>,
     /// Host directories: None = absent before, else their entries before.
     pub host_paths: BTreeMap<String, Option<Vec<String>>>,
-    /// Entries of /var/run/netns before (CNI puts pod namespaces there), None: no directory.
-    pub netns_before: Option<Vec<String>>,
     /// Top-level entries of each cgroup hierarchy before.
     pub cgroups_before: BTreeMap<String, Vec<String>>,
-    /// iptables chains before: "ipv4 nat" -> chains.
-    pub chains_before: BTreeMap<String, Vec<String>>,
-    /// Entries of <bpffs>/marklb before (None: absent).
-    pub pins_before: Option<Vec<String>>,
-    pub bridge_existed: bool,
 }
 
 /// Records of clusters this process started and has not stopped: what the exit and signal
@@ -150,6 +178,22 @@ impl Record {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The node named `name`.
+    pub fn node(&self, name: &str) -> Option<&NodeRecord> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// The recorded processes of node `node` (None: of the control plane) named `name`.
+    pub fn procs_of<'a>(
+        &'a self,
+        node: Option<&'a str>,
+        name: &'a str,
+    ) -> impl Iterator<Item = &'a ProcRecord> + 'a {
+        self.procs
+            .iter()
+            .filter(move |p| p.node.as_deref() == node && p.name == name)
     }
 
     /// Removes the record file if it is this record's.
@@ -185,6 +229,7 @@ pub(crate) fn proc_stat(pid: u32) -> Option<(char, u64)> {
 pub fn proc_record(name: &str, pid: u32) -> Option<ProcRecord> {
     proc_stat(pid).map(|(_, start)| ProcRecord {
         name: name.to_string(),
+        node: None,
         pid,
         start,
     })
@@ -217,6 +262,13 @@ pub(crate) fn stop_proc(p: &ProcRecord, grace: Duration) {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// The inode of namespace `kind` (`net`, `mnt`) of process `pid`.
+pub(crate) fn ns_inode(pid: u32, kind: &str) -> Option<u64> {
+    fs::metadata(format!("/proc/{pid}/ns/{kind}"))
+        .ok()
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
 }
 
 /// Every PID on the machine.

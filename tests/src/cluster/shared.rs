@@ -9,7 +9,10 @@ use std::sync::{
 
 use super::record::{LIVE, Record, record_path};
 use super::teardown::teardown;
-use super::{Availability, Cluster, ClusterOptions, NODE_NAME, availability, images};
+use super::{
+    Availability, Cluster, ClusterOptions, DEFAULT_NODES, NODES_ENV, NodeOptions, TEST_NODE_LABEL,
+    availability, images,
+};
 use crate::kube_harness::{report, skip_or_fail};
 
 /// Set when a test of this process panicked: the cluster's logs are kept then.
@@ -100,6 +103,15 @@ enum Skip {
     Failed(String),
 }
 
+/// How many nodes the shared cluster has: `MARKLB_CLUSTER_NODES`, else [`DEFAULT_NODES`].
+pub fn shared_node_count() -> usize {
+    std::env::var(NODES_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n >= 1)
+        .unwrap_or(DEFAULT_NODES)
+}
+
 fn start_shared() -> std::result::Result<&'static Cluster, Skip> {
     let avail = availability().map_err(|e| Skip::Failed(format!("{e:#}")))?;
     if let Availability::Unavailable(why) = avail {
@@ -109,19 +121,21 @@ fn start_shared() -> std::result::Result<&'static Cluster, Skip> {
     let c = Cluster::start(ClusterOptions {
         pause: images.pause.clone(),
         images: vec![images.agent.clone()],
+        nodes: (1..=shared_node_count())
+            .map(|i| NodeOptions::labelled(&[(TEST_NODE_LABEL, &i.to_string())]))
+            .collect(),
         detached: false,
     })
     .map_err(|e| Skip::Failed(format!("{e:#}")))?;
     let t = c.times();
     report(&format!(
-        "cluster: node {NODE_NAME} Ready {:.1}s after start (etcd {:.1}s, apiserver {:.1}s, containerd {:.1}s, images {:.1}s, registered {:.1}s, Ready {:.1}s); images built/checked in {:.1}s; {}",
+        "cluster: {} nodes Ready {:.1}s after start (etcd {:.1}s, apiserver {:.1}s, nodes started {:.1}s, Ready {:.1}s); images built/checked in {:.1}s; {}",
+        c.nodes().len(),
         t.total.as_secs_f64(),
         t.etcd.as_secs_f64(),
         t.apiserver.as_secs_f64(),
-        t.containerd.as_secs_f64(),
-        t.images.as_secs_f64(),
-        t.node_registered.as_secs_f64(),
-        t.node_ready.as_secs_f64(),
+        t.nodes_started.as_secs_f64(),
+        t.nodes_ready.as_secs_f64(),
         images.build_time.as_secs_f64(),
         c.api_url()
     ));

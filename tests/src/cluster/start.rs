@@ -1,14 +1,15 @@
-//! Starting a cluster, one component after the other: node address and bpffs, certificates,
-//! etcd, kube-apiserver, containerd (and the images), controller manager and scheduler,
-//! kubelet, kube-proxy; then waiting until the node is Ready, the `default` service account
-//! exists and kube-proxy is healthy. Every process and every host change goes into the record
-//! before (or as) it happens.
+//! Starting a cluster: the node bridge on the host, certificates and tokens, etcd,
+//! kube-apiserver (on the bridge address, where every node reaches it), controller manager and
+//! scheduler, then the nodes ([`super::node`]), and waiting until every node is Ready, the
+//! `default` service account exists and every kube-proxy is healthy. Every process and every
+//! host change goes into the record before (or as) it happens.
 
 use std::{
-    fs, io,
+    fs,
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -16,33 +17,27 @@ use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::{Node, ServiceAccount};
 use kube::{Api, Client};
 
-use super::binaries::Binaries;
-use super::config;
-use super::host::{dir_entries, is_bpffs, top_mount};
+use super::config::PROXY_HEALTHZ_PORT;
 use super::images::ImageRef;
 use super::pki::{Identity, token_file, write_pki};
-use super::record::{ProcRecord, Record, proc_record};
-use super::{BPFFS, ClusterOptions, NODE_IP, NODE_NAME, SERVICE_CIDR, StartTimes, node_ready};
-use crate::netns::ip;
+use super::{
+    BRIDGE_IP, Ctx, NODE_GRACE, NODES_BRIDGE, NODES_NET, NodeInfo, NodeOptions, SERVICE_CIDR,
+    START_TIMEOUT, StartTimes, node_ready,
+};
+use crate::netns::{ip, ip_batch};
 use crate::supervise::{
-    SpawnOptions, Supervisor, client_from_kubeconfig, etcd_args, free_port_on, http_get,
-    token_kubeconfig,
+    client_from_kubeconfig, etcd_args, free_port_on, http_get, token_kubeconfig,
 };
 
-const START_TIMEOUT: Duration = Duration::from_secs(120);
 const POLL: Duration = Duration::from_millis(100);
 
-/// Ports, all picked free.
+/// Ports of the control plane, all picked free.
 struct Ports {
     etcd: u16,
     etcd_peer: u16,
     api: u16,
     kcm: u16,
     scheduler: u16,
-    kubelet: u16,
-    kubelet_healthz: u16,
-    proxy_healthz: u16,
-    proxy_metrics: u16,
 }
 
 impl Ports {
@@ -51,407 +46,305 @@ impl Ports {
         Ok(Ports {
             etcd: free_port_on(lo)?,
             etcd_peer: free_port_on(lo)?,
-            api: free_port_on(NODE_IP)?,
+            api: free_port_on(BRIDGE_IP)?,
             kcm: free_port_on(lo)?,
             scheduler: free_port_on(lo)?,
-            kubelet: free_port_on(NODE_IP)?,
-            kubelet_healthz: free_port_on(lo)?,
-            proxy_healthz: free_port_on(lo)?,
-            proxy_metrics: free_port_on(lo)?,
         })
     }
 }
 
-/// The kubeconfigs of the components.
-struct Kubeconfigs {
-    kubelet: PathBuf,
-    controller_manager: PathBuf,
-    scheduler: PathBuf,
-    proxy: PathBuf,
+/// The static-token identities of a cluster: the administrator, the controllers, kube-proxy,
+/// and one per node index up to [`super::MAX_NODES`].
+pub(crate) struct Identities {
+    pub admin: Identity,
+    pub controller_manager: Identity,
+    pub scheduler: Identity,
+    pub proxy: Identity,
+    pub nodes: Vec<Identity>,
 }
 
-/// The cluster while it starts (run on the thread that lives as long as the cluster).
-pub(crate) struct Starter {
-    pub rec: Record,
-    pub bins: Binaries,
-    pub procs: Supervisor,
-    pub detached: bool,
-    pub admin_token: String,
-    pub times: StartTimes,
+impl Identities {
+    pub fn new(admin_token: &str) -> Self {
+        let mut admin = Identity::new("admin", "system:masters");
+        admin.token = admin_token.to_string();
+        Self {
+            admin,
+            controller_manager: Identity::new("system:kube-controller-manager", ""),
+            scheduler: Identity::new("system:kube-scheduler", ""),
+            proxy: Identity::new("system:kube-proxy", ""),
+            nodes: (1..=super::MAX_NODES)
+                .map(|i| {
+                    Identity::new(
+                        &format!("system:node:{}", super::node::node_name(i)),
+                        "system:nodes",
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn all(&self) -> Vec<Identity> {
+        let mut v = vec![
+            self.admin.clone(),
+            self.controller_manager.clone(),
+            self.scheduler.clone(),
+            self.proxy.clone(),
+        ];
+        v.extend(self.nodes.iter().cloned());
+        v
+    }
 }
 
-impl Starter {
-    fn dir(&self) -> &Path {
-        &self.rec.dir
+/// Writes a kubeconfig for `id` to `<dir>/<file>.kubeconfig`.
+pub(crate) fn write_kubeconfig(
+    dir: &Path,
+    file: &str,
+    api: &str,
+    ca: &Path,
+    id: &Identity,
+) -> Result<PathBuf> {
+    let path = dir.join(format!("{file}.kubeconfig"));
+    fs::write(&path, token_kubeconfig(api, ca, &id.user, &id.token))?;
+    Ok(path)
+}
+
+impl Ctx {
+    /// The node bridge and the host's address on it (where the API server listens).
+    fn host_network(&self) -> Result<()> {
+        let used = ip(None, &["-o", "addr", "show", "to", NODES_NET])?;
+        if !used.trim().is_empty() {
+            bail!(
+                "{NODES_NET} is in use on this machine already ({}): the test cluster's nodes need it",
+                used.trim()
+            );
+        }
+        self.update(|r| r.bridge = Some(NODES_BRIDGE.to_string()))?;
+        ip_batch(
+            None,
+            &[
+                format!("link add {NODES_BRIDGE} type bridge"),
+                format!("addr add {BRIDGE_IP}/24 dev {NODES_BRIDGE}"),
+                format!("link set {NODES_BRIDGE} up"),
+            ],
+        )?;
+        Ok(())
     }
 
-    /// Starts a process and records it.
-    fn spawn(&mut self, name: &str, cmd: &mut Command) -> Result<()> {
-        let opts = SpawnOptions {
-            detached: self.detached,
-            ..Default::default()
-        };
-        let pid = self.procs.spawn(name, cmd, &opts)?;
-        let rec = proc_record(name, pid).unwrap_or(ProcRecord {
-            name: name.to_string(),
-            pid,
-            start: 0,
-        });
-        self.rec.procs.push(rec);
-        self.rec.save()
+    /// The kubeconfig of node `name` (its own identity), written into its directory.
+    pub(crate) fn node_kubeconfig(&self, name: &str, dir: &Path) -> Result<PathBuf> {
+        let id = self
+            .ids
+            .nodes
+            .iter()
+            .find(|id| id.user == format!("system:node:{name}"))
+            .with_context(|| {
+                format!(
+                    "no identity for {name} (at most {} nodes)",
+                    super::MAX_NODES
+                )
+            })?;
+        let rec = self.record();
+        write_kubeconfig(
+            dir,
+            "kubelet",
+            &rec.api_url,
+            &rec.dir.join("pki/ca.crt"),
+            id,
+        )
     }
 
-    async fn wait<F, Fut>(&mut self, what: &str, ready: F) -> Result<()>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<bool>>,
-    {
+    /// Starts the control plane and `nodes` nodes and waits until they are Ready.
+    pub(crate) fn start_cluster(
+        self: &Arc<Self>,
+        rt: &tokio::runtime::Runtime,
+        nodes: &[NodeOptions],
+    ) -> Result<(StartTimes, Vec<NodeInfo>)> {
+        let t0 = Instant::now();
+        let mut times = StartTimes::default();
+        let d = self.record().dir.clone();
+        for sub in ["pki", "etcd", "kcm", "scheduler"] {
+            fs::create_dir_all(d.join(sub))?;
+        }
+        self.host_network()?;
+        write_pki(&d)?;
+        fs::write(d.join("pki/tokens.csv"), token_file(&self.ids.all()))?;
+        let ports = Ports::pick()?;
+        let api = format!("https://{BRIDGE_IP}:{}", ports.api);
+        let ca = d.join("pki/ca.crt");
+        let kubeconfig = write_kubeconfig(&d, "admin", &api, &ca, &self.ids.admin)?;
+        let proxy = write_kubeconfig(&d, "kube-proxy", &api, &ca, &self.ids.proxy)?;
+        debug_assert_eq!(proxy, self.proxy_kubeconfig);
+        self.update(|r| {
+            r.api_url = api.clone();
+            r.kubeconfig = kubeconfig.clone();
+        })?;
+
+        self.start_etcd(rt, &ports)?;
+        times.etcd = t0.elapsed();
+        let client = rt.block_on(client_from_kubeconfig(&kubeconfig))?;
+        self.start_apiserver(rt, &ports, &client)?;
+        times.apiserver = t0.elapsed();
+        self.start_controllers(&ports)?;
+        let mut infos = Vec::new();
+        for (i, o) in nodes.iter().enumerate() {
+            infos.push(self.start_node(rt, i + 1, o)?);
+        }
+        times.nodes_started = t0.elapsed();
+        rt.block_on(async {
+            for n in &infos {
+                self.wait_node_ready(&client, n).await?;
+            }
+            times.nodes_ready = t0.elapsed();
+            let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), "default");
+            self.procs
+                .wait_until("the default service account", START_TIMEOUT, POLL, || {
+                    let sas = sas.clone();
+                    async move { Ok(sas.get_opt("default").await?.is_some()) }
+                })
+                .await
+        })?;
+        times.total = t0.elapsed();
+        Ok((times, infos))
+    }
+
+    /// Waits until node `n` is registered and Ready and its kube-proxy is healthy.
+    pub(crate) async fn wait_node_ready(&self, client: &Client, n: &NodeInfo) -> Result<()> {
+        let nodes: Api<Node> = Api::all(client.clone());
+        let name = n.name.clone();
         self.procs
-            .wait_until(what, START_TIMEOUT, POLL, ready)
+            .wait_until(&format!("{name} to be Ready"), START_TIMEOUT, POLL, || {
+                let (nodes, name) = (nodes.clone(), name.clone());
+                async move { Ok(nodes.get_opt(&name).await?.as_ref().is_some_and(node_ready)) }
+            })
+            .await?;
+        let proxy: SocketAddr = (n.ip, PROXY_HEALTHZ_PORT).into();
+        self.procs
+            .wait_until(
+                &format!("kube-proxy of {name} /healthz"),
+                START_TIMEOUT,
+                POLL,
+                || async move { Ok(http_get(proxy, "/healthz").is_some_and(|(s, _)| s == 200)) },
+            )
             .await
     }
 
-    pub(crate) async fn client(&self) -> Result<Client> {
-        client_from_kubeconfig(&self.rec.kubeconfig).await
-    }
-
-    pub(crate) async fn run(&mut self, opts: &ClusterOptions) -> Result<()> {
-        let t0 = Instant::now();
-        let d = self.dir().to_path_buf();
-        for sub in [
-            "pki",
-            "etcd",
-            "containerd",
-            "cni/net.d",
-            "cni/ipam",
-            "kubelet",
-            "kubelet-pki",
-            "runc",
-            "kcm",
-            "scheduler",
-        ] {
-            fs::create_dir_all(d.join(sub))?;
-        }
-        self.add_node_address()?;
-        self.mount_bpffs()?;
-        write_pki(&d)?;
-        let ports = Ports::pick()?;
-        let api = format!("https://{NODE_IP}:{}", ports.api);
-        self.rec.api_url = api.clone();
-        let kcs = self.identities(&api)?;
-
-        self.start_etcd(&ports).await?;
-        self.times.etcd = t0.elapsed();
-        let client = self.start_apiserver(&ports).await?;
-        self.times.apiserver = t0.elapsed();
-        self.start_containerd(&opts.pause.name).await?;
-        self.times.containerd = t0.elapsed();
-        self.import(&opts.pause)?;
-        for image in &opts.images {
-            self.import(image)?;
-        }
-        self.times.images = t0.elapsed();
-        self.start_controllers(&ports, &kcs)?;
-        self.start_kubelet(&ports, &kcs, &opts.pause.name)?;
-        self.start_proxy(&ports, &kcs)?;
-
-        // Ready: node registered and Ready, a default service account, kube-proxy healthy.
-        let nodes: Api<Node> = Api::all(client.clone());
-        {
-            let nodes = nodes.clone();
-            self.wait("the node to register", move || {
-                let nodes = nodes.clone();
-                async move { Ok(nodes.get_opt(NODE_NAME).await?.is_some()) }
-            })
-            .await?;
-        }
-        self.times.node_registered = t0.elapsed();
-        self.wait("the node to be Ready", move || {
-            let nodes = nodes.clone();
-            async move { Ok(node_ready(&nodes.get(NODE_NAME).await?)) }
-        })
-        .await?;
-        self.times.node_ready = t0.elapsed();
-        let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), "default");
-        self.wait("the default service account", move || {
-            let sas = sas.clone();
-            async move { Ok(sas.get_opt("default").await?.is_some()) }
-        })
-        .await?;
-        let proxy_addr: SocketAddr = ([127, 0, 0, 1], ports.proxy_healthz).into();
-        self.wait("kube-proxy /healthz", move || async move {
-            Ok(http_get(proxy_addr, "/healthz").is_some_and(|(s, _)| s == 200))
-        })
-        .await?;
-        self.times.total = t0.elapsed();
-        Ok(())
-    }
-
-    /// The node address on `lo` (recorded before it is added).
-    fn add_node_address(&mut self) -> Result<()> {
-        let present = ip(None, &["-o", "addr", "show", "dev", "lo"])?;
-        if !present.contains(&format!("{NODE_IP}/32")) {
-            self.rec.node_ip_added = true;
-            self.rec.save()?;
-            ip(
-                None,
-                &["addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"],
-            )?;
-        }
-        Ok(())
-    }
-
-    /// A bpffs for the agents when the host has none at [`BPFFS`]; its mount id is recorded,
-    /// so teardown unmounts that mount and nothing else.
-    fn mount_bpffs(&mut self) -> Result<()> {
-        if is_bpffs(Path::new(BPFFS)) {
-            return Ok(());
-        }
-        fs::create_dir_all(BPFFS)?;
-        let c = std::ffi::CString::new(BPFFS)?;
-        // SAFETY: mount(2) with NUL-terminated strings.
-        if unsafe {
-            libc::mount(
-                c"bpf".as_ptr(),
-                c.as_ptr(),
-                c"bpf".as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        } != 0
-        {
-            bail!(
-                "mounting a bpffs at {BPFFS}: {}",
-                io::Error::last_os_error()
-            );
-        }
-        self.rec.bpffs_mount = top_mount(Path::new(BPFFS)).map(|m| m.id);
-        self.rec.bpffs_initial = dir_entries(Path::new(BPFFS)).unwrap_or_default();
-        self.rec.save()
-    }
-
-    /// One static token per component, their kubeconfigs and the API server's token file.
-    fn identities(&mut self, api: &str) -> Result<Kubeconfigs> {
-        let d = self.dir().to_path_buf();
-        let mut admin = Identity::new("admin", "system:masters");
-        admin.token = self.admin_token.clone();
-        let ids = [
-            admin,
-            Identity::new(&format!("system:node:{NODE_NAME}"), "system:nodes"),
-            Identity::new("system:kube-controller-manager", ""),
-            Identity::new("system:kube-scheduler", ""),
-            Identity::new("system:kube-proxy", ""),
-        ];
-        fs::write(d.join("pki/tokens.csv"), token_file(&ids))?;
-        let ca = d.join("pki/ca.crt");
-        let kc = |file: &str, id: &Identity| -> Result<PathBuf> {
-            let path = d.join(format!("{file}.kubeconfig"));
-            fs::write(&path, token_kubeconfig(api, &ca, &id.user, &id.token))?;
-            Ok(path)
-        };
-        self.rec.kubeconfig = kc("admin", &ids[0])?;
-        let kcs = Kubeconfigs {
-            kubelet: kc("kubelet", &ids[1])?,
-            controller_manager: kc("kube-controller-manager", &ids[2])?,
-            scheduler: kc("kube-scheduler", &ids[3])?,
-            proxy: kc("kube-proxy", &ids[4])?,
-        };
-        self.rec.save()?;
-        Ok(kcs)
-    }
-
-    async fn start_etcd(&mut self, ports: &Ports) -> Result<()> {
-        let d = self.dir().to_path_buf();
-        let etcd = self.bins.etcd.clone();
-        self.spawn(
-            "etcd",
-            Command::new(etcd).args(etcd_args(
-                "node",
-                &d.join("etcd"),
-                ports.etcd,
-                ports.etcd_peer,
-                true,
-            )),
-        )?;
+    fn start_etcd(&self, rt: &tokio::runtime::Runtime, ports: &Ports) -> Result<()> {
+        let d = self.record().dir;
+        let mut cmd = Command::new(&self.bins.etcd);
+        cmd.args(etcd_args(
+            "node",
+            &d.join("etcd"),
+            ports.etcd,
+            ports.etcd_peer,
+            true,
+        ));
+        self.spawn("", "etcd", &mut cmd, None)?;
         let addr: SocketAddr = ([127, 0, 0, 1], ports.etcd).into();
-        self.wait("etcd", || async move {
-            Ok(http_get(addr, "/health").is_some_and(|(s, _)| s == 200))
-        })
-        .await
+        rt.block_on(
+            self.procs
+                .wait_until("etcd", START_TIMEOUT, POLL, || async move {
+                    Ok(http_get(addr, "/health").is_some_and(|(s, _)| s == 200))
+                }),
+        )
     }
 
-    async fn start_apiserver(&mut self, ports: &Ports) -> Result<Client> {
-        let pki = self.dir().join("pki");
+    fn start_apiserver(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        ports: &Ports,
+        client: &Client,
+    ) -> Result<()> {
+        let pki = self.record().dir.join("pki");
         let p = |f: &str| pki.join(f).display().to_string();
-        let apiserver = self.bins.apiserver.clone();
-        self.spawn(
-            "kube-apiserver",
-            Command::new(apiserver).args([
-                format!("--etcd-servers=http://127.0.0.1:{}", ports.etcd),
-                format!("--bind-address={NODE_IP}"),
-                format!("--advertise-address={NODE_IP}"),
-                format!("--secure-port={}", ports.api),
-                "--insecure-port=0".into(),
-                format!("--tls-cert-file={}", p("apiserver.crt")),
-                format!("--tls-private-key-file={}", p("apiserver.key")),
-                format!("--client-ca-file={}", p("ca.crt")),
-                format!("--token-auth-file={}", p("tokens.csv")),
-                "--authorization-mode=Node,RBAC".into(),
-                "--enable-admission-plugins=NodeRestriction".into(),
-                "--allow-privileged=true".into(),
-                format!("--service-account-key-file={}", p("sa.pub")),
-                format!("--service-account-signing-key-file={}", p("sa.key")),
-                "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
-                format!("--service-cluster-ip-range={SERVICE_CIDR}"),
-                "--kubelet-preferred-address-types=InternalIP".into(),
-                "--profiling=false".into(),
-                format!("--cert-dir={}", pki.display()),
-            ]),
-        )?;
-        let client = self.client().await?;
-        let c = client.clone();
-        self.wait("kube-apiserver /readyz", move || {
-            let c = c.clone();
-            async move {
-                let req = http::Request::get("/readyz").body(Vec::new())?;
-                Ok(c.request_text(req).await?.trim() == "ok")
-            }
-        })
-        .await?;
-        Ok(client)
+        let mut cmd = Command::new(&self.bins.apiserver);
+        cmd.args([
+            format!("--etcd-servers=http://127.0.0.1:{}", ports.etcd),
+            format!("--bind-address={BRIDGE_IP}"),
+            format!("--advertise-address={BRIDGE_IP}"),
+            format!("--secure-port={}", ports.api),
+            "--insecure-port=0".into(),
+            format!("--tls-cert-file={}", p("apiserver.crt")),
+            format!("--tls-private-key-file={}", p("apiserver.key")),
+            format!("--client-ca-file={}", p("ca.crt")),
+            format!("--token-auth-file={}", p("tokens.csv")),
+            "--authorization-mode=Node,RBAC".into(),
+            "--enable-admission-plugins=NodeRestriction".into(),
+            "--allow-privileged=true".into(),
+            format!("--service-account-key-file={}", p("sa.pub")),
+            format!("--service-account-signing-key-file={}", p("sa.key")),
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+            format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+            "--kubelet-preferred-address-types=InternalIP".into(),
+            "--profiling=false".into(),
+            format!("--cert-dir={}", pki.display()),
+        ]);
+        self.spawn("", "kube-apiserver", &mut cmd, None)?;
+        rt.block_on(
+            self.procs
+                .wait_until("kube-apiserver /readyz", START_TIMEOUT, POLL, || {
+                    let c = client.clone();
+                    async move {
+                        let req = http::Request::get("/readyz").body(Vec::new())?;
+                        Ok(c.request_text(req).await?.trim() == "ok")
+                    }
+                }),
+        )
     }
 
-    /// containerd, with the CNI configuration written first (it is read when the CRI plugin
-    /// starts; a file moved in later was not picked up).
-    async fn start_containerd(&mut self, pause: &str) -> Result<()> {
-        let d = self.dir().to_path_buf();
-        fs::write(
-            d.join("cni/net.d/10-marklb.conflist"),
-            config::cni(&d.join("cni/ipam")),
-        )?;
-        let paths = config::ContainerdPaths {
-            dir: &d,
-            socket: &self.rec.containerd_socket,
-            runc: &self.bins.runc,
-            cni_bin: &self.bins.cni_bin,
-        };
-        fs::write(d.join("containerd.toml"), config::containerd(&paths, pause))?;
-        let containerd = self.bins.containerd.clone();
-        let path_env = self.bins.node_path_env();
-        self.spawn(
-            "containerd",
-            Command::new(containerd)
-                .arg("--config")
-                .arg(d.join("containerd.toml"))
-                .env("PATH", &path_env),
-        )?;
-        let sock = self.rec.containerd_socket.clone();
-        let ctr_bin = self.bins.ctr.clone();
-        self.wait("containerd", move || {
-            let ok = sock.exists()
-                && Command::new(&ctr_bin)
-                    .arg("--address")
-                    .arg(&sock)
-                    .arg("version")
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status()
-                    .is_ok_and(|s| s.success());
-            async move { Ok(ok) }
-        })
-        .await
-    }
-
-    fn import(&self, image: &ImageRef) -> Result<()> {
-        import_image(&self.bins.ctr, &self.rec.containerd_socket, image)
-    }
-
-    fn start_controllers(&mut self, ports: &Ports, kcs: &Kubeconfigs) -> Result<()> {
-        let d = self.dir().to_path_buf();
+    /// Controller manager (a node that stops reporting is NotReady after [`NODE_GRACE`]) and
+    /// scheduler.
+    fn start_controllers(&self, ports: &Ports) -> Result<()> {
+        let rec = self.record();
+        let (d, api, ca) = (&rec.dir, &rec.api_url, rec.dir.join("pki/ca.crt"));
         let pki = d.join("pki");
-        let kcm = self.bins.controller_manager.clone();
-        let kc = kcs.controller_manager.display().to_string();
-        self.spawn(
+        let kc = write_kubeconfig(
+            d,
             "kube-controller-manager",
-            Command::new(kcm).args([
-                format!("--kubeconfig={kc}"),
-                format!("--authentication-kubeconfig={kc}"),
-                format!("--authorization-kubeconfig={kc}"),
-                "--bind-address=127.0.0.1".into(),
-                format!("--secure-port={}", ports.kcm),
-                "--port=0".into(),
-                "--leader-elect=false".into(),
-                "--use-service-account-credentials=true".into(),
-                format!(
-                    "--service-account-private-key-file={}",
-                    pki.join("sa.key").display()
-                ),
-                format!("--root-ca-file={}", pki.join("ca.crt").display()),
-                format!("--cert-dir={}", d.join("kcm").display()),
-                "--allocate-node-cidrs=false".into(),
-                "--profiling=false".into(),
-            ]),
-        )?;
-        let sched = self.bins.scheduler.clone();
-        let kc = kcs.scheduler.display().to_string();
-        self.spawn(
-            "kube-scheduler",
-            Command::new(sched).args([
-                format!("--kubeconfig={kc}"),
-                format!("--authentication-kubeconfig={kc}"),
-                format!("--authorization-kubeconfig={kc}"),
-                "--bind-address=127.0.0.1".into(),
-                format!("--secure-port={}", ports.scheduler),
-                "--port=0".into(),
-                "--leader-elect=false".into(),
-                format!("--cert-dir={}", d.join("scheduler").display()),
-                "--profiling=false".into(),
-            ]),
-        )
-    }
-
-    fn start_kubelet(&mut self, ports: &Ports, kcs: &Kubeconfigs, pause: &str) -> Result<()> {
-        let d = self.dir().to_path_buf();
-        fs::write(
-            d.join("kubelet.yaml"),
-            config::kubelet(ports.kubelet, ports.kubelet_healthz),
-        )?;
-        let kubelet = self.bins.kubelet.clone();
-        let path_env = self.bins.node_path_env();
-        let sock = self.rec.containerd_socket.clone();
-        self.spawn(
-            "kubelet",
-            Command::new(kubelet)
-                .args([
-                    format!("--config={}", d.join("kubelet.yaml").display()),
-                    format!("--kubeconfig={}", kcs.kubelet.display()),
-                    "--container-runtime=remote".into(),
-                    format!("--container-runtime-endpoint=unix://{}", sock.display()),
-                    format!("--root-dir={}", d.join("kubelet").display()),
-                    format!("--cert-dir={}", d.join("kubelet-pki").display()),
-                    format!("--node-ip={NODE_IP}"),
-                    format!("--hostname-override={NODE_NAME}"),
-                    format!("--pod-infra-container-image={pause}"),
-                    "--v=2".into(),
-                ])
-                .env("PATH", &path_env),
-        )
-    }
-
-    fn start_proxy(&mut self, ports: &Ports, kcs: &Kubeconfigs) -> Result<()> {
-        let d = self.dir().to_path_buf();
-        fs::write(
-            d.join("kube-proxy.yaml"),
-            config::kube_proxy(&kcs.proxy, ports.proxy_healthz, ports.proxy_metrics),
-        )?;
-        let proxy = self.bins.proxy.clone();
-        let path_env = self.bins.node_path_env();
-        self.spawn(
-            "kube-proxy",
-            Command::new(proxy)
-                .arg(format!("--config={}", d.join("kube-proxy.yaml").display()))
-                .env("PATH", &path_env),
-        )
+            api,
+            &ca,
+            &self.ids.controller_manager,
+        )?
+        .display()
+        .to_string();
+        let mut cmd = Command::new(&self.bins.controller_manager);
+        cmd.args([
+            format!("--kubeconfig={kc}"),
+            format!("--authentication-kubeconfig={kc}"),
+            format!("--authorization-kubeconfig={kc}"),
+            "--bind-address=127.0.0.1".into(),
+            format!("--secure-port={}", ports.kcm),
+            "--port=0".into(),
+            "--leader-elect=false".into(),
+            "--use-service-account-credentials=true".into(),
+            format!(
+                "--service-account-private-key-file={}",
+                pki.join("sa.key").display()
+            ),
+            format!("--root-ca-file={}", pki.join("ca.crt").display()),
+            format!("--cert-dir={}", d.join("kcm").display()),
+            "--allocate-node-cidrs=false".into(),
+            "--node-monitor-period=2s".into(),
+            format!("--node-monitor-grace-period={}s", NODE_GRACE.as_secs()),
+            "--profiling=false".into(),
+        ]);
+        self.spawn("", "kube-controller-manager", &mut cmd, None)?;
+        let kc = write_kubeconfig(d, "kube-scheduler", api, &ca, &self.ids.scheduler)?
+            .display()
+            .to_string();
+        let mut cmd = Command::new(&self.bins.scheduler);
+        cmd.args([
+            format!("--kubeconfig={kc}"),
+            format!("--authentication-kubeconfig={kc}"),
+            format!("--authorization-kubeconfig={kc}"),
+            "--bind-address=127.0.0.1".into(),
+            format!("--secure-port={}", ports.scheduler),
+            "--port=0".into(),
+            "--leader-elect=false".into(),
+            format!("--cert-dir={}", d.join("scheduler").display()),
+            "--profiling=false".into(),
+        ]);
+        self.spawn("", "kube-scheduler", &mut cmd, None)?;
+        Ok(())
     }
 }
 

@@ -1,60 +1,31 @@
 //! Undoing a [`Record`]: what [`super::Cluster::stop`], the exit and signal handlers, the next
-//! start after a SIGKILL and `marklb-cluster down` all run.
+//! start after a SIGKILL and `marklb-cluster down` all run; and undoing one node of it
+//! ([`teardown_node`], also [`super::Cluster::remove_node`]).
 //!
-//! Order: the node agents (so nothing restarts containers), the pods' processes (by their
-//! `kubepods` cgroups), containerd and its shims, the control plane; then mounts, iptables, the
-//! CNI bridge and node address, sysctls, host directories, pins and the bpffs, the directory.
-//! Never touched: what was there before the cluster started (the record says what that was),
-//! and a bpffs that something else pinned into while the cluster ran.
+//! Order: the controllers, then node by node (kubelet and kube-proxy, so nothing restarts
+//! containers; the pods, by the node's cgroups; containerd; whatever still runs in the node's
+//! network or mount namespace, shims and host-network pods included; the namespace; the
+//! cgroups), then the API server and etcd, the node bridge, the sysctls, the mount-point
+//! directories the cluster made, the directory. Never touched: what was there before the
+//! cluster started (the record says what that was).
 
 use std::{
     fs, io,
     path::{Path, PathBuf},
-    process::Command,
     time::{Duration, Instant},
 };
 
 use anyhow::Result;
 
-use super::host::{
-    IPT_TABLES, cgroup_dirs, dir_entries, ipt_cleanup_script, ipt_family, ipt_save, is_bpffs,
-    link_exists, mount_points, top_mount, tree,
-};
+use super::KEEP_LOGS_ENV;
+use super::host::{cgroup_dirs, dir_entries, link_exists, mount_points, tree};
+use super::node::is_empty_dir;
 use super::record::{
-    Record, all_pids, cmdline, proc_alive, proc_stat, record_path, signal, stop_proc,
+    NodeRecord, Record, all_pids, ns_inode, proc_alive, proc_stat, record_path, signal, stop_proc,
 };
 use super::shared::TEST_PANICKED;
-use super::{BPFFS, CNI_BRIDGE, KEEP_LOGS_ENV, NODE_IP};
 use crate::kube_harness::report;
-use crate::netns::{ip, run_command};
-
-/// Unmounts everything mounted at or below `prefixes`, deepest first (a point mounted several
-/// times as often as needed).
-pub(crate) fn unmount_under(prefixes: &[PathBuf], problems: &mut Vec<String>) {
-    let under = |m: &PathBuf| prefixes.iter().any(|p| m.starts_with(p));
-    for _round in 0..5 {
-        let mut mine: Vec<PathBuf> = mount_points().into_iter().filter(under).collect();
-        if mine.is_empty() {
-            return;
-        }
-        mine.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
-        for m in &mine {
-            umount(m);
-        }
-    }
-    let left: Vec<PathBuf> = mount_points().into_iter().filter(under).collect();
-    if !left.is_empty() {
-        problems.push(format!("mounts left: {left:?}"));
-    }
-}
-
-fn umount(path: &Path) {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return;
-    };
-    // SAFETY: umount2 with a NUL-terminated path.
-    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-}
+use crate::netns::{ip, netns_path};
 
 /// Removes `path` recursively unless something is mounted below it.
 pub(crate) fn remove_tree(path: &Path, problems: &mut Vec<String>) {
@@ -126,8 +97,78 @@ pub(crate) fn remove_cgroup_tree(cg: &Path, problems: &mut Vec<String>) {
     }
 }
 
-/// Removes the `kubepods*` cgroups that were not there before.
-fn remove_pod_cgroups(rec: &Record, problems: &mut Vec<String>) {
+/// Kills every process whose network or mount namespace is one of the node's (containerd's
+/// shims, host-network pods, the holder, anything started in it), until none is left.
+fn kill_node_namespaces(n: &NodeRecord, problems: &mut Vec<String>) {
+    let me = std::process::id();
+    let inside = |pid: u32| {
+        (n.netns_inode.is_some() && ns_inode(pid, "net") == n.netns_inode)
+            || (n.mntns_inode.is_some() && ns_inode(pid, "mnt") == n.mntns_inode)
+    };
+    for round in 0..100 {
+        let left: Vec<u32> = all_pids()
+            .into_iter()
+            .filter(|pid| *pid != me && inside(*pid))
+            .filter(|pid| matches!(proc_stat(*pid), Some((s, _)) if s != 'Z'))
+            .collect();
+        if left.is_empty() {
+            return;
+        }
+        for pid in &left {
+            signal(*pid, libc::SIGKILL);
+        }
+        if round == 99 {
+            problems.push(format!(
+                "processes left in {}'s namespaces: {left:?}",
+                n.name
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Undoes node `n` of `rec`: its processes, pods, namespaces and cgroups (its directory stays:
+/// it is part of the cluster's). Returns what could not be undone.
+pub fn teardown_node(rec: &Record, n: &NodeRecord) -> Vec<String> {
+    let mut problems = Vec::new();
+    let node = Some(n.name.as_str());
+    for name in ["kubelet", "kube-proxy"] {
+        for p in rec.procs_of(node, name) {
+            stop_proc(p, Duration::from_secs(5));
+        }
+    }
+    // The pods (their cgroups are below the node's root), then containerd and the rest.
+    for cg in &n.cgroups {
+        remove_cgroup_tree(cg, &mut problems);
+    }
+    for p in rec.procs_of(node, "containerd") {
+        stop_proc(p, Duration::from_secs(5));
+    }
+    kill_node_namespaces(n, &mut problems);
+    for p in rec.procs.iter().filter(|p| p.node.as_deref() == node) {
+        if proc_alive(p) {
+            problems.push(format!("{} (pid {}) still runs", p.label(), p.pid));
+        }
+    }
+    if let Some(ns) = &n.netns
+        && netns_path(ns).exists()
+        && let Err(e) = ip(None, &["netns", "del", ns])
+    {
+        problems.push(format!("deleting the network namespace {ns}: {e}"));
+    }
+    // The host end of the veth goes with the namespace; a half-made one may be left.
+    if !n.host_veth.is_empty() && link_exists(&n.host_veth) {
+        let _ = ip(None, &["link", "del", &n.host_veth]);
+    }
+    for cg in &n.cgroups {
+        remove_cgroup_tree(cg, &mut problems);
+    }
+    problems
+}
+
+/// Removes the `kubepods*` top-level cgroups that were not there before (a kubelet started
+/// without its `--cgroup-root` would make them; none should).
+fn remove_stray_pod_cgroups(rec: &Record, problems: &mut Vec<String>) {
     for (h, entries) in cgroup_dirs() {
         let before = rec.cgroups_before.get(&h).cloned().unwrap_or_default();
         for e in entries {
@@ -138,180 +179,38 @@ fn remove_pod_cgroups(rec: &Record, problems: &mut Vec<String>) {
     }
 }
 
-/// Kills what is left of containerd's world: processes naming its socket or the cluster's
-/// directory on their command line (the shims), except the control plane.
-fn kill_strays(rec: &Record, problems: &mut Vec<String>) {
-    let sock = rec.containerd_socket.display().to_string();
-    let dir = rec.dir.display().to_string();
-    let me = std::process::id();
-    let control_plane = |pid: u32| {
-        rec.procs
-            .iter()
-            .any(|p| p.pid == pid && (p.name == "etcd" || p.name == "kube-apiserver"))
-    };
-    for round in 0..50 {
-        let strays: Vec<u32> = all_pids()
-            .into_iter()
-            .filter(|pid| *pid != me && !control_plane(*pid))
-            .filter(|pid| {
-                let c = cmdline(*pid);
-                (!sock.is_empty() && c.contains(&sock)) || (!dir.is_empty() && c.contains(&dir))
-            })
-            .filter(|pid| matches!(proc_stat(*pid), Some((s, _)) if s != 'Z'))
-            .collect();
-        if strays.is_empty() {
-            break;
-        }
-        for pid in &strays {
-            signal(*pid, libc::SIGKILL);
-        }
-        if round == 49 {
-            problems.push(format!("processes left: {strays:?}"));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Removes the `KUBE-*`/`CNI-*` chains that were not there before, and the jumps to them.
-fn remove_kube_chains(rec: &Record, problems: &mut Vec<String>) {
-    for v6 in [false, true] {
-        for t in IPT_TABLES {
-            let before = rec
-                .chains_before
-                .get(&format!("{} {t}", ipt_family(v6)))
-                .cloned()
-                .unwrap_or_default();
-            if let Some(script) = ipt_cleanup_script(t, &ipt_save(v6, t), &before) {
-                let tool = if v6 {
-                    "ip6tables-restore"
-                } else {
-                    "iptables-restore"
-                };
-                let mut cmd = Command::new(tool);
-                cmd.args(["--noflush", "--wait"]);
-                if let Err(e) = run_command(&mut cmd, Some(&script), Duration::from_secs(30)) {
-                    problems.push(format!("{tool}: {e}\n{script}"));
-                }
-            }
-        }
-    }
-}
-
-/// The agents' pins of interfaces that are gone, and the bpffs if the cluster mounted it and
-/// nothing else pinned into it while it ran (an agent outside the cluster pins there too: its
-/// XDP program would vanish with the mount).
-fn remove_pins_and_bpffs(rec: &Record, problems: &mut Vec<String>) {
-    let root = Path::new(BPFFS);
-    if !is_bpffs(root) {
-        return;
-    }
-    let pins = root.join("marklb");
-    let before = rec.pins_before.clone().unwrap_or_default();
-    for e in dir_entries(&pins).unwrap_or_default() {
-        // Pins of an interface that still exists belong to a datapath that still runs.
-        if !before.contains(&e) && !link_exists(&e) {
-            remove_tree(&pins.join(&e), problems);
-        }
-    }
-    let Some(ours) = rec.bpffs_mount else {
-        return;
-    };
-    if rec.pins_before.is_none() && dir_entries(&pins).is_some_and(|e| e.is_empty()) {
-        let _ = fs::remove_dir(&pins);
-    }
-    let foreign: Vec<String> = dir_entries(root)
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|e| !rec.bpffs_initial.contains(e))
-        .collect();
-    match top_mount(root) {
-        Some(m) if m.id == ours && foreign.is_empty() => umount(root),
-        Some(m) if m.id == ours => report(&format!(
-            "left the bpffs the cluster mounted at {BPFFS}: something else pinned into it ({})",
-            foreign.join(", ")
-        )),
-        _ => report(&format!(
-            "left {BPFFS} alone: the bpffs on top is not the one the cluster mounted"
-        )),
-    }
-}
-
 /// Undoes everything `rec` says a cluster changed. Returns what could not be undone.
 pub fn teardown(rec: &Record) -> Vec<String> {
     let mut problems = Vec::new();
-    let by_name = |n: &'static str| rec.procs.iter().filter(move |p| p.name == n);
-    // 1. The node agents first (so nothing restarts containers), then the pods' processes.
-    for name in [
-        "kubelet",
-        "kube-proxy",
-        "kube-scheduler",
-        "kube-controller-manager",
-    ] {
-        for p in by_name(name) {
+    let control = |name: &'static str| rec.procs_of(None, name);
+    // 1. The controllers (nothing schedules or restarts pods any more), then node by node.
+    for name in ["kube-scheduler", "kube-controller-manager"] {
+        for p in control(name) {
             stop_proc(p, Duration::from_secs(5));
         }
     }
-    remove_pod_cgroups(rec, &mut problems);
-    // 2. containerd, then its shims (found by containerd's address on their command line).
-    for p in by_name("containerd") {
-        stop_proc(p, Duration::from_secs(5));
+    for n in &rec.nodes {
+        problems.extend(teardown_node(rec, n));
     }
-    kill_strays(rec, &mut problems);
-    // 3. The control plane.
+    // 2. The API server and etcd.
     for name in ["kube-apiserver", "etcd"] {
-        for p in by_name(name) {
+        for p in control(name) {
             stop_proc(p, Duration::from_secs(5));
         }
     }
-    for p in &rec.procs {
+    for p in rec.procs.iter().filter(|p| p.node.is_none()) {
         if proc_alive(p) {
-            problems.push(format!("{} (pid {}) still runs", p.name, p.pid));
+            problems.push(format!("{} (pid {}) still runs", p.label(), p.pid));
         }
     }
-    // 4. Mounts: the cluster directory (kubelet's root dir, pod volumes, containerd's rootfs
-    //    and shm mounts), containerd's and kubelet's host directories, CNI's pod namespaces.
-    let mut prefixes: Vec<PathBuf> = vec![
-        PathBuf::from("/run/containerd"),
-        PathBuf::from("/var/lib/kubelet"),
-    ];
-    if !rec.dir.as_os_str().is_empty() {
-        prefixes.push(rec.dir.clone());
-    }
-    let new_netns: Vec<String> = dir_entries(Path::new("/var/run/netns"))
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|e| {
-            e.starts_with("cni-") && !rec.netns_before.as_ref().is_some_and(|b| b.contains(e))
-        })
-        .collect();
-    for e in &new_netns {
-        prefixes.push(Path::new("/var/run/netns").join(e));
-        prefixes.push(Path::new("/run/netns").join(e));
-    }
-    unmount_under(&prefixes, &mut problems);
-    for e in &new_netns {
-        remove_tree(&Path::new("/var/run/netns").join(e), &mut problems);
-    }
-    if rec.netns_before.is_none() {
-        // Made for the pods' namespaces; removed only when empty (others may use it now).
-        let _ = fs::remove_dir("/var/run/netns");
-    }
-    // 5. iptables.
-    remove_kube_chains(rec, &mut problems);
-    // 6. The CNI bridge and the node address.
-    if !rec.bridge_existed
-        && link_exists(CNI_BRIDGE)
-        && let Err(e) = ip(None, &["link", "del", CNI_BRIDGE])
+    // 3. The node bridge.
+    if let Some(b) = &rec.bridge
+        && link_exists(b)
+        && let Err(e) = ip(None, &["link", "del", b])
     {
-        problems.push(format!("deleting {CNI_BRIDGE}: {e}"));
+        problems.push(format!("deleting {b}: {e}"));
     }
-    if rec.node_ip_added {
-        let _ = ip(
-            None,
-            &["addr", "del", &format!("{NODE_IP}/32"), "dev", "lo"],
-        );
-    }
-    // 7. Sysctls.
+    // 4. Sysctls (kubelet sets a few machine-wide ones).
     for (path, value) in &rec.sysctls {
         if fs::read_to_string(path).map(|v| v.trim().to_string()).ok() != Some(value.clone())
             && let Err(e) = fs::write(path, value)
@@ -319,25 +218,27 @@ pub fn teardown(rec: &Record) -> Vec<String> {
             problems.push(format!("restoring {path}={value}: {e}"));
         }
     }
-    // 8. Host directories.
+    // 5. Host directories: what appeared in them (nothing should: each node has its own), and
+    //    the mount points the cluster made, deepest first, when empty.
     for (path, before) in &rec.host_paths {
         let p = Path::new(path);
-        match before {
-            None => remove_tree(p, &mut problems),
-            Some(entries) => {
-                for e in dir_entries(p).unwrap_or_default() {
-                    if !entries.contains(&e) {
-                        remove_tree(&p.join(&e), &mut problems);
-                    }
+        if let Some(entries) = before {
+            for e in dir_entries(p).unwrap_or_default() {
+                if !entries.contains(&e) {
+                    remove_tree(&p.join(&e), &mut problems);
                 }
             }
         }
     }
-    // 9. What the agents pinned, and the bpffs if the cluster mounted it.
-    remove_pins_and_bpffs(rec, &mut problems);
-    // 10. Leftover cgroups (a pod that started while we stopped), once more.
-    remove_pod_cgroups(rec, &mut problems);
-    // 11. The directory (logs copied out first when asked).
+    for d in rec.created_dirs.iter().rev() {
+        if is_empty_dir(d)
+            && let Err(e) = fs::remove_dir(d)
+        {
+            problems.push(format!("removing {}: {e}", d.display()));
+        }
+    }
+    remove_stray_pod_cgroups(rec, &mut problems);
+    // 6. The directory (logs copied out first when asked).
     if !rec.dir.as_os_str().is_empty() {
         if std::env::var(KEEP_LOGS_ENV).as_deref() == Ok("1")
             || TEST_PANICKED.load(std::sync::atomic::Ordering::SeqCst)
@@ -351,9 +252,14 @@ pub fn teardown(rec: &Record) -> Vec<String> {
 
 fn keep_logs(rec: &Record) {
     let to = std::env::temp_dir().join(format!("marklb-cluster-logs-{}", std::process::id()));
-    let _ = fs::create_dir_all(&to);
-    for e in dir_entries(&rec.dir.join("logs")).unwrap_or_default() {
-        let _ = fs::copy(rec.dir.join("logs").join(&e), to.join(&e));
+    let mut files = Vec::new();
+    tree(&rec.dir.join("logs"), 3, &mut files);
+    for f in files.iter().map(PathBuf::from).filter(|f| f.is_file()) {
+        if let Ok(rel) = f.strip_prefix(rec.dir.join("logs")) {
+            let dst = to.join(rel);
+            let _ = fs::create_dir_all(dst.parent().unwrap_or(&to));
+            let _ = fs::copy(&f, dst);
+        }
     }
     report(&format!("cluster logs kept in {}", to.display()));
 }
