@@ -48,10 +48,12 @@ clean:
 image: ## Container images as OCI archives in target/images (static musl binaries; no engine)
 	bash scripts/image/build.sh
 
-cluster-up: ## Start the tests' one-node Kubernetes cluster and leave it running (root)
+NODES ?= 2
+NODE_LABELS ?=
+cluster-up: ## Start the tests' Kubernetes cluster (NODES=2, NODE_LABELS="[I:]K=V,...") and leave it running (root)
 	bash scripts/setup-cluster.sh
 	$(CARGO) build -p marklb-tests --bin marklb-cluster
-	./target/debug/marklb-cluster up
+	./target/debug/marklb-cluster up --nodes $(NODES) $(if $(NODE_LABELS),--node-labels $(NODE_LABELS))
 
 cluster-down: ## Stop that cluster and undo everything it changed on the host (root)
 	$(CARGO) build -p marklb-tests --bin marklb-cluster

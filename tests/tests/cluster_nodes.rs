@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
 use kube::{
     Api, Client,
     api::{DeleteParams, ListParams},
@@ -113,6 +113,21 @@ impl<'a> Namespace<'a> {
         )
         .await
         .expect("namespace");
+        // Pods are admitted once the namespace's default service account exists.
+        let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), name);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while sas
+            .get_opt("default")
+            .await
+            .expect("service accounts")
+            .is_none()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "no default service account in {name}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         Namespace {
             cluster,
             name: name.to_string(),
@@ -135,6 +150,7 @@ fn pause_daemonset(ns: &str, name: &str, placement: Value) -> Value {
     let mut spec = json!({
         "tolerations": [{"operator": "Exists"}],
         "terminationGracePeriodSeconds": 1,
+        "automountServiceAccountToken": false,
         "containers": [{"name": "pause", "image": image, "imagePullPolicy": "Never"}]
     });
     if let (Some(s), Some(p)) = (spec.as_object_mut(), placement.as_object()) {
@@ -240,10 +256,17 @@ async fn every_node_is_ready_in_its_own_namespaces() {
             n.name
         );
         assert!(proc.join("root/sys/class/net").join(&n.iface).exists());
-        let route = ip(Some(&n.netns), &["route", "show", "default"]).unwrap();
+        // Routes to the node network and the services only: nothing leaves the machine.
+        let default = ip(Some(&n.netns), &["route", "show", "default"]).unwrap();
         assert!(
-            route.contains(&BRIDGE_IP.to_string()),
-            "{}: {route}",
+            default.trim().is_empty(),
+            "{}: a default route: {default}",
+            n.name
+        );
+        let services = ip(Some(&n.netns), &["route", "show", cluster::SERVICE_CIDR]).unwrap();
+        assert!(
+            services.contains(&BRIDGE_IP.to_string()),
+            "{}: {services}",
             n.name
         );
         // Its pods' cgroups are below its own root.
@@ -486,6 +509,7 @@ async fn node_selection_matching_one_node_runs_exactly_one_pod_there() {
         "metadata": {"name": "by-affinity", "namespace": ns.name, "labels": {"app": "by-affinity"}},
         "spec": {
             "terminationGracePeriodSeconds": 1,
+            "automountServiceAccountToken": false,
             "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution":
                 {"nodeSelectorTerms": [{"matchExpressions": [
                     {"key": "kubernetes.io/hostname", "operator": "In", "values": [first.name]}]}]}}},

@@ -111,9 +111,9 @@ fn up(opts: Up) -> Result<()> {
     })?;
     let kubectl = c.binaries().kubectl.display().to_string();
     println!(
-        "marklb test cluster: {} nodes Ready in {:.1}s (Kubernetes v1.20.2, {})",
+        "marklb test cluster: {} nodes {} (Kubernetes v1.20.2, {})",
         c.nodes().len(),
-        c.times().total.as_secs_f64(),
+        c.times(),
         c.api_url()
     );
     println!("  export KUBECONFIG={}", c.kubeconfig().display());

@@ -3,7 +3,9 @@
 //!
 //! - Network: a named network namespace (`/var/run/netns/<node>`, what tests enter) with one
 //!   veth, `eth0` inside (the node's InternalIP, [`super::node_ip`]), `mlbh<index>` on the
-//!   host's node bridge ([`super::NODES_BRIDGE`], where the API server listens). Everything a
+//!   host's node bridge ([`super::NODES_BRIDGE`], where the API server listens); routes to the
+//!   node network and the service range only (no default route: nothing leaves the machine,
+//!   and kubelet's cloud-metadata and DNS attempts fail at once instead of timing out). Everything a
 //!   node's components do to the network (kube-proxy's and CNI's iptables, the CNI bridge,
 //!   `route_localnet`, `ip_forward`, pod namespaces) stays in that namespace.
 //! - Mounts: a mount namespace made by a holder process (`sleep infinity`, started inside the
@@ -40,7 +42,7 @@ use anyhow::{Context, Result, bail};
 use super::host::{cgroup_hierarchies, dir_entries};
 use super::record::{NodeRecord, ProcRecord, ns_inode, proc_record};
 use super::{
-    BRIDGE_IP, Ctx, NODE_IFACE, NODES_BRIDGE, NodeInfo, NodeOptions, config, node_ip,
+    BRIDGE_IP, Ctx, NODE_IFACE, NODES_BRIDGE, NodeInfo, NodeOptions, SERVICE_CIDR, config, node_ip,
     start::import_image,
 };
 use crate::netns::{NETNS_DIR, ip, ip_batch, netns_path};
@@ -252,7 +254,11 @@ impl Ctx {
                 "link set lo up".into(),
                 format!("addr add {ip4}/24 dev {NODE_IFACE}"),
                 format!("link set {NODE_IFACE} up"),
-                format!("route add default via {BRIDGE_IP}"),
+                // Service addresses need a route for the local routing decision before
+                // kube-proxy's DNAT. No default route: nothing a node does (cloud metadata
+                // probes, DNS) leaves the machine, and such attempts fail at once instead of
+                // timing out.
+                format!("route add {SERVICE_CIDR} via {BRIDGE_IP}"),
             ],
         )?;
         Ok(())

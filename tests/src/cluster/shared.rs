@@ -127,15 +127,10 @@ fn start_shared() -> std::result::Result<&'static Cluster, Skip> {
         detached: false,
     })
     .map_err(|e| Skip::Failed(format!("{e:#}")))?;
-    let t = c.times();
     report(&format!(
-        "cluster: {} nodes Ready {:.1}s after start (etcd {:.1}s, apiserver {:.1}s, nodes started {:.1}s, Ready {:.1}s); images built/checked in {:.1}s; {}",
+        "cluster: {} nodes {}; images built/checked in {:.1}s; {}",
         c.nodes().len(),
-        t.total.as_secs_f64(),
-        t.etcd.as_secs_f64(),
-        t.apiserver.as_secs_f64(),
-        t.nodes_started.as_secs_f64(),
-        t.nodes_ready.as_secs_f64(),
+        c.times(),
         images.build_time.as_secs_f64(),
         c.api_url()
     ));
