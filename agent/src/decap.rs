@@ -34,8 +34,8 @@ use marklb_common::{
 };
 
 use crate::{
-    balancer::{addr_words, words_addr},
     datapath::{DatapathError, Result, map_err, prog_err},
+    model::{addr_words, words_addr},
 };
 
 /// The decapsulation object, built by build.rs from `ebpf/prog` (bin `marklb-decap`).

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use etherparse::PacketBuilder;
 use marklb_common::{FlowKey, IPPROTO_TCP, IPPROTO_UDP};
 
-use crate::balancer::addr_words;
+use crate::model::addr_words;
 
 /// Transport of a crafted frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
