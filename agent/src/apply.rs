@@ -1,7 +1,8 @@
 //! Carrying a [`Plan`] out on the datapath: the thin effect layer under the pure diff.
 //!
 //! Order (each step keeps every packet on a valid real):
-//! 1. reals that stay are held, so they keep their slots while VIPs around them change;
+//! 1. reals that stay ([`Plan::reals_staying`]) are held, so they keep their slots while the
+//!    VIPs around them change;
 //! 2. removed VIPs lose their marks, then go (their ring space is free for the rest);
 //! 3. written VIPs get a new ring switched in (Maglev tables built on every core first);
 //! 4. (VIP, real) pairs that leave: that VIP's marks and connection entries to the real go,
@@ -73,12 +74,7 @@ pub fn execute(
     desired: &Desired,
     plan: &Plan,
 ) -> Result<usize> {
-    let staying: Vec<_> = desired
-        .reals()
-        .into_iter()
-        .filter(|a| model.real_id(a).is_some())
-        .collect();
-    model.hold_reals(&staying);
+    model.hold_reals(&plan.reals_staying);
     let mut leaving = Vec::new();
     let changed = (|| -> Result<()> {
         for vip in &plan.removed {
@@ -105,7 +101,7 @@ pub fn execute(
         }
         Ok(())
     })();
-    leaving.extend(model.release_reals(&staying));
+    leaving.extend(model.release_reals(&plan.reals_staying));
     // Reals a previous agent programmed that nothing claims now.
     leaving.extend(model.unclaimed_reals());
     for r in &leaving {

@@ -455,6 +455,14 @@ impl Programmed for DatapathModel {
         self.reals.keys().copied().collect()
     }
 
+    fn has_real(&self, addr: &IpAddr) -> bool {
+        self.reals.contains_key(addr)
+    }
+
+    fn real_refs(&self, addr: &IpAddr) -> u32 {
+        self.reals.get(addr).map_or(0, |r| r.refs)
+    }
+
     fn ring_capacity(&self) -> u32 {
         self.rings.capacity()
     }

@@ -11,7 +11,7 @@
 //!   entries to it removed (those flows move), listed in [`Plan::pairs_leaving`];
 //! - a real no desired VIP lists is retired: its marks are invalidated, then its slot cleared.
 
-use std::{collections::BTreeSet, net::IpAddr};
+use std::{collections::HashMap, net::IpAddr};
 
 use marklb_common::{MAX_REALS, MAX_VIPS};
 
@@ -33,6 +33,10 @@ pub trait Programmed {
     fn vip(&self, vip: &VipId) -> Option<ProgrammedVip<'_>>;
     /// Every real holding a slot (including adopted ones no VIP claimed yet).
     fn real_addrs(&self) -> Vec<IpAddr>;
+    /// Whether the real holds a slot.
+    fn has_real(&self, addr: &IpAddr) -> bool;
+    /// How many programmed VIPs list the real (0: adopted, not claimed yet, or no slot).
+    fn real_refs(&self, addr: &IpAddr) -> u32;
     /// Slots of the Maglev ring storage.
     fn ring_capacity(&self) -> u32;
 }
@@ -53,6 +57,9 @@ pub struct Plan {
     pub pairs_leaving: Vec<(VipId, IpAddr)>,
     /// Reals no desired VIP lists: retired last.
     pub reals_retired: Vec<IpAddr>,
+    /// Programmed reals a removed or rewritten VIP lists and some desired VIP still lists:
+    /// held throughout, so they keep their slots.
+    pub reals_staying: Vec<IpAddr>,
 }
 
 impl Plan {
@@ -78,43 +85,75 @@ impl Plan {
     }
 }
 
-/// The plan that turns `now` into `desired`.
+/// The plan that turns `now` into `desired`. Its cost follows what changed, not the size of
+/// the state: reals are counted only where a VIP is added, changed or removed.
 pub fn plan(now: &impl Programmed, desired: &Desired) -> Plan {
-    let wanted: BTreeSet<IpAddr> = desired.reals().into_iter().collect();
     let mut p = Plan::default();
+    // Change of each touched real's count of listing VIPs.
+    let mut delta: HashMap<IpAddr, i64> = HashMap::new();
+    let mut add = |a: IpAddr, d: i64| *delta.entry(a).or_default() += d;
     let mut removed: Vec<VipId> = now
         .vip_ids()
         .into_iter()
         .filter(|v| !desired.vips.contains_key(v))
         .collect();
     removed.sort();
+    for vip in &removed {
+        for b in now.vip(vip).map_or(&[][..], |v| v.backends) {
+            add(b.addr, -1);
+        }
+    }
     p.removed = removed;
+    let mut dropped_pairs = Vec::new();
     for (vip, want) in &desired.vips {
         let Some(cur) = now.vip(vip) else {
             p.added.push(*vip);
+            want.backends.iter().for_each(|b| add(b.addr, 1));
             continue;
         };
         if cur.backends == want.backends.as_slice() && cur.table_size == want.table_size {
             p.unchanged += 1;
-        } else if cur.adopted {
+            continue;
+        }
+        if cur.adopted {
             p.adopted.push(*vip);
         } else {
             p.changed.push(*vip);
-            for b in cur.backends {
-                let dropped = !want.backends.iter().any(|n| n.addr == b.addr);
-                if dropped && wanted.contains(&b.addr) {
-                    p.pairs_leaving.push((*vip, b.addr));
-                }
+        }
+        for b in cur.backends {
+            add(b.addr, -1);
+            if !want.backends.iter().any(|n| n.addr == b.addr) {
+                dropped_pairs.push((*vip, b.addr));
             }
         }
+        want.backends.iter().for_each(|b| add(b.addr, 1));
     }
-    let mut retired: Vec<IpAddr> = now
-        .real_addrs()
+    let listed_after = |a: &IpAddr| now.real_refs(a) as i64 + delta.get(a).copied().unwrap_or(0);
+    // A real dropped by one VIP but listed by others: that VIP's flows to it move.
+    p.pairs_leaving = dropped_pairs
         .into_iter()
-        .filter(|a| !wanted.contains(a))
+        .filter(|(_, a)| listed_after(a) > 0)
         .collect();
-    retired.sort();
-    p.reals_retired = retired;
+    // Touched reals with a slot: those still listed are held, the others retire; adopted
+    // reals nothing claims (listed by no VIP now) retire as well.
+    let mut touched: Vec<IpAddr> = delta.keys().copied().collect();
+    touched.extend(
+        now.real_addrs()
+            .into_iter()
+            .filter(|a| now.real_refs(a) == 0),
+    );
+    touched.sort();
+    touched.dedup();
+    for a in touched {
+        if !now.has_real(&a) {
+            continue;
+        }
+        if listed_after(&a) > 0 {
+            p.reals_staying.push(a);
+        } else {
+            p.reals_retired.push(a);
+        }
+    }
     p
 }
 

@@ -10,7 +10,12 @@
 
 mod merge;
 
-use std::{collections::BTreeMap, fmt, net::IpAddr, time::Duration};
+use std::{
+    collections::{BTreeMap, HashSet},
+    fmt,
+    net::IpAddr,
+    time::Duration,
+};
 
 use marklb_common::{CFG_F_ENABLED, CFG_F_EVENTS, CFG_F_ICMP_ECHO, CFG_F_ICMP_TOO_BIG, LbConfig};
 use marklb_crds::loadbalancer::{LoadBalancerSpec, MarkScope, TooBig};
@@ -284,21 +289,18 @@ impl Desired {
             .sum()
     }
 
-    /// Distinct real addresses, sorted.
-    pub fn reals(&self) -> Vec<IpAddr> {
-        let mut reals: Vec<IpAddr> = self
-            .vips
-            .values()
-            .flat_map(|v| v.backends.iter().map(|b| b.addr))
-            .collect();
-        reals.sort();
-        reals.dedup();
+    /// Distinct real addresses (hashed: a state may list 100,000 backends).
+    pub fn real_set(&self) -> HashSet<IpAddr> {
+        let mut reals = HashSet::new();
+        for v in self.vips.values() {
+            reals.extend(v.backends.iter().map(|b| b.addr));
+        }
         reals
     }
 
     /// Distinct real addresses.
     pub fn real_count(&self) -> usize {
-        self.reals().len()
+        self.real_set().len()
     }
 }
 

@@ -41,6 +41,18 @@ impl Programmed for Now {
         r
     }
 
+    fn has_real(&self, addr: &IpAddr) -> bool {
+        self.real_addrs().contains(addr)
+    }
+
+    fn real_refs(&self, addr: &IpAddr) -> u32 {
+        let listing = self
+            .vips
+            .values()
+            .filter(|(b, _, _)| b.iter().any(|b| b.addr == *addr));
+        listing.count() as u32
+    }
+
     fn ring_capacity(&self) -> u32 {
         self.ring_capacity
     }
@@ -156,6 +168,11 @@ fn a_real_leaving_one_vip_but_kept_by_another_moves_only_that_vips_flows() {
     assert_eq!(p.unchanged, 1);
     assert_eq!(p.pairs_leaving, vec![(vip("10.0.0.1"), ip("10.1.0.1"))]);
     assert!(p.reals_retired.is_empty());
+    assert_eq!(
+        p.reals_staying,
+        [ip("10.1.0.1"), ip("10.1.0.2")],
+        "the rewritten VIP's reals that stay are held; untouched ones need not be"
+    );
 }
 
 #[test]
@@ -179,6 +196,10 @@ fn removed_vips_go_and_their_reals_are_retired_unless_another_vip_takes_them() {
     assert_eq!(p.removed, vec![vip("10.0.0.2")]);
     assert_eq!(p.added, vec![vip("10.0.0.3")]);
     assert!(p.reals_retired.is_empty(), "{p:?}");
+    assert!(
+        p.reals_staying.contains(&ip("10.1.0.2")),
+        "it keeps its slot"
+    );
     let p = plan(
         &programmed(&before),
         &desired(&[("10.0.0.1", &["10.1.0.1"])]),
