@@ -107,7 +107,7 @@ impl Desired {
         if self.icmp_echo {
             flags |= CFG_F_ICMP_ECHO;
         }
-        if self.marks.scope != MarkScope::Off {
+        if self.marks.scope != MarkScope::Disabled {
             flags |= CFG_F_EVENTS;
         }
         LbConfig {
