@@ -18,14 +18,14 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use marklb_common::{
     BENCH_FRAME_MAX, BenchFrame, CFG_F_ENABLED, CFG_F_EVENTS, CFG_F_ICMP_ECHO, CFG_F_ICMP_TOO_BIG,
-    Counter, LbConfig, MarkEntry,
+    Counter, LbConfig, MarkEntry, addr_words,
 };
 use serde::Serialize;
 
 use crate::{
     datapath::{Datapath, LoadOptions, Prog},
     maglev::Backend,
-    model::{DatapathModel, addr_words},
+    model::DatapathModel,
     packet::FrameSpec,
     vip::VipId,
 };

@@ -12,7 +12,7 @@
 
 use std::{collections::HashMap, net::IpAddr};
 
-use marklb_common::{MAX_REALS, MAX_VIPS, REAL_F_IPV6, RealDef, VipMeta};
+use marklb_common::{MAX_REALS, MAX_VIPS, REAL_F_IPV6, RealDef, VipMeta, addr_words, words_addr};
 
 use crate::{
     datapath::{Datapath, DatapathError, Result},
@@ -21,31 +21,6 @@ use crate::{
     ring_alloc::RingAllocator,
     vip::VipId,
 };
-
-/// Network-order address words as the datapath stores them (IPv4: word 0 only).
-pub fn addr_words(addr: IpAddr) -> [u32; 4] {
-    match addr {
-        IpAddr::V4(a) => [u32::from_ne_bytes(a.octets()), 0, 0, 0],
-        IpAddr::V6(a) => {
-            let o = a.octets();
-            let w = |i: usize| u32::from_ne_bytes(o[i..i + 4].try_into().expect("4 bytes"));
-            [w(0), w(4), w(8), w(12)]
-        }
-    }
-}
-
-/// The inverse of [`addr_words`]; `v6` says which family the words hold.
-pub fn words_addr(w: &[u32; 4], v6: bool) -> IpAddr {
-    if v6 {
-        let mut o = [0u8; 16];
-        for i in 0..4 {
-            o[i * 4..i * 4 + 4].copy_from_slice(&w[i].to_ne_bytes());
-        }
-        IpAddr::from(o)
-    } else {
-        IpAddr::from(w[0].to_ne_bytes())
-    }
-}
 
 /// A real whose last reference went away: its slot is cleared by [`DatapathModel::retire`]
 /// once its marks are invalidated.
@@ -301,7 +276,7 @@ impl DatapathModel {
         backends: &[Backend],
         table_size: u32,
     ) -> Result<Vec<RetiringReal>> {
-        if !maglev::is_prime(table_size) {
+        if !marklb_crds::is_prime(table_size) {
             return Err(DatapathError::Capacity(format!(
                 "Maglev table size {table_size} is not prime"
             )));
@@ -320,7 +295,7 @@ impl DatapathModel {
         table_size: u32,
         table: &[u32],
     ) -> Result<Vec<RetiringReal>> {
-        if !maglev::is_prime(table_size) {
+        if !marklb_crds::is_prime(table_size) {
             return Err(DatapathError::Capacity(format!(
                 "Maglev table size {table_size} is not prime"
             )));

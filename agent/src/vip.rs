@@ -2,9 +2,7 @@
 
 use std::{fmt, net::IpAddr};
 
-use marklb_common::{IPPROTO_TCP, IPPROTO_UDP, VipKey};
-
-use crate::model::addr_words;
+use marklb_common::{IPPROTO_TCP, IPPROTO_UDP, VipKey, addr_words};
 
 /// A VIP's identity: address, port (0 = all ports) and protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

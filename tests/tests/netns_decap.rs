@@ -26,7 +26,7 @@ use marklb_agent::{
     datapath::{Datapath, LoadOptions, Prog},
     decap::{Attached, Decap, DecapArgs, DecapMode, TcApi, interface_addrs, run_until},
     maglev::Backend,
-    model::{DatapathModel, addr_words},
+    model::DatapathModel,
     vip::VipId,
 };
 use marklb_common::{Counter, DecapCounter, FlowKey, IPPROTO_TCP, IPPROTO_UDP};
@@ -145,14 +145,7 @@ fn setup(reals: usize, attach_decaps: bool) -> Setup {
 }
 
 fn flow_key(local: SocketAddr, vip: SocketAddr, proto: u8) -> FlowKey {
-    FlowKey {
-        src_be: addr_words(local.ip()),
-        dst_be: addr_words(vip.ip()),
-        sport_be: local.port().to_be(),
-        dport_be: vip.port().to_be(),
-        proto,
-        _pad: [0; 3],
-    }
+    FlowKey::new(local.ip(), local.port(), vip.ip(), vip.port(), proto)
 }
 
 /// The balancer sent this flow to the real named `real`.

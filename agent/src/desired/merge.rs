@@ -6,8 +6,9 @@
 //!   `loadBalancerCreated`, then `namespace/name`; standalone mode by position in the
 //!   manifests), so the older owner keeps what two owners claim;
 //! - an owner is served whole or not at all: if one of its VIPs (address, port, protocol) is
-//!   already served by an earlier owner, or one of its node-wide settings differs from theirs,
-//!   none of its VIPs is programmed and it is reported as a conflict naming the winner;
+//!   already served by an earlier owner, or one of its node-wide settings differs from theirs
+//!   (`LoadBalancerSpec::node_setting_differences`, as the operator decides it), none of its
+//!   VIPs is programmed and it is reported as a conflict naming the winner;
 //! - an owner without VIPs claims no node-wide settings (a LoadBalancer being deleted empties
 //!   its VIPs first and must not block another one);
 //! - an owner asking for another interface than the one this agent serves is refused;
@@ -66,18 +67,18 @@ pub fn merge(parts: &[OwnerDesired], interface: Option<&str>) -> Merged {
     let mut owners = BTreeMap::new();
     let mut order = Vec::new();
     // The owner whose node-wide settings are served.
-    let mut settings_from: Option<Owner> = None;
+    let mut settings_from: Option<&OwnerDesired> = None;
     for part in parts {
         let o = &part.owner;
         if owners.contains_key(o) {
             continue;
         }
         order.push(o.clone());
-        let verdict = judge(part, &desired, settings_from.as_ref(), interface);
+        let verdict = judge(part, &desired, settings_from, interface);
         if verdict.is_serving() && !part.vips.is_empty() {
             if settings_from.is_none() {
                 desired.settings = effective(&part.settings, interface);
-                settings_from = Some(o.clone());
+                settings_from = Some(part);
             }
             desired.vips.extend(part.vips.clone());
         }
@@ -107,7 +108,7 @@ fn effective(s: &NodeSettings, interface: Option<&str>) -> NodeSettings {
 fn judge(
     part: &OwnerDesired,
     served: &Desired,
-    settings_from: Option<&Owner>,
+    settings_from: Option<&OwnerDesired>,
     interface: Option<&str>,
 ) -> OwnerVerdict {
     if let (Some(want), Some(have)) = (part.settings.interface.as_deref(), interface)
@@ -133,11 +134,18 @@ fn judge(
         };
     }
     if let Some(winner) = settings_from {
-        let mine = effective(&part.settings, interface);
-        if let Some(diff) = served.settings.first_difference(&mine) {
+        let names = winner
+            .spec_settings
+            .node_setting_differences(&part.spec_settings);
+        if !names.is_empty() {
+            let mine = effective(&part.settings, interface);
+            let detail = served
+                .settings
+                .first_difference(&mine)
+                .unwrap_or_else(|| names.join(", "));
             return OwnerVerdict::Conflict {
-                winner: winner.clone(),
-                what: format!("the node-wide setting {diff}"),
+                winner: winner.owner.clone(),
+                what: format!("the node-wide setting {detail}"),
             };
         }
     }

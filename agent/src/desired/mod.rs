@@ -17,10 +17,12 @@ use std::{
     time::Duration,
 };
 
-use marklb_common::{CFG_F_ENABLED, CFG_F_EVENTS, CFG_F_ICMP_ECHO, CFG_F_ICMP_TOO_BIG, LbConfig};
+use marklb_common::{
+    CFG_F_ENABLED, CFG_F_EVENTS, CFG_F_ICMP_ECHO, CFG_F_ICMP_TOO_BIG, LbConfig, addr_words,
+};
 use marklb_crds::loadbalancer::{LoadBalancerSpec, MarkScope, TooBig};
 
-use crate::{maglev::Backend, model::addr_words, vip::VipId};
+use crate::{maglev::Backend, vip::VipId};
 
 pub use merge::{Merged, OwnerVerdict, merge};
 
@@ -166,11 +168,15 @@ pub const EVENTS_PER_SEC_PER_CPU: u32 = 200_000;
 pub const EVENTS_BURST: u32 = 4_096;
 
 /// One LoadBalancer's part of a node's desired state.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct OwnerDesired {
     pub owner: Owner,
     pub settings: NodeSettings,
     pub vips: BTreeMap<VipId, VipPlan>,
+    /// The spec without its VIPs: node-wide settings are compared on it with
+    /// `LoadBalancerSpec::node_setting_differences`, the function the operator uses too, so
+    /// both name the same winner.
+    pub spec_settings: LoadBalancerSpec,
 }
 
 fn settings_of(spec: &LoadBalancerSpec) -> Result<NodeSettings, String> {
@@ -213,6 +219,13 @@ impl OwnerDesired {
             let addr = v
                 .ip()
                 .ok_or_else(|| format!("spec.vips[{i}].address: not an IP address"))?;
+            if let Some(svc) = &v.backend_service {
+                return Err(format!(
+                    "spec.vips[{i}].backendService: Service {} is resolved to backends by the \
+                     operator; an agent serving manifests directly needs `backends`",
+                    svc.name
+                ));
+            }
             let id = VipId {
                 addr,
                 port: v.port,
@@ -242,6 +255,10 @@ impl OwnerDesired {
             owner,
             settings: settings_of(spec)?,
             vips,
+            spec_settings: LoadBalancerSpec {
+                vips: Vec::new(),
+                ..spec.clone()
+            },
         })
     }
 }
@@ -265,7 +282,7 @@ impl Desired {
         if s.icmp_echo {
             flags |= CFG_F_ICMP_ECHO;
         }
-        if s.marks.scope != MarkScope::Off {
+        if s.marks.scope != MarkScope::Disabled {
             flags |= CFG_F_EVENTS;
         }
         LbConfig {

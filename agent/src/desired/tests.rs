@@ -20,6 +20,7 @@ fn spec(vips: &[(&str, u16)]) -> LoadBalancerSpec {
                     address: "10.1.0.1".into(),
                     weight: 1,
                 }],
+                backend_service: None,
             })
             .collect(),
         ..LoadBalancerSpec::default()
@@ -54,6 +55,18 @@ fn a_spec_resolves_with_its_owner_on_every_vip() {
     assert_eq!(p.settings.interface.as_deref(), Some("eth1"));
     assert_eq!(p.settings.next_hop.mac, Some([2, 0, 0, 0, 0, 0xfe]));
     assert_eq!(p.vips[&vip("10.0.0.1", 80)].label, "10.0.0.1:80/TCP");
+}
+
+#[test]
+fn a_backend_service_is_for_the_operator_to_resolve() {
+    let mut s = spec(&[("10.0.0.1", 80)]);
+    s.vips[0].backends.clear();
+    s.vips[0].backend_service = Some(marklb_crds::loadbalancer::ServiceRef { name: "web".into() });
+    let e = OwnerDesired::from_spec(Owner::new("", "x"), &s).unwrap_err();
+    assert!(
+        e.contains("spec.vips[0].backendService: Service web"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -176,12 +189,21 @@ fn another_interface_than_the_agents_is_refused() {
         "spec.interface is eth1 but this agent serves eth0; restart it to move"
     );
     assert!(m.desired.vips.is_empty());
-    // The agent's own interface, named or implied, is fine.
+    // The agent's own interface named by both is fine; named by one and left to the default
+    // by the other is a difference, as the operator sees it too.
     s.interface = Some("eth0".into());
     let named = part("x", "a", &s);
-    let implied = part("x", "b", &spec(&[("10.0.0.2", 80)]));
-    let m = merge(&[named, implied], Some("eth0"));
+    let mut t = spec(&[("10.0.0.2", 80)]);
+    t.interface = Some("eth0".into());
+    let m = merge(&[named.clone(), part("x", "b", &t)], Some("eth0"));
     assert!(m.owners.values().all(OwnerVerdict::is_serving), "{m:?}");
+    let implied = part("x", "c", &spec(&[("10.0.0.3", 80)]));
+    let m = merge(&[named, implied], Some("eth0"));
+    let problem = m.owners[&Owner::new("x", "c")].problem().unwrap();
+    assert_eq!(
+        problem,
+        "conflicts with x/a, which holds the node-wide setting interface"
+    );
 }
 
 #[test]

@@ -82,7 +82,7 @@ impl MarkManager {
     }
 
     fn limit(&self) -> u32 {
-        if self.policy.scope == MarkScope::Off {
+        if self.policy.scope == MarkScope::Disabled {
             return 0;
         }
         self.policy

@@ -47,5 +47,8 @@ pub async fn consume_events(
         for latency in node.handle_events(&mut batch) {
             on_mark(backend, latency);
         }
+        // Under a flood the ring stays readable and this task would never give the
+        // single-threaded runtime back: /metrics, aging and reloads must keep running.
+        tokio::task::yield_now().await;
     }
 }

@@ -10,7 +10,7 @@ use std::{fmt::Write as _, net::IpAddr};
 
 use marklb_crds::{
     Backend, LoadBalancer, LoadBalancerSpec, NextHop, Protocol, Vip,
-    loadbalancer::DEFAULT_MAGLEV_TABLE_SIZE,
+    limits::DEFAULT_MAGLEV_TABLE_SIZE,
 };
 use serde_yaml::Value;
 
@@ -158,6 +158,7 @@ impl VipSpec {
                     weight: *w,
                 })
                 .collect(),
+            backend_service: None,
         }
     }
 }
