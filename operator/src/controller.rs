@@ -78,6 +78,8 @@ pub struct Context {
     failures: Mutex<HashMap<ObjectRef<LoadBalancer>, u32>>,
     /// The DaemonSet as last applied by this process (skips identical applies).
     last_daemonset: Mutex<Option<DaemonSet>>,
+    /// True once every cache was filled.
+    caches_filled: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Context {
@@ -87,6 +89,7 @@ impl Context {
         settings: Settings,
         metrics: Arc<Metrics>,
         caches: Caches,
+        caches_filled: tokio::sync::watch::Receiver<bool>,
         instance: &str,
     ) -> Self {
         let reporter = Reporter {
@@ -101,6 +104,7 @@ impl Context {
             caches,
             failures: Mutex::default(),
             last_daemonset: Mutex::default(),
+            caches_filled,
         }
     }
 
@@ -118,18 +122,16 @@ impl Context {
         }
     }
 
+    /// Waits until every cache was filled once (a reconcile on an empty Node cache would
+    /// prune every node state). One task waits on the stores (see [`run`]) and flips
+    /// `caches_filled`: reconciles wait on that flag, never on the stores themselves (several
+    /// concurrent waiters on one store were seen to hang).
     async fn caches_ready(&self) {
-        let wait = async {
-            let _ = self.caches.nodes.wait_until_ready().await;
-            let _ = self.caches.node_states.wait_until_ready().await;
-            if let Some(s) = &self.caches.endpoint_slices {
-                let _ = s.wait_until_ready().await;
-            }
-            if let Some(p) = &self.caches.agent_pods {
-                let _ = p.wait_until_ready().await;
-            }
-        };
-        if tokio::time::timeout(CACHE_WAIT, wait).await.is_err() {
+        let mut filled = self.caches_filled.clone();
+        if tokio::time::timeout(CACHE_WAIT, filled.wait_for(|f| *f))
+            .await
+            .is_err()
+        {
             warn!("caches not filled after {CACHE_WAIT:?}; reconciling with what is there");
         }
     }
@@ -244,9 +246,16 @@ impl Context {
             return Ok(());
         }
         let lbs = self.caches.loadbalancers.state();
+        // An invalid LoadBalancer needs agents only where its last good spec still serves.
+        let needs_agents = |lb: &LoadBalancer| {
+            lb.spec.validate().is_ok()
+                || !self
+                    .states_of(&lb.namespace().unwrap_or_default(), &lb.name_any())
+                    .is_empty()
+        };
         let selectors = lbs
             .iter()
-            .filter(|lb| leaving.is_none_or(|l| l.uid() != lb.uid()))
+            .filter(|lb| leaving.is_none_or(|l| l.uid() != lb.uid()) && needs_agents(lb))
             .map(|lb| lb.spec.node_selector.as_ref());
         let ds =
             desired::agent_daemonset(&self.settings.namespace, &self.settings.agent, selectors);
@@ -326,7 +335,9 @@ async fn reconcile_inner(lb: &LoadBalancer, ctx: &Context) -> Result<Action> {
     let namespace = lb
         .namespace()
         .ok_or_else(|| Error::NoNamespace(lb.name_any()))?;
+    debug!(%namespace, name = %lb.name_any(), "reconcile");
     ctx.caches_ready().await;
+    debug!(%namespace, name = %lb.name_any(), "caches ready");
     let finalizers = lb.finalizers().to_vec();
     let has_finalizer = finalizers.iter().any(|f| f == OPERATOR_FINALIZER);
     if lb.meta().deletion_timestamp.is_some() {
@@ -339,6 +350,7 @@ async fn reconcile_inner(lb: &LoadBalancer, ctx: &Context) -> Result<Action> {
         let mut with = finalizers;
         with.push(OPERATOR_FINALIZER.to_string());
         apply::set_finalizers(&ctx.client, &ctx.metrics, lb, with).await?;
+        debug!(%namespace, name = %lb.name_any(), "finalizer added");
         // The update comes back through the watch and reconciles with the finalizer.
         return Ok(Action::await_change());
     }
@@ -594,6 +606,20 @@ pub fn error_policy(lb: Arc<LoadBalancer>, error: &Error, ctx: Arc<Context>) -> 
     Action::requeue(delay)
 }
 
+/// Waits until `store` received its first list. `Store::wait_until_ready` wakes only the last
+/// of several concurrent waiters (kube-runtime 5 keeps one waker; the controller waits on its
+/// own store too), so the wait is re-polled rather than trusted to wake.
+async fn filled<K>(store: &Store<K>)
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    while tokio::time::timeout(Duration::from_millis(100), store.wait_until_ready())
+        .await
+        .is_err()
+    {}
+}
+
 /// The EndpointSlice resource the cluster serves (`v1`, else `v1beta1`), if any.
 pub async fn endpoint_slice_resource(client: &Client) -> Option<ApiResource> {
     match kube::discovery::oneshot::group(client, "discovery.k8s.io").await {
@@ -713,18 +739,27 @@ pub async fn run(
         endpoint_slices,
         agent_pods,
     };
+    let (filled_tx, filled_rx) = tokio::sync::watch::channel(false);
     let ctx = Arc::new(Context::new(
         client,
         settings,
         shared.metrics.clone(),
         caches.clone(),
+        filled_rx,
         &instance,
     ));
     let _ = shared.caches.set(caches.clone());
     tokio::spawn(async move {
-        let _ = caches.loadbalancers.wait_until_ready().await;
-        let _ = caches.nodes.wait_until_ready().await;
-        let _ = caches.node_states.wait_until_ready().await;
+        filled(&caches.loadbalancers).await;
+        filled(&caches.nodes).await;
+        filled(&caches.node_states).await;
+        if let Some(s) = &caches.endpoint_slices {
+            filled(s).await;
+        }
+        if let Some(p) = &caches.agent_pods {
+            filled(p).await;
+        }
+        let _ = filled_tx.send(true);
         shared
             .ready
             .store(true, std::sync::atomic::Ordering::SeqCst);

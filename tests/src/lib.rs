@@ -4,3 +4,4 @@ pub mod cluster;
 pub mod datapath_fixture;
 pub mod kube_harness;
 pub mod netns;
+pub mod operator_harness;
