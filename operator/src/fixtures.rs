@@ -122,3 +122,157 @@ pub fn reported(mut state: LoadBalancerNodeState, agent: Agent) -> LoadBalancerN
     state.status = Some(status);
     state
 }
+
+// ---- a mock API server (tower-test) that records every request ----
+
+use std::sync::{Arc, Mutex};
+
+use http::{Request, Response};
+use kube::client::Body;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher;
+use kube::{Client, Resource};
+
+use crate::controller::{Caches, Context};
+use crate::metrics::Metrics;
+use crate::settings::Settings;
+
+/// One request the code under test sent: method, path and query, JSON body (Null if none).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sent {
+    pub method: String,
+    pub uri: String,
+    pub body: serde_json::Value,
+}
+
+impl Sent {
+    /// `PATCH /apis/...` without the query.
+    pub fn line(&self) -> String {
+        format!(
+            "{} {}",
+            self.method,
+            self.uri.split('?').next().unwrap_or_default()
+        )
+    }
+}
+
+/// Answers `true` to fail a request with this status code.
+pub type Fail = Box<dyn Fn(&Sent) -> Option<u16> + Send + Sync>;
+
+/// A client whose requests are answered by a recorder: writes echo their body back as the
+/// stored object (status and finalizer patches answer with `lb`), deletes answer 200, and
+/// `fail` may turn any request into an API error.
+pub fn mock_client(
+    lb: Option<LoadBalancer>,
+    fail: Option<Fail>,
+) -> (Client, Arc<Mutex<Vec<Sent>>>) {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let log = sent.clone();
+    tokio::spawn(async move {
+        while let Some((request, respond)) = handle.next_request().await {
+            let method = request.method().to_string();
+            let uri = request.uri().to_string();
+            let bytes = request.into_body().collect_bytes().await.unwrap();
+            let body: serde_json::Value =
+                serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+            let s = Sent { method, uri, body };
+            log.lock().unwrap().push(s.clone());
+            if let Some(code) = fail.as_ref().and_then(|f| f(&s)) {
+                let status = serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "injected", "reason": "InternalError", "code": code});
+                respond.send_response(
+                    Response::builder()
+                        .status(code)
+                        .body(Body::from(serde_json::to_vec(&status).unwrap()))
+                        .unwrap(),
+                );
+                continue;
+            }
+            let path = s.uri.split('?').next().unwrap_or_default().to_string();
+            let mut reply = s.body.clone();
+            if path.contains("/loadbalancers/") {
+                reply = serde_json::to_value(lb.as_ref().expect("a LoadBalancer to answer with"))
+                    .unwrap();
+            } else if s.method == "DELETE" {
+                reply =
+                    serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Success"});
+            }
+            if let Some(meta) = reply.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+                meta.entry("generation").or_insert(serde_json::json!(3));
+            }
+            respond.send_response(
+                Response::builder()
+                    .status(200)
+                    .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+                    .unwrap(),
+            );
+        }
+    });
+    (Client::new(service, "default"), sent)
+}
+
+/// A filled store holding `objects`.
+pub fn store_of<K>(objects: impl IntoIterator<Item = K>) -> Store<K>
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (reader, mut writer) = reflector::store();
+    writer.apply_watcher_event(&watcher::Event::Init);
+    for o in objects {
+        writer.apply_watcher_event(&watcher::Event::InitApply(o));
+    }
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+    reader
+}
+
+/// What a test cluster holds.
+#[derive(Default)]
+pub struct World {
+    pub lbs: Vec<LoadBalancer>,
+    pub nodes: Vec<Node>,
+    pub states: Vec<LoadBalancerNodeState>,
+    pub slices: Option<Vec<kube::api::DynamicObject>>,
+}
+
+/// A Context over `world` talking to `client`; agent pods not watched.
+pub fn context(client: Client, world: World, settings: Settings) -> Arc<Context> {
+    let slices = world.slices.map(|s| {
+        let ar = kube::discovery::ApiResource::from_gvk_with_plural(
+            &kube::core::GroupVersionKind::gvk("discovery.k8s.io", "v1beta1", "EndpointSlice"),
+            "endpointslices",
+        );
+        let mut writer = reflector::store::Writer::new(ar);
+        writer.apply_watcher_event(&watcher::Event::Init);
+        for o in s {
+            writer.apply_watcher_event(&watcher::Event::InitApply(o));
+        }
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        writer.as_reader()
+    });
+    let caches = Caches {
+        loadbalancers: store_of(world.lbs),
+        node_states: store_of(world.states),
+        nodes: store_of(world.nodes),
+        endpoint_slices: slices,
+        agent_pods: None,
+    };
+    let (_tx, filled) = tokio::sync::watch::channel(true);
+    Arc::new(Context::new(
+        client,
+        Settings {
+            watch_agent_pods: false,
+            ..settings
+        },
+        Arc::new(Metrics::new()),
+        caches,
+        filled,
+        "test",
+    ))
+}
+
+/// `lb` with the operator's finalizer.
+pub fn finalized(mut lb: LoadBalancer) -> LoadBalancer {
+    lb.metadata.finalizers = Some(vec![marklb_crds::labels::OPERATOR_FINALIZER.to_string()]);
+    lb
+}
