@@ -386,7 +386,7 @@ async fn write_status(lb: &LoadBalancer, ctx: &Context, status: LoadBalancerStat
 /// The status of a LoadBalancer whose spec cannot be programmed (`reason`, `message`): Ready
 /// and Programmed False; the node states already written are left alone, so the last good
 /// spec keeps serving.
-fn refused_status(lb: &LoadBalancer, reason: &str, message: &str) -> LoadBalancerStatus {
+pub(crate) fn refused_status(lb: &LoadBalancer, reason: &str, message: &str) -> LoadBalancerStatus {
     let mut status = lb.status.clone().unwrap_or_default();
     let generation = lb.metadata.generation;
     status.observed_generation = generation;

@@ -28,6 +28,8 @@ pub mod settings;
 
 #[cfg(test)]
 mod fixtures;
+#[cfg(test)]
+mod hostile;
 
 pub use controller::{Context, run};
 pub use settings::{AgentSettings, Settings};
