@@ -257,8 +257,7 @@ pub fn build(spec: &ImageSpec) -> Result<Built> {
     let layer = gzip(&tar)?;
     let diff_id = format!("sha256:{}", sha256_hex(&tar));
 
-    let mut config = ConfigBuilder::default();
-    config
+    let config = ConfigBuilder::default()
         .entrypoint(vec![spec.path_in_image.clone()])
         .cmd(spec.args.clone())
         .env(vec![
@@ -273,10 +272,12 @@ pub fn build(spec: &ImageSpec) -> Result<Built> {
                 .into_iter()
                 .collect::<std::collections::HashMap<_, _>>(),
         );
-    if let Some(user) = &spec.user {
-        config.user(user.clone());
+    // Owned builder: `user` only when asked (the agent's config stays as it was).
+    let config = match &spec.user {
+        Some(user) => config.user(user.clone()),
+        None => config,
     }
-    let config = config.build()?;
+    .build()?;
     let image_config: ImageConfiguration = ImageConfigurationBuilder::default()
         .created(spec.created.clone())
         .architecture(Arch::Amd64)
