@@ -20,7 +20,7 @@ demo: setup-base ## Run the network-namespace demo (root)
 	./target/release/marklb-demo
 
 test: setup lint ## Everything CI runs: formatting, clippy, all tests (root)
-	$(CARGO) build -p marklb-agent --bins  # the end-to-end tests run the agent binary
+	$(CARGO) build -p marklb-agent -p marklb-operator --bins  # the end-to-end tests run the agent and operator binaries
 	$(CARGO) test --no-fail-fast
 
 lint: fmt clippy lint-scripts ## Formatting, clippy with warnings denied, shellcheck over scripts/
@@ -29,14 +29,14 @@ fmt:
 	$(CARGO) fmt --all -- --check
 
 clippy:
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --all-targets --all-features -- -D warnings
 	cd ebpf/prog && $(CARGO) +nightly clippy --target bpfel-unknown-none -Z build-std=core -- -D warnings
 
 lint-scripts:
 	bash scripts/lint.sh
 
 bench: ## Datapath benchmark (ns/packet per path, BPF_PROG_TEST_RUN; root)
-	$(CARGO) build --release -p marklb-agent
+	$(CARGO) build --release -p marklb-agent --features bench
 	./target/release/marklb-agent bench
 
 crdgen: ## Regenerate crds/yaml from the Rust types

@@ -18,15 +18,16 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use marklb_common::{
     BENCH_FRAME_MAX, BenchFrame, CFG_F_ENABLED, CFG_F_EVENTS, CFG_F_ICMP_ECHO, CFG_F_ICMP_TOO_BIG,
-    Counter, LbConfig, MarkEntry,
+    Counter, LbConfig, MarkEntry, addr_words,
 };
 use serde::Serialize;
 
 use crate::{
-    balancer::{Balancer, VipId, addr_words},
     datapath::{Datapath, LoadOptions, Prog},
     maglev::Backend,
+    model::DatapathModel,
     packet::FrameSpec,
+    vip::VipId,
 };
 
 /// Benchmark settings.
@@ -264,7 +265,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
     let mut dp = Datapath::load(&LoadOptions::default())
         .context("loading the datapath (the benchmark needs root and bpf())")?;
     dp.set_config(&bench_config())?;
-    let mut lb = Balancer::new(&dp);
+    let mut lb = DatapathModel::new(&dp);
     let drain = EventDrain::start(&mut dp)?;
 
     let mut bench = Bench { dp: &mut dp, opts };

@@ -16,8 +16,8 @@ pub const PROGRAMMED: &str = "Programmed";
 pub const OFFLOADED: &str = "Offloaded";
 /// LoadBalancer: some, but not all, selected nodes serve it (True means degraded).
 pub const DEGRADED: &str = "Degraded";
-/// LoadBalancer: a VIP of it is also claimed by another LoadBalancer on a shared node
-/// (True means in conflict).
+/// LoadBalancer: a VIP or node-wide setting of it is also claimed by another LoadBalancer on a
+/// shared node, and the other one keeps it (True means in conflict; the message names it).
 pub const CONFLICT: &str = "Conflict";
 
 /// Node state: the datapath is attached and programmed with the current generation.
@@ -26,6 +26,9 @@ pub const NODE_READY: &str = READY;
 pub const DATAPATH_ATTACHED: &str = "DatapathAttached";
 /// Node state: NIC flow-mark rules can be (and are being) installed.
 pub const MARKS_PROGRAMMED: &str = "MarksProgrammed";
+/// Node state: a VIP or node-wide setting of this state loses to another owner on this node
+/// (True means in conflict; the message names the winner). Older `loadBalancerCreated` wins.
+pub const NODE_CONFLICT: &str = CONFLICT;
 
 /// Condition reasons (CamelCase, as the API conventions ask). Writers may add their own; these
 /// are the ones the operator's roll-up and the tests agree on.
@@ -39,17 +42,23 @@ pub mod reason {
     pub const NODES_NOT_READY: &str = "NodesNotReady";
     /// The selector matches no node.
     pub const NO_NODES_SELECTED: &str = "NoNodesSelected";
+    /// Selected nodes have no running agent pod (taints, resources, image): the message names
+    /// them.
+    pub const AGENT_NOT_SCHEDULED: &str = "AgentNotScheduled";
+    /// A VIP's `backendService` names a Service that is missing or whose endpoints cannot be
+    /// served (more than a VIP may have, or more than the Maglev table size).
+    pub const BACKEND_SERVICE_UNRESOLVED: &str = "BackendServiceUnresolved";
+    /// The operator could not write a node state (the message carries the API error).
+    pub const APPLY_FAILED: &str = "ApplyFailed";
     /// The spec fails validation (the message lists the errors).
     pub const INVALID_SPEC: &str = "InvalidSpec";
     /// Node states were written for every selected node.
     pub const NODE_STATES_APPLIED: &str = "NodeStatesApplied";
-    /// A VIP (address, port, protocol) is also served by another LoadBalancer on a node.
-    pub const DUPLICATE_VIP: &str = "DuplicateVip";
     /// No VIP of this LoadBalancer collides with another one.
     pub const NO_CONFLICT: &str = "NoConflict";
     /// Flow marks are offloaded on every ready node.
     pub const MARKS_OFFLOADED: &str = "MarksOffloaded";
-    /// Flow marks are off in the spec (`flowMarks.scope: Off`).
+    /// Flow marks are off in the spec (`flowMarks.scope: Disabled`).
     pub const MARKS_DISABLED: &str = "MarksDisabled";
     /// Some ready nodes could not offload marks (no capable NIC, rules refused).
     pub const OFFLOAD_UNAVAILABLE: &str = "OffloadUnavailable";
@@ -65,8 +74,13 @@ pub mod reason {
     pub const ATTACH_FAILED: &str = "AttachFailed";
     /// Writing a BPF map failed (full, or the kernel refused an entry).
     pub const MAP_UPDATE_FAILED: &str = "MapUpdateFailed";
-    /// Another LoadBalancer on this node already serves one of the VIPs.
+    /// Another LoadBalancer on this node already serves one of the VIPs (also the
+    /// LoadBalancer's Conflict reason when that is why).
     pub const VIP_CONFLICT: &str = "VipConflict";
+    /// Another LoadBalancer on this node already set a node-wide setting differently
+    /// (interface, next hop, encapsulation prefixes, MTU policy...): one datapath per interface
+    /// cannot serve both.
+    pub const SETTING_CONFLICT: &str = "SettingConflict";
     /// The NIC accepted the mark rules.
     pub const NIC_RULES_INSTALLED: &str = "NicRulesInstalled";
     /// The interface's NIC cannot offload mark rules (the datapath still works unmarked).

@@ -11,12 +11,12 @@ pub const LOADBALANCER_LABEL: &str = "marklb.io/loadbalancer";
 /// On every object the operator creates (`app.kubernetes.io/managed-by` convention).
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 
-/// On a LoadBalancer, added by the operator: removed only once no node state of it still
-/// holds [`AGENT_FINALIZER`], so deleting an LB never strands programmed datapaths.
+/// On a LoadBalancer, added by the operator. On deletion the operator empties the VIPs of
+/// every node state of it, waits (bounded) until each agent reports that generation with no
+/// VIPs, deletes the node states and only then removes this finalizer, so deleting an LB never
+/// strands programmed datapaths. Agents hold no finalizer (their RBAC stays read-only on node
+/// states, plus their status): a node whose agent is gone is released after the wait.
 pub const OPERATOR_FINALIZER: &str = "marklb.io/loadbalancer-cleanup";
-/// On a LoadBalancerNodeState, added by its node's agent: removed after the agent removed the
-/// state's VIPs, NIC mark rules and (if nothing else uses it) the program from its node.
-pub const AGENT_FINALIZER: &str = "marklb.io/datapath-cleanup";
 
 /// Server-side apply field manager of the operator (LB status, node state specs, DaemonSet).
 pub const OPERATOR_FIELD_MANAGER: &str = "marklb-operator";
@@ -39,6 +39,30 @@ pub fn node_label_value(node_name: &str) -> String {
 /// [`node_label_value`]).
 pub fn loadbalancer_label_value(lb_name: &str) -> String {
     label_value(lb_name)
+}
+
+/// Longest object name Kubernetes accepts (a DNS subdomain).
+pub const MAX_OBJECT_NAME_LEN: usize = 253;
+
+/// The name of the node state of LoadBalancer `lb_name` on node `node_name`: `<lb>-<node>`,
+/// or, when that exceeds [`MAX_OBJECT_NAME_LEN`], cut and suffixed with a hash of both names
+/// (stable, so re-applies find the same object). Both inputs are DNS subdomains, so the
+/// result is one too.
+///
+/// `<lb>-<node>` is ambiguous in rare cases (`a-b` on node `c` and `a` on node `b-c`); the
+/// operator checks the [`LOADBALANCER_LABEL`] of an existing object before it writes to it.
+pub fn node_state_name(lb_name: &str, node_name: &str) -> String {
+    let full = format!("{lb_name}-{node_name}");
+    if full.len() <= MAX_OBJECT_NAME_LEN {
+        return full;
+    }
+    let hash = format!(
+        "{:016x}",
+        fnv1a64(format!("{lb_name}/{node_name}").as_bytes())
+    );
+    let keep = MAX_OBJECT_NAME_LEN - hash.len() - 1;
+    let prefix = full[..keep].trim_end_matches(|c: char| !c.is_ascii_alphanumeric());
+    format!("{prefix}-{hash}")
 }
 
 /// The label selector an agent uses to watch only its node's states.
@@ -111,9 +135,32 @@ mod tests {
     }
 
     #[test]
+    fn node_state_names_fit_and_stay_distinct() {
+        assert_eq!(node_state_name("web", "node-a"), "web-node-a");
+        let lb = format!("{}.lb", "l".repeat(150));
+        let (a, b) = (
+            format!("{}.a", "n".repeat(150)),
+            format!("{}.b", "n".repeat(150)),
+        );
+        let (na, nb) = (node_state_name(&lb, &a), node_state_name(&lb, &b));
+        assert_ne!(na, nb);
+        for n in [&na, &nb] {
+            assert!(n.len() <= MAX_OBJECT_NAME_LEN, "{n}");
+            assert!(n.starts_with(&lb), "{n}");
+            assert!(n.bytes().last().unwrap().is_ascii_alphanumeric(), "{n}");
+        }
+        assert_eq!(na, node_state_name(&lb, &a));
+        // Exactly at the limit: kept as is.
+        let exact_node = "n".repeat(MAX_OBJECT_NAME_LEN - 4);
+        assert_eq!(
+            node_state_name("web", &exact_node),
+            format!("web-{exact_node}")
+        );
+    }
+
+    #[test]
     fn names_are_distinct() {
         assert_ne!(NODE_LABEL, LOADBALANCER_LABEL);
-        assert_ne!(OPERATOR_FINALIZER, AGENT_FINALIZER);
         assert_ne!(OPERATOR_FIELD_MANAGER, AGENT_FIELD_MANAGER);
         assert_eq!(loadbalancer_label_value("web"), "web");
     }

@@ -4,7 +4,9 @@
 //!
 //! - [`loadbalancer`]: the user-facing spec, also the agent's standalone config file.
 //! - [`node_state`]: the per-node object (spec by the operator, status by the agent).
-//! - [`validate`]: [`LoadBalancerSpec::validate`] and the address/prefix/MAC parsers it uses.
+//! - [`limits`]: bounds and defaults of the API (and [`is_prime`] for Maglev table sizes).
+//! - [`parse`]: the address, prefix and MAC parsers the types and the validation share.
+//! - [`validate`]: [`LoadBalancerSpec::validate`], every rule of the schema and CEL in Rust.
 //! - [`manifest`]: [`from_yaml_manifest`] / [`from_yaml_manifests`], strict readers of
 //!   LoadBalancer manifest files.
 //! - [`conditions`], [`labels`]: names both controllers must spell alike.
@@ -13,9 +15,11 @@
 pub mod conditions;
 pub mod crd;
 pub mod labels;
+pub mod limits;
 pub mod loadbalancer;
 pub mod manifest;
 pub mod node_state;
+pub mod parse;
 pub mod validate;
 
 #[cfg(test)]
@@ -23,6 +27,7 @@ mod examples;
 #[cfg(test)]
 mod schema_check;
 
+pub use limits::is_prime;
 pub use loadbalancer::{
     Backend, Encap, FlowMarks, Hashing, LoadBalancer, LoadBalancerSpec, LoadBalancerStatus,
     MarkScope, Mtu, NextHop, Protocol, TooBig, Vip,
@@ -31,7 +36,8 @@ pub use manifest::{ManifestError, from_yaml_manifest, from_yaml_manifests};
 pub use node_state::{
     LoadBalancerNodeState, LoadBalancerNodeStateSpec, LoadBalancerNodeStateStatus,
 };
-pub use validate::{FieldError, IpPrefix, ValidationErrors};
+pub use parse::IpPrefix;
+pub use validate::{FieldError, ValidationErrors};
 
 /// API group of every marklb resource.
 pub const GROUP: &str = "marklb.io";

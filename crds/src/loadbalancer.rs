@@ -25,37 +25,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-use crate::validate::{IpPrefix, parse_ip, parse_mac, parse_prefix};
-
-/// Most VIPs one LoadBalancer may carry. Bounds the apiserver's CEL cost estimate (rules that
-/// walk `vips` are charged for this many entries) and the size of the datapath's VIP map share.
-pub const MAX_VIPS: usize = 256;
-/// Most backends one VIP may carry (CEL cost bound, and far above any sane Maglev fan-out).
-pub const MAX_BACKENDS_PER_VIP: usize = 1024;
-/// Default Maglev table size: prime, and the size Katran uses (good spread up to ~650 reals).
-pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 65_537;
-/// Smallest accepted Maglev table size (smallest prime that still spreads a handful of reals).
-pub const MIN_MAGLEV_TABLE_SIZE: u32 = 7;
-/// Largest accepted Maglev table size: the first prime above one million; bigger tables only
-/// cost memory and rebuild time per VIP.
-pub const MAX_MAGLEV_TABLE_SIZE: u32 = 1_000_003;
-/// Largest mark capacity: NIC flow marks are 16 bits on mlx5 and mark 0 means "no mark".
-pub const MAX_MARK_CAPACITY: u32 = 65_535;
-/// Longest accepted idle timeout of a flow mark (one day).
-pub const MAX_MARK_IDLE_TIMEOUT_SECONDS: u32 = 86_400;
-/// Smallest accepted MTU: the IPv6 minimum link MTU, so IPv6 reals always work.
-pub const MIN_MTU: u32 = 1280;
-/// Largest accepted MTU: the usual jumbo-frame ceiling of data-centre NICs.
-pub const MAX_MTU: u32 = 9216;
-/// Required prefix length of `encap.sourcePrefixV4`: the datapath fills the low 16 bits of the
-/// outer source address from a hash of the flow (Katran's scheme), so the prefix is exactly /16.
-pub const ENCAP_V4_PREFIX_LEN: u8 = 16;
-/// Required prefix length of `encap.sourcePrefixV6`: the low 32 bits come from the flow hash.
-pub const ENCAP_V6_PREFIX_LEN: u8 = 96;
-/// Default `encap.sourcePrefixV4`.
-pub const DEFAULT_ENCAP_PREFIX_V4: &str = "172.16.0.0/16";
-/// Default `encap.sourcePrefixV6` (`6d6c:62` spells "mlb").
-pub const DEFAULT_ENCAP_PREFIX_V6: &str = "fc00:6d6c:62::/96";
+use crate::limits::{
+    DEFAULT_ENCAP_PREFIX_V4, DEFAULT_ENCAP_PREFIX_V6, DEFAULT_MAGLEV_TABLE_SIZE, MAX_MARK_CAPACITY,
+};
+use crate::parse::{IpPrefix, parse_ip, parse_mac, parse_prefix};
 
 /// Desired state of a load balancer: its VIPs and their backends, and how every selected node's
 /// XDP datapath serves them. Every field has a default.
@@ -73,12 +46,6 @@ pub const DEFAULT_ENCAP_PREFIX_V6: &str = "fc00:6d6c:62::/96";
     derive = "PartialEq",
     doc = "An XDP L4 load balancer: VIPs, their backends, and how nodes program them.",
     printcolumn(
-        name = "Ready",
-        type_ = "string",
-        description = "Whether every selected node programmed the datapath",
-        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
-    ),
-    printcolumn(
         name = "VIPs",
         type_ = "string",
         description = "VIP addresses (kubectl shows the first)",
@@ -86,9 +53,21 @@ pub const DEFAULT_ENCAP_PREFIX_V6: &str = "fc00:6d6c:62::/96";
     ),
     printcolumn(
         name = "Nodes",
-        type_ = "integer",
-        description = "Nodes whose datapath is ready",
-        json_path = ".status.nodesReady"
+        type_ = "string",
+        description = "Selected nodes whose datapath serves the current spec, of those selected (ready/desired)",
+        json_path = ".status.nodes"
+    ),
+    printcolumn(
+        name = "Offload",
+        type_ = "string",
+        description = "Ready nodes whose flow marks reach a NIC (offloaded/ready), or Disabled",
+        json_path = ".status.offload"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        description = "Whether every selected node programmed the datapath",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
     printcolumn(
         name = "Age",
@@ -169,6 +148,46 @@ impl Default for LoadBalancerSpec {
     }
 }
 
+impl LoadBalancerSpec {
+    /// The node-wide settings in which `self` and `other` differ, by field name (`interface`,
+    /// `nextHop`, `encap`, `mtu`, `flowMarks`, `icmpEcho`). One interface carries one datapath
+    /// with one configuration, so two LoadBalancers on one node must agree on all of them; a
+    /// non-empty answer is a conflict, which the older LoadBalancer wins (the operator and the
+    /// agent both decide it with this function).
+    pub fn node_setting_differences(&self, other: &LoadBalancerSpec) -> Vec<&'static str> {
+        let mut differ = Vec::new();
+        if self.interface != other.interface {
+            differ.push("interface");
+        }
+        if self.next_hop.as_ref().filter(|n| **n != NextHop::default())
+            != other
+                .next_hop
+                .as_ref()
+                .filter(|n| **n != NextHop::default())
+        {
+            differ.push("nextHop");
+        }
+        if self.encap != other.encap {
+            differ.push("encap");
+        }
+        if self.mtu != other.mtu {
+            differ.push("mtu");
+        }
+        if self.flow_marks != other.flow_marks {
+            differ.push("flowMarks");
+        }
+        if self.icmp_echo != other.icmp_echo {
+            differ.push("icmpEcho");
+        }
+        differ
+    }
+
+    /// Whether some VIP takes its backends from a Service (`backendService`).
+    pub fn uses_backend_service(&self) -> bool {
+        self.vips.iter().any(|v| v.backend_service.is_some())
+    }
+}
+
 /// One virtual IP: address, port and protocol, and the backends ("reals") behind it.
 // The family rules test for ':' rather than calling ip(): for addresses that pass `isIP` it is
 // the same test (only IPv6 text has colons) at a third of the apiserver's estimated CEL cost,
@@ -186,6 +205,9 @@ impl Default for LoadBalancerSpec {
     validation = Rule::new(
         "!has(self.backends) || size(self.backends.filter(b, b.address.contains(':'))) in [0, size(self.backends)]"
     ).message("backends of one VIP must all be IPv4 or all IPv6").field_path(".backends"),
+    validation = Rule::new(
+        "!has(self.backendService) || !has(self.backends) || size(self.backends) == 0"
+    ).message("backendService and backends are exclusive: list backends, or name a Service whose endpoints become the backends").field_path(".backendService"),
 )]
 pub struct Vip {
     /// Optional name, unique within the load balancer; used in metrics and status messages.
@@ -214,17 +236,49 @@ pub struct Vip {
     pub protocol: Protocol,
 
     /// Backends ("reals") that receive the VIP's flows, encapsulated (IPIP/IP6IP6; an IPv4 VIP
-    /// may use IPv6 reals). Empty: the VIP is served but its packets are dropped.
+    /// may use IPv6 reals). Empty: the VIP is served but its packets are dropped (or, with
+    /// `backendService`, the operator fills them in on each node).
     #[serde(default)]
     #[schemars(length(max = 1024))]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["address".into()]))]
     pub backends: Vec<Backend>,
+
+    /// A Service in the LoadBalancer's namespace whose ready endpoints (from its
+    /// EndpointSlices, addresses of the VIP's family) become the backends, weight 1 each, kept
+    /// current by the operator. Exclusive with a non-empty `backends`. Only the operator reads
+    /// it: the node states it writes carry the resolved `backends` instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_service: Option<ServiceRef>,
+}
+
+/// A reference to a Service in the same namespace.
+#[derive(
+    KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord,
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceRef {
+    /// Name of the Service (a DNS-1035 label, as Service names are).
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: String,
 }
 
 impl Vip {
     /// The parsed address; `None` only for a spec that fails [`LoadBalancerSpec::validate`].
     pub fn ip(&self) -> Option<IpAddr> {
         parse_ip(&self.address).ok()
+    }
+
+    /// What identifies a VIP on a node (two owners of the same key conflict): the address
+    /// (parsed; the text of an invalid one), port and protocol.
+    pub fn key(&self) -> (Result<IpAddr, String>, u16, Protocol) {
+        (
+            self.ip().ok_or_else(|| self.address.clone()),
+            self.port,
+            self.protocol,
+        )
     }
 
     /// A short human name: the `name` if set, else `address:port/protocol`.
@@ -344,8 +398,7 @@ impl Default for Hashing {
 #[derive(Serialize, Deserialize, schemars::JsonSchema, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct FlowMarks {
-    /// What one mark identifies: PerFlow, PerReal, or "Off" (quote it: YAML 1.1 parsers such as
-    /// kubectl's read a bare Off as false).
+    /// What one mark identifies: PerFlow, PerReal, or Disabled (no marks).
     pub scope: MarkScope,
 
     /// Most marks in use at once on a node (marks are 16-bit on mlx5, and 0 means no mark).
@@ -367,8 +420,8 @@ impl Default for FlowMarks {
     }
 }
 
-/// What one NIC flow mark identifies. Write `Off` quoted (`scope: "Off"`): YAML 1.1 parsers,
-/// kubectl's among them, read a bare `Off` as the boolean false.
+/// What one NIC flow mark identifies. "No marks" is spelled `Disabled`, not `Off`: YAML 1.1
+/// parsers, kubectl's among them, read a bare `Off` as the boolean false.
 #[derive(
     Serialize, Deserialize, schemars::JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Hash,
 )]
@@ -380,7 +433,7 @@ pub enum MarkScope {
     /// matches the flow's 5-tuple.
     PerReal,
     /// No marks: every packet takes the normal (LRU or Maglev) path.
-    Off,
+    Disabled,
 }
 
 /// MTU settings.
@@ -517,6 +570,15 @@ pub struct LoadBalancerStatus {
     /// Flow marks in use, summed over nodes.
     #[serde(default)]
     pub marks_in_use: u64,
+
+    /// `nodesReady/nodesDesired` as printed by `kubectl get mlb`, e.g. `3/3`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<String>,
+
+    /// Flow-mark offload as printed by `kubectl get mlb`: `nodesOffloaded/nodesReady` (e.g.
+    /// `2/3`), or `Disabled` when the spec turns marks off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offload: Option<String>,
 }
 
 fn default_true() -> bool {

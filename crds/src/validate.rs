@@ -10,18 +10,22 @@
 //! that the apiserver's list-map uniqueness of VIPs, which compares text, agrees with the
 //! comparison of parsed addresses done here. Backend addresses may be written in any form; two
 //! spellings of one backend pass the apiserver's text comparison but are caught here.
+//!
+//! Imports point one way: this module uses the types, [`limits`](crate::limits) and
+//! [`parse`](crate::parse); none of them uses it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::IpAddr;
-use std::str::FromStr;
 
-use crate::loadbalancer::{
-    ENCAP_V4_PREFIX_LEN, ENCAP_V6_PREFIX_LEN, LoadBalancerSpec, MAX_BACKENDS_PER_VIP,
-    MAX_MAGLEV_TABLE_SIZE, MAX_MARK_CAPACITY, MAX_MARK_IDLE_TIMEOUT_SECONDS, MAX_MTU, MAX_VIPS,
-    MIN_MAGLEV_TABLE_SIZE, MIN_MTU, Protocol,
+use crate::limits::{
+    ENCAP_V4_PREFIX_LEN, ENCAP_V6_PREFIX_LEN, MAX_BACKENDS_PER_VIP, MAX_MAGLEV_TABLE_SIZE,
+    MAX_MARK_CAPACITY, MAX_MARK_IDLE_TIMEOUT_SECONDS, MAX_MTU, MAX_VIPS_PER_LOADBALANCER,
+    MIN_MAGLEV_TABLE_SIZE, MIN_MTU, is_prime,
 };
+use crate::loadbalancer::{LoadBalancerSpec, Protocol, Vip};
 use crate::node_state::LoadBalancerNodeStateSpec;
+use crate::parse::{parse_canonical_ip, parse_ip, parse_mac, parse_prefix};
 
 /// One invalid field: where it is and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -103,128 +107,6 @@ impl Errors {
     }
 }
 
-/// An IP prefix (`addr/len`) with no host bits set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct IpPrefix {
-    /// Network address (host bits are zero).
-    pub addr: IpAddr,
-    /// Prefix length in bits.
-    pub len: u8,
-}
-
-impl fmt::Display for IpPrefix {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.len)
-    }
-}
-
-impl FromStr for IpPrefix {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        parse_prefix(s)
-    }
-}
-
-/// Parses an IP address the way the CRD's `isIP` accepts it: IPv4 (no leading zeros) or IPv6,
-/// no zone, no IPv4-mapped IPv6 (`::ffff:10.0.0.1`; write the IPv4 address). Any textual form.
-pub fn parse_ip(text: &str) -> Result<IpAddr, String> {
-    let ip: IpAddr = text
-        .parse()
-        .map_err(|_| format!("{text:?} is not an IP address"))?;
-    if let IpAddr::V6(v6) = ip
-        && v6.to_ipv4_mapped().is_some()
-    {
-        return Err(format!(
-            "{text:?} is an IPv4-mapped IPv6 address; write the IPv4 address instead"
-        ));
-    }
-    Ok(ip)
-}
-
-/// Like [`parse_ip`], and the text must be canonical (`ip.isCanonical`: lower case, RFC 5952
-/// zero compression), as VIP addresses must be: the apiserver tells VIPs apart by their text.
-pub fn parse_canonical_ip(text: &str) -> Result<IpAddr, String> {
-    let ip = parse_ip(text)?;
-    let canonical = ip.to_string();
-    if canonical != text {
-        return Err(format!(
-            "{text:?} is not in canonical form, write {canonical:?}"
-        ));
-    }
-    Ok(ip)
-}
-
-/// Parses `aa:bb:cc:dd:ee:ff` (either case), the syntax the schema's pattern accepts.
-pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
-    let bad = || format!("{text:?} is not a MAC address (expected aa:bb:cc:dd:ee:ff)");
-    let mut mac = [0u8; 6];
-    let mut parts = text.split(':');
-    for byte in &mut mac {
-        let part = parts.next().ok_or_else(bad)?;
-        if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(bad());
-        }
-        *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
-    }
-    if parts.next().is_some() {
-        return Err(bad());
-    }
-    Ok(mac)
-}
-
-/// Parses `addr/len` with a length within the family and no host bits set (what
-/// `isCIDR(s) && cidr(s).masked() == cidr(s)` accepts).
-pub fn parse_prefix(text: &str) -> Result<IpPrefix, String> {
-    let (addr, len) = text
-        .split_once('/')
-        .ok_or_else(|| format!("{text:?} is not a CIDR prefix (addr/len)"))?;
-    let addr = parse_ip(addr).map_err(|e| format!("{text:?}: {e}"))?;
-    let max = if addr.is_ipv4() { 32 } else { 128 };
-    let len: u8 = match len.parse::<u8>() {
-        Ok(n) if n <= max && n.to_string() == len => n,
-        _ => return Err(format!("{text:?}: prefix length must be 0..={max}")),
-    };
-    let masked = mask(addr, len);
-    if masked != addr {
-        return Err(format!(
-            "{text:?} has host bits set, write \"{masked}/{len}\""
-        ));
-    }
-    Ok(IpPrefix { addr, len })
-}
-
-fn mask(addr: IpAddr, len: u8) -> IpAddr {
-    match addr {
-        IpAddr::V4(a) => {
-            let bits = u32::from(a) & u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-            IpAddr::V4(bits.into())
-        }
-        IpAddr::V6(a) => {
-            let bits = u128::from(a) & u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
-            IpAddr::V6(bits.into())
-        }
-    }
-}
-
-/// Whether `n` is prime (trial division: table sizes are at most ~10^6).
-pub fn is_prime(n: u32) -> bool {
-    if n < 2 {
-        return false;
-    }
-    if n.is_multiple_of(2) {
-        return n == 2;
-    }
-    let mut d = 3u32;
-    while d.saturating_mul(d) <= n {
-        if n.is_multiple_of(d) {
-            return false;
-        }
-        d += 2;
-    }
-    true
-}
-
 /// A Linux interface name as the kernel accepts it (`dev_valid_name`): 1 to 15 bytes, not
 /// `.` or `..`, no `/`, `:` or whitespace.
 fn check_interface(errors: &mut Errors, path: &str, name: &str) {
@@ -255,6 +137,11 @@ fn is_dns_label(s: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
         && b[0] != b'-'
         && b[b.len() - 1] != b'-'
+}
+
+/// A DNS-1035 label: what Service names must be.
+fn is_dns1035_label(s: &str) -> bool {
+    is_dns_label(s) && s.as_bytes()[0].is_ascii_lowercase()
 }
 
 impl LoadBalancerSpec {
@@ -289,10 +176,13 @@ impl LoadBalancerSpec {
             );
         }
 
-        if self.vips.len() > MAX_VIPS {
+        if self.vips.len() > MAX_VIPS_PER_LOADBALANCER {
             errors.push(
                 format!("{p}.vips"),
-                format!("{} VIPs, at most {MAX_VIPS} are allowed", self.vips.len()),
+                format!(
+                    "{} VIPs, at most {MAX_VIPS_PER_LOADBALANCER} are allowed",
+                    self.vips.len()
+                ),
             );
         }
         let mut names: HashMap<&str, usize> = HashMap::new();
@@ -337,6 +227,23 @@ impl LoadBalancerSpec {
                 seen.insert(key, i);
             }
             self.check_backends(errors, &vp, vip_ip, vip);
+            if let Some(service) = &vip.backend_service {
+                if !is_dns1035_label(&service.name) {
+                    errors.push(
+                        format!("{vp}.backendService.name"),
+                        format!(
+                            "{:?} is not a Service name (a DNS-1035 label: lower-case letters, digits and '-', starting with a letter, at most 63)",
+                            service.name
+                        ),
+                    );
+                }
+                if !vip.backends.is_empty() {
+                    errors.push(
+                        format!("{vp}.backendService"),
+                        "backendService and backends are exclusive: list backends, or name a Service whose endpoints become the backends",
+                    );
+                }
+            }
 
             if vip.backends.len() >= table as usize {
                 errors.push(
@@ -412,13 +319,7 @@ impl LoadBalancerSpec {
         }
     }
 
-    fn check_backends(
-        &self,
-        errors: &mut Errors,
-        vp: &str,
-        vip_ip: Option<IpAddr>,
-        vip: &crate::loadbalancer::Vip,
-    ) {
+    fn check_backends(&self, errors: &mut Errors, vp: &str, vip_ip: Option<IpAddr>, vip: &Vip) {
         if vip.backends.len() > MAX_BACKENDS_PER_VIP {
             errors.push(
                 format!("{vp}.backends"),
@@ -498,7 +399,8 @@ fn check_encap_prefix(errors: &mut Errors, path: &str, text: &str, v6: bool, wan
 
 impl LoadBalancerNodeStateSpec {
     /// Checks the node state spec: names present, interface valid, and the embedded
-    /// LoadBalancer spec (paths below `spec.lb`).
+    /// LoadBalancer spec (paths below `spec.lb`), which must be resolved: no VIP may still
+    /// name a `backendService` (the operator replaces it with the Service's backends).
     pub fn validate(&self) -> Result<(), ValidationErrors> {
         let mut errors = Errors::default();
         if self.node_name.is_empty() {
@@ -511,6 +413,14 @@ impl LoadBalancerNodeStateSpec {
             check_interface(&mut errors, "spec.interface", interface);
         }
         self.lb.check(&mut errors, "spec.lb");
+        for (i, vip) in self.lb.vips.iter().enumerate() {
+            if vip.backend_service.is_some() {
+                errors.push(
+                    format!("spec.lb.vips[{i}].backendService"),
+                    "must be resolved into backends by the operator before it reaches a node",
+                );
+            }
+        }
         errors.finish()
     }
 }

@@ -4,4 +4,5 @@ pub mod cluster;
 pub mod datapath_fixture;
 pub mod kube_harness;
 pub mod netns;
+pub mod operator_harness;
 pub mod supervise;

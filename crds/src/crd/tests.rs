@@ -4,9 +4,9 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::*;
-use crate::loadbalancer::{
-    MAX_BACKENDS_PER_VIP, MAX_MAGLEV_TABLE_SIZE, MAX_MARK_CAPACITY, MAX_MTU, MAX_VIPS,
-    MIN_MAGLEV_TABLE_SIZE, MIN_MTU,
+use crate::limits::{
+    MAX_BACKENDS_PER_VIP, MAX_MAGLEV_TABLE_SIZE, MAX_MARK_CAPACITY, MAX_MARK_IDLE_TIMEOUT_SECONDS,
+    MAX_MTU, MAX_VIPS_PER_LOADBALANCER, MIN_MAGLEV_TABLE_SIZE, MIN_MTU,
 };
 use crate::schema_check;
 
@@ -84,10 +84,12 @@ fn yaml11_booleans_are_quoted_outside_block_scalars() {
         quote_yaml11_booleans(yaml),
         "enum:\n- PerFlow\n- 'Off'\n- 'on'\nscope: 'Off'\nd: |-\n  Off\n  - Off\n- a: 'yes'\n- - 'N'\nx: 'Off'\n"
     );
-    let lb = to_yaml(&crds()[0]);
-    assert!(
-        lb.contains("- 'Off'") && !lb.contains("- Off\n"),
-        "the mark scope enum must be quoted"
+    // The mark scope enum needs no quoting since `Off` became `Disabled`.
+    let scope = &loadbalancer_schema()["properties"]["spec"]["properties"]["flowMarks"]["properties"]
+        ["scope"];
+    assert_eq!(
+        scope["enum"],
+        serde_json::json!(["PerFlow", "PerReal", "Disabled"])
     );
 }
 
@@ -186,7 +188,7 @@ fn crds_have_names_scope_status_and_columns() {
         .iter()
         .map(|c| c.name.as_str())
         .collect();
-    assert_eq!(cols, ["Ready", "VIPs", "Nodes", "Age"]);
+    assert_eq!(cols, ["VIPs", "Nodes", "Offload", "Ready", "Age"]);
 
     assert_eq!(
         ns.metadata.name.as_deref(),
@@ -202,7 +204,10 @@ fn crds_have_names_scope_status_and_columns() {
         .iter()
         .map(|c| c.name.as_str())
         .collect();
-    assert_eq!(cols, ["Node", "Ready", "Reason", "Age"]);
+    assert_eq!(
+        cols,
+        ["Node", "Ready", "Reason", "XDP Mode", "Marks", "Age"]
+    );
 }
 
 /// Structural schema rules the apiserver enforces on CRD creation (the ones generated schemas
@@ -354,7 +359,7 @@ fn schema_bounds_match_the_rust_constants() {
     let s = loadbalancer_schema();
     let spec = &s["properties"]["spec"]["properties"];
     let vips = &spec["vips"];
-    assert_eq!(vips["maxItems"], MAX_VIPS);
+    assert_eq!(vips["maxItems"], MAX_VIPS_PER_LOADBALANCER);
     assert_eq!(
         vips["items"]["properties"]["backends"]["maxItems"],
         MAX_BACKENDS_PER_VIP
@@ -377,9 +382,7 @@ fn schema_bounds_match_the_rust_constants() {
     let timeout = &spec["flowMarks"]["properties"]["idleTimeoutSeconds"];
     assert_eq!(
         timeout["maximum"].as_f64(),
-        Some(f64::from(
-            crate::loadbalancer::MAX_MARK_IDLE_TIMEOUT_SECONDS
-        ))
+        Some(f64::from(MAX_MARK_IDLE_TIMEOUT_SECONDS))
     );
     let mtu = &spec["mtu"]["properties"]["size"];
     assert_eq!(mtu["minimum"].as_f64(), Some(f64::from(MIN_MTU)));

@@ -1,5 +1,6 @@
 use super::*;
 use crate::loadbalancer::{Backend, LoadBalancerSpec, Vip};
+use crate::parse::{parse_canonical_ip, parse_ip, parse_mac};
 
 /// A spec from the YAML of its body (what sits under `spec:`).
 fn spec(yaml: &str) -> LoadBalancerSpec {
@@ -40,6 +41,7 @@ fn vip(address: &str, backends: &[&str]) -> Vip {
                 weight: 1,
             })
             .collect(),
+        backend_service: None,
     }
 }
 
@@ -323,21 +325,46 @@ fn maglev_table_must_exceed_the_backend_count_of_every_vip() {
     );
 }
 
+// ---- backendService ----
+
 #[test]
-fn is_prime_agrees_with_known_values() {
-    let primes: Vec<u32> = (0..60).filter(|n| is_prime(*n)).collect();
-    assert_eq!(
-        primes,
-        [
-            2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59
-        ]
+fn backend_service_is_exclusive_with_backends_and_named_like_a_service() {
+    ok("vips: [{address: 10.0.0.1, backendService: {name: web}}]");
+    ok("vips: [{address: 10.0.0.1, backends: [], backendService: {name: web-2}}]");
+    refused(
+        "vips: [{address: 10.0.0.1, backends: [{address: 10.1.0.1}], backendService: {name: web}}]",
+        "spec.vips[0].backendService",
+        "exclusive",
     );
-    assert!(is_prime(65_537));
-    assert!(is_prime(1_000_003));
-    assert!(!is_prime(1_000_001)); // 101 * 9901
-    assert!(!is_prime(65_535));
-    assert!(!is_prime(999_985)); // 5 * 199997
-    assert!(is_prime(999_983));
+    for bad in ["2web", "Web", "web-", "web.prod", ""] {
+        refused(
+            &format!("vips: [{{address: 10.0.0.1, backendService: {{name: '{bad}'}}}}]"),
+            "spec.vips[0].backendService.name",
+            "is not a Service name",
+        );
+    }
+    refused(
+        &format!(
+            "vips: [{{address: 10.0.0.1, backendService: {{name: {}}}}}]",
+            "a".repeat(64)
+        ),
+        "spec.vips[0].backendService.name",
+        "at most 63",
+    );
+}
+
+#[test]
+fn a_node_state_carries_resolved_backends_only() {
+    let state = LoadBalancerNodeStateSpec {
+        node_name: "node-a".into(),
+        load_balancer: "web".into(),
+        interface: None,
+        lb: spec("vips: [{address: 10.0.0.1}, {address: 10.0.0.2, backendService: {name: web}}]"),
+        load_balancer_created: None,
+    };
+    let e = state.validate().unwrap_err();
+    assert_eq!(e.errors().len(), 1, "{e}");
+    assert_eq!(e.errors()[0].path, "spec.lb.vips[1].backendService");
 }
 
 // ---- list sizes ----
@@ -345,7 +372,7 @@ fn is_prime_agrees_with_known_values() {
 #[test]
 fn vip_and_backend_counts_are_bounded() {
     let mut s = LoadBalancerSpec::default();
-    s.vips.extend((0..=MAX_VIPS).map(|i| Vip {
+    s.vips.extend((0..=MAX_VIPS_PER_LOADBALANCER).map(|i| Vip {
         port: i as u16 + 1,
         ..vip("10.0.0.1", &[])
     }));
@@ -354,7 +381,7 @@ fn vip_and_backend_counts_are_bounded() {
         e.mentions("spec.vips") && e.to_string().contains("257 VIPs, at most 256"),
         "{e}"
     );
-    s.vips.truncate(MAX_VIPS);
+    s.vips.truncate(MAX_VIPS_PER_LOADBALANCER);
     assert_eq!(s.validate(), Ok(()));
 
     let mut s = LoadBalancerSpec::default();
@@ -378,7 +405,7 @@ fn vip_and_backend_counts_are_bounded() {
 #[test]
 fn mark_capacity_and_idle_timeout_ranges() {
     ok("flowMarks: {scope: PerReal, capacity: 1, idleTimeoutSeconds: 1}");
-    ok("flowMarks: {scope: Off, capacity: 65535, idleTimeoutSeconds: 86400}");
+    ok("flowMarks: {scope: Disabled, capacity: 65535, idleTimeoutSeconds: 86400}");
     refused(
         "flowMarks: {capacity: 0}",
         "spec.flowMarks.capacity",
@@ -501,21 +528,6 @@ fn encap_prefixes_need_family_length_and_no_host_bits() {
     ok("encap: {sourcePrefixV6: 'FD00::/96'}");
 }
 
-#[test]
-fn parse_prefix_masks_both_families() {
-    let p = parse_prefix("0.0.0.0/0").unwrap();
-    assert_eq!((p.addr.to_string(), p.len), ("0.0.0.0".into(), 0));
-    assert!(parse_prefix("10.0.0.1/32").is_ok());
-    assert!(parse_prefix("10.0.0.1/31").is_err());
-    assert!(parse_prefix("::/0").is_ok());
-    assert!(parse_prefix("2001:db8::1/128").is_ok());
-    assert!(parse_prefix("2001:db8::1/127").is_err());
-    assert_eq!(
-        "fc00:6d6c:62::/96".parse::<IpPrefix>().unwrap().to_string(),
-        "fc00:6d6c:62::/96"
-    );
-}
-
 // ---- interface ----
 
 #[test]
@@ -581,6 +593,7 @@ fn node_state_spec_validation() {
         load_balancer: "web".into(),
         interface: Some("eth0".into()),
         lb: spec(ONE_VIP),
+        load_balancer_created: None,
     };
     assert_eq!(good.validate(), Ok(()));
     let bad = LoadBalancerNodeStateSpec {
@@ -588,6 +601,7 @@ fn node_state_spec_validation() {
         load_balancer: String::new(),
         interface: Some("a/b".into()),
         lb: spec("mtu: {size: 1}"),
+        load_balancer_created: None,
     };
     let e = bad.validate().unwrap_err();
     let paths: Vec<&str> = e.errors().iter().map(|e| e.path.as_str()).collect();
@@ -646,4 +660,44 @@ fn serialization_round_trips_with_defaults_written_out() {
         "{yaml}"
     );
     assert_eq!(spec(&yaml), s);
+}
+
+#[test]
+fn node_wide_settings_are_compared_field_by_field() {
+    let a = spec(ONE_VIP);
+    assert!(a.node_setting_differences(&spec("{}")).is_empty());
+    // An empty next hop means "resolve the gateway", like no next hop.
+    assert!(a.node_setting_differences(&spec("nextHop: {}")).is_empty());
+    let b = spec(
+        "
+interface: eth1
+nextHop: {address: 10.0.0.254}
+mtu: {size: 9000}
+flowMarks: {scope: PerReal}
+icmpEcho: false
+encap: {sourcePrefixV4: 172.17.0.0/16}
+hashing: {maglevTableSize: 7}
+",
+    );
+    assert_eq!(
+        a.node_setting_differences(&b),
+        [
+            "interface",
+            "nextHop",
+            "encap",
+            "mtu",
+            "flowMarks",
+            "icmpEcho"
+        ]
+    );
+    assert_eq!(b.node_setting_differences(&a).len(), 6);
+    // VIP keys compare parsed addresses.
+    let v1 = spec("vips: [{address: '2001:db8::1', port: 80}]");
+    let v2 =
+        spec("vips: [{address: '2001:db8::1', port: 80, backends: [{address: '2001:db8::a'}]}]");
+    assert_eq!(v1.vips[0].key(), v2.vips[0].key());
+    assert!(!a.uses_backend_service());
+    assert!(
+        spec("vips: [{address: 10.0.0.1, backendService: {name: web}}]").uses_backend_service()
+    );
 }

@@ -1,0 +1,216 @@
+//! `marklb-operator`: `run` reconciles LoadBalancers (controller + HTTP endpoints, joined; with
+//! leader election unless `--no-leader-election`); `manifests` prints the install manifests
+//! (RBAC, ServiceAccounts, Deployment) for the given flags.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use clap::{Args, Parser, Subcommand};
+use marklb_operator::http::Shared;
+use marklb_operator::leader::{LeaseSettings, run_when_leader};
+use marklb_operator::manifests::{self, OPERATOR_NAME, OperatorDeployment};
+use marklb_operator::{AgentSettings, Settings};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "marklb-operator",
+    version,
+    about = "marklb operator: LoadBalancers to node states, agents and conditions"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(long, value_parser = ["text", "json"], default_value = "text", global = true)]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Reconcile LoadBalancers (in a cluster, or with the kubeconfig of KUBECONFIG).
+    Run(RunArgs),
+    /// Print the manifests that install the operator (CRDs: crds/yaml).
+    Manifests {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// Operator image.
+        #[arg(long, default_value = "marklb-operator:dev")]
+        image: String,
+        /// imagePullPolicy of the operator.
+        #[arg(long, default_value = "IfNotPresent")]
+        image_pull_policy: String,
+        /// Replicas of the operator Deployment.
+        #[arg(long, default_value_t = 2)]
+        replicas: i32,
+        /// Port of the operator's /metrics, /healthz, /readyz.
+        #[arg(long, default_value_t = 8080)]
+        metrics_port: u16,
+    },
+}
+
+/// Flags shared by `run` and `manifests` (what the operator's settings are).
+#[derive(Args)]
+struct CommonArgs {
+    /// Namespace of the operator, its Lease and the agent DaemonSet.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "marklb-system")]
+    namespace: String,
+    /// Agent image.
+    #[arg(long, default_value = "marklb-agent:dev")]
+    agent_image: String,
+    /// imagePullPolicy of the agent.
+    #[arg(long, default_value = "IfNotPresent")]
+    agent_image_pull_policy: String,
+    /// Agent --hw-backend.
+    #[arg(long, value_parser = ["auto", "mellanox", "emulated", "none"], default_value = "auto")]
+    agent_hw_backend: String,
+    /// Agent --mark-delivery (default: the agent's).
+    #[arg(long, value_parser = ["xdp-metadata", "skb-mark"])]
+    agent_mark_delivery: Option<String>,
+    /// Port of the agents' metrics (host network).
+    #[arg(long, default_value_t = 9464)]
+    agent_metrics_port: u16,
+    /// RUST_LOG of the agents.
+    #[arg(long, default_value = "info")]
+    agent_log_level: String,
+    /// Seconds a deleted LoadBalancer waits for its agents to remove its VIPs.
+    #[arg(long, default_value_t = 30)]
+    cleanup_timeout: u64,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Address of /metrics, /healthz, /readyz.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// Run without leader election (a single replica).
+    #[arg(long)]
+    no_leader_election: bool,
+    /// Identity in the Lease (the pod name).
+    #[arg(long, env = "POD_NAME", default_value = "marklb-operator")]
+    identity: String,
+    /// Seconds a leader stays leader without renewing its Lease.
+    #[arg(long, default_value_t = 15)]
+    lease_duration: u64,
+    /// Do not apply the agent DaemonSet (agents deployed some other way).
+    #[arg(long)]
+    no_daemonset: bool,
+    /// Do not watch agent pods (no AgentNotScheduled reason; no pod permissions needed).
+    #[arg(long)]
+    no_agent_pods: bool,
+}
+
+impl CommonArgs {
+    fn settings(&self) -> Settings {
+        Settings {
+            namespace: self.namespace.clone(),
+            agent: AgentSettings {
+                image: self.agent_image.clone(),
+                image_pull_policy: self.agent_image_pull_policy.clone(),
+                hw_backend: self.agent_hw_backend.clone(),
+                mark_delivery: self.agent_mark_delivery.clone(),
+                metrics_port: self.agent_metrics_port,
+                log_level: self.agent_log_level.clone(),
+                ..AgentSettings::default()
+            },
+            cleanup_timeout: Duration::from_secs(self.cleanup_timeout),
+            ..Settings::default()
+        }
+    }
+}
+
+fn init_logging(format: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // Colour only on a terminal (logs to files and pipes stay plain).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none();
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.with_ansi(ansi).init();
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    let client = kube::Client::try_default()
+        .await
+        .context("no Kubernetes client (in-cluster or KUBECONFIG)")?;
+    let mut settings = args.common.settings();
+    settings.manage_daemonset = !args.no_daemonset;
+    settings.watch_agent_pods = !args.no_agent_pods;
+    let shared = Arc::new(Shared::default());
+    let http = marklb_operator::http::serve(args.metrics_addr, shared.clone());
+    let work = async {
+        if args.no_leader_election {
+            shared.metrics.leader.set(1);
+            marklb_operator::controller::run(
+                client,
+                settings,
+                shared.clone(),
+                args.identity.clone(),
+                shutdown_signal(),
+            )
+            .await;
+            Ok(())
+        } else {
+            let lease = LeaseSettings {
+                name: OPERATOR_NAME.into(),
+                identity: args.identity.clone(),
+                duration_seconds: args.lease_duration,
+                grace_seconds: (args.lease_duration / 3).max(1),
+            };
+            tokio::select! {
+                r = run_when_leader(client, settings, lease, shared.clone()) => r,
+                _ = shutdown_signal() => Ok(()),
+            }
+        }
+    };
+    tokio::select! {
+        r = http => r.with_context(|| format!("serving on {}", args.metrics_addr)),
+        r = work => r,
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    match cli.command {
+        Command::Run(args) => run(args).await,
+        Command::Manifests {
+            common,
+            image,
+            image_pull_policy,
+            replicas,
+            metrics_port,
+        } => {
+            let objects = manifests::manifests(
+                &common.settings(),
+                &OperatorDeployment {
+                    image,
+                    image_pull_policy,
+                    replicas,
+                    metrics_port,
+                },
+            );
+            print!("{}", manifests::to_yaml(&objects));
+            Ok(())
+        }
+    }
+}

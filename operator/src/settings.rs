@@ -1,0 +1,73 @@
+//! Settings of the operator and of the agent DaemonSet it applies.
+//!
+//! The agent's settings (image, hardware backend, mark delivery, ports) come from operator
+//! flags, which the chart or the manifests set: the LoadBalancer spec says what to serve, the
+//! node's hardware is the cluster administrator's business (per node, not per LoadBalancer).
+
+use std::time::Duration;
+
+/// How the agent DaemonSet is built.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentSettings {
+    /// Container image of the agent.
+    pub image: String,
+    /// `imagePullPolicy` of the agent container (`IfNotPresent`, `Always`, `Never`).
+    pub image_pull_policy: String,
+    /// `--hw-backend` of the agent: `auto`, `mellanox`, `emulated` or `none`.
+    pub hw_backend: String,
+    /// `--mark-delivery` of the agent: `xdp-metadata` or `skb-mark`; `None` leaves the
+    /// agent's default.
+    pub mark_delivery: Option<String>,
+    /// Port of the agent's `/metrics`, `/healthz` and `/readyz` (host network).
+    pub metrics_port: u16,
+    /// `RUST_LOG` of the agent.
+    pub log_level: String,
+    /// Host directory of the BPF filesystem (pins survive agent restarts there).
+    pub bpffs: String,
+}
+
+impl Default for AgentSettings {
+    fn default() -> Self {
+        Self {
+            image: "marklb-agent:dev".into(),
+            image_pull_policy: "IfNotPresent".into(),
+            hw_backend: "auto".into(),
+            mark_delivery: None,
+            metrics_port: 9464,
+            log_level: "info".into(),
+            bpffs: "/sys/fs/bpf".into(),
+        }
+    }
+}
+
+/// How the operator runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// Namespace of the operator, its Lease and the agent DaemonSet.
+    pub namespace: String,
+    /// The agent DaemonSet.
+    pub agent: AgentSettings,
+    /// Whether the operator applies the agent DaemonSet (off in tests that simulate agents).
+    pub manage_daemonset: bool,
+    /// Whether agent pods are watched to report `AgentNotScheduled` (needs list/watch on pods
+    /// in [`namespace`](Self::namespace)).
+    pub watch_agent_pods: bool,
+    /// How long a deleted LoadBalancer waits for its agents to remove its VIPs before its
+    /// node states go anyway (an agent that is gone must not block deletion forever).
+    pub cleanup_timeout: Duration,
+    /// Requeue interval of a healthy LoadBalancer (a safety net; watches drive the rest).
+    pub resync: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            namespace: "marklb-system".into(),
+            agent: AgentSettings::default(),
+            manage_daemonset: true,
+            watch_agent_pods: true,
+            cleanup_timeout: Duration::from_secs(30),
+            resync: Duration::from_secs(300),
+        }
+    }
+}
