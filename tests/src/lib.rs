@@ -6,3 +6,4 @@ pub mod install;
 pub mod kube_harness;
 pub mod netns;
 pub mod operator_harness;
+pub mod prometheus;
