@@ -800,10 +800,39 @@ async fn rbac_is_least_privilege_under_the_real_1_20_authorizer() {
         out.contains("deployment.apps/marklb-operator serverside-applied"),
         "{out}"
     );
-    let out = kubectl(
+    let lb = kubectl(
         &server,
-        &["apply", "-f", "deploy/examples/loadbalancer.yaml"],
+        &["get", "mlb", "web", "-n", "default", "-o", "name"],
         None,
     );
-    assert!(out.contains("loadbalancer.marklb.io/web created"), "{out}");
+    assert_eq!(
+        lb.trim(),
+        "loadbalancer.marklb.io/web",
+        "the README's example is created"
+    );
+}
+
+/// The shell commands of the README's user's guide (```sh blocks; comments stripped).
+fn readme_commands() -> Vec<String> {
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    let start = readme
+        .find("\n## User's guide")
+        .expect("a user's guide section");
+    let section = &readme[start + 1..];
+    let section = &section[..section[3..].find("\n## ").map_or(section.len(), |i| i + 3)];
+    let mut out = Vec::new();
+    let mut in_block = false;
+    for line in section.lines() {
+        if line.starts_with("```") {
+            in_block = line == "```sh";
+            continue;
+        }
+        if in_block {
+            let command = line.split(" #").next().unwrap().trim();
+            if !command.is_empty() {
+                out.push(command.to_string());
+            }
+        }
+    }
+    out
 }

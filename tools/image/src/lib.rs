@@ -51,6 +51,8 @@ pub struct ImageSpec {
     pub created: String,
     /// Copy the libraries a dynamically linked binary needs (else refuse one).
     pub allow_dynamic: bool,
+    /// The user the process runs as (`uid[:gid]`); `None`: root, as the image format defaults.
+    pub user: Option<String>,
 }
 
 /// One file of the layer.
@@ -255,7 +257,11 @@ pub fn build(spec: &ImageSpec) -> Result<Built> {
     let layer = gzip(&tar)?;
     let diff_id = format!("sha256:{}", sha256_hex(&tar));
 
-    let config = ConfigBuilder::default()
+    let mut config = ConfigBuilder::default();
+    if let Some(user) = &spec.user {
+        config = config.user(user.clone());
+    }
+    let config = config
         .entrypoint(vec![spec.path_in_image.clone()])
         .cmd(spec.args.clone())
         .env(vec![
@@ -511,6 +517,7 @@ mod tests {
             path_in_image: "/usr/local/bin/tool".into(),
             name: "docker.io/marklb/tool:1.2.3".into(),
             args: vec!["run".into()],
+            user: None,
             labels,
             created: rfc3339(0),
             allow_dynamic: true,
@@ -587,6 +594,19 @@ mod tests {
         assert_eq!(
             format!("{}", got.manifest.config().digest()),
             built.config_digest
+        );
+    }
+
+    #[test]
+    fn user_goes_into_the_config_and_defaults_to_none() {
+        let mut s = spec(Path::new("/bin/true"));
+        let root = inspect(&build(&s).unwrap().archive).unwrap();
+        assert_eq!(root.config.config().as_ref().unwrap().user(), &None);
+        s.user = Some("65532:65532".into());
+        let got = inspect(&build(&s).unwrap().archive).unwrap();
+        assert_eq!(
+            got.config.config().as_ref().unwrap().user().as_deref(),
+            Some("65532:65532")
         );
     }
 

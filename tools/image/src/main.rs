@@ -44,6 +44,9 @@ enum Cmd {
         /// Copy the libraries of a dynamically linked binary into the layer.
         #[arg(long)]
         allow_dynamic: bool,
+        /// User of the process, `uid[:gid]` (default: root).
+        #[arg(long)]
+        user: Option<String>,
         /// Output archive.
         #[arg(long)]
         output: PathBuf,
@@ -62,6 +65,7 @@ fn main() -> Result<()> {
             args,
             created,
             allow_dynamic,
+            user,
             output,
         } => {
             let path_in_image = path_in_image.unwrap_or_else(|| {
@@ -89,6 +93,7 @@ fn main() -> Result<()> {
                 labels,
                 created: marklb_image::rfc3339(created.unwrap_or(0)),
                 allow_dynamic,
+                user,
             };
             let built = marklb_image::build(&spec)?;
             if let Some(dir) = output.parent() {
@@ -121,6 +126,7 @@ fn main() -> Result<()> {
                     c.entrypoint().clone().unwrap_or_default()
                 );
                 println!("cmd: {:?}", c.cmd().clone().unwrap_or_default());
+                println!("user: {}", c.user().as_deref().unwrap_or("-"));
                 let labels: BTreeMap<_, _> =
                     c.labels().clone().unwrap_or_default().into_iter().collect();
                 for (k, v) in labels {
