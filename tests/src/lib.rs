@@ -7,3 +7,4 @@ pub mod kube_harness;
 pub mod netns;
 pub mod operator_harness;
 pub mod prometheus;
+pub mod supervise;
