@@ -24,6 +24,28 @@ use serde_json::Value;
 
 use crate::kube_harness::{cache_dir, yaml_documents};
 
+/// The README user's guide's commands that `install_manifests` runs, in this order, against
+/// the 1.20 API server (no kubelet needed).
+pub const README_ON_API_SERVER: &[&str] = &[
+    "kubectl apply -k deploy/legacy-1.20/",
+    "kubectl apply -k deploy/",
+    "helm lint charts/marklb --strict --kube-version v1.20.2",
+    "helm template marklb charts/marklb --namespace marklb-system --kube-version v1.20.2 --set agent.xdpMode=native",
+    "kubectl apply -f deploy/examples/loadbalancer.yaml",
+    "kubectl get mlb -A",
+    "kubectl get mlbns -A",
+    "promtool check rules monitoring/alerts.yaml",
+    "cd monitoring && promtool test rules alerts.test.yaml",
+];
+
+/// The README user's guide's commands that `install_cluster` runs on the real cluster.
+pub const README_ON_CLUSTER: &[&str] = &[
+    "kubectl delete -k deploy/legacy-1.20/",
+    "helm install marklb charts/marklb --namespace marklb-system --create-namespace",
+    "helm upgrade marklb charts/marklb --namespace marklb-system --set agent.xdpMode=generic",
+    "helm uninstall marklb --namespace marklb-system",
+];
+
 /// The repository root.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -309,6 +331,9 @@ pub fn parse_strictly(v: &Value) -> Result<()> {
         "v1/Service" => strict::<Service>(v).map(drop),
         "v1/ConfigMap" => strict::<ConfigMap>(v).map(drop),
         "apps/v1/Deployment" => strict::<Deployment>(v).map(drop),
+        "coordination.k8s.io/v1/Lease" => {
+            strict::<k8s_openapi::api::coordination::v1::Lease>(v).map(drop)
+        }
         "rbac.authorization.k8s.io/v1/ClusterRole" => strict::<ClusterRole>(v).map(drop),
         "rbac.authorization.k8s.io/v1/ClusterRoleBinding" => {
             strict::<ClusterRoleBinding>(v).map(drop)

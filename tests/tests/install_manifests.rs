@@ -656,8 +656,51 @@ fn kubectl(server: &KubeServer, args: &[&str], stdin: Option<&str>) -> String {
 #[tokio::test]
 async fn rbac_is_least_privilege_under_the_real_1_20_authorizer() {
     let server = marklb_tests::kube_server_or_skip!(Flavor::Kube120);
-    // The README's install command for clusters before 1.31.
-    kubectl(&server, &["apply", "-k", "deploy/legacy-1.20/"], None);
+    // The user's guide, command by command, as a user types them (kubectl 1.20 and `helm` on
+    // PATH, KUBECONFIG set); the rest runs on the real cluster (install_cluster).
+    // `kubectl apply -k deploy/` is for 1.31+: kubectl 1.20 refuses it, naming the CEL rules
+    // its schema does not know (a user on 1.20 is told, not served CRDs without their rules).
+    let commands = readme_commands();
+    let tested: BTreeSet<String> = README_ON_API_SERVER
+        .iter()
+        .chain(README_ON_CLUSTER)
+        .map(|c| c.to_string())
+        .collect();
+    let documented: BTreeSet<String> = commands.iter().cloned().collect();
+    assert_eq!(
+        documented, tested,
+        "the README's commands are exactly those the install tests run"
+    );
+    let bin = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(kubectl_bin().unwrap(), bin.path().join("kubectl")).unwrap();
+    let path = format!(
+        "{}:{}:{}",
+        bin.path().display(),
+        helm_bin().parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    for command in README_ON_API_SERVER {
+        let out = Command::new("bash")
+            .args(["-c", command])
+            .current_dir(repo_root())
+            .env("PATH", &path)
+            .env("KUBECONFIG", server.kubeconfig())
+            .output()
+            .unwrap();
+        if *command == "kubectl apply -k deploy/" {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success() && err.contains("unknown field \"x-kubernetes-validations\""),
+                "kubectl 1.20 accepted the CEL CRDs: {err}"
+            );
+            continue;
+        }
+        let text = success(command, out).unwrap_or_else(|e| panic!("README: {e:#}"));
+        eprintln!(
+            "README: {command}: {} lines of output",
+            text.lines().count()
+        );
+    }
     let client = server.client().await.unwrap();
     // One `kubectl auth can-i` as the real command line, then SubjectAccessReviews (the same
     // question, without a process per check).
