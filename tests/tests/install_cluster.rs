@@ -350,5 +350,8 @@ async fn helm_installs_upgrades_and_uninstalls() {
     let out = user(cluster, README_ON_CLUSTER[3]);
     assert!(out.contains("uninstalled"), "{out}");
     wait_nothing_left(cluster, "helm uninstall").await;
-    let _ = cluster.kubectl(&["delete", "namespace", NS, "--wait=false"]);
+    // Helm leaves the namespace it created; the next install path starts without it.
+    cluster
+        .kubectl_ok(&["delete", "namespace", NS, "--timeout=90s"])
+        .expect("deleting the namespace");
 }
