@@ -8,7 +8,9 @@
 #                           containerd (with ctr and containerd-shim-runc-v2), runc, CNI plugins
 #                           and kubectl 1.20.2 (dpkg -x, not installed: no service is started)
 #   host tools              iptables and conntrack (apt-get install: kubelet and kube-proxy run
-#                           them from PATH)
+#                           them from PATH); musl-tools (x86_64-linux-musl-gcc: `ring`, the
+#                           TLS crypto of the operator's kube client, compiles C for the images'
+#                           musl target)
 #   rust target             x86_64-unknown-linux-musl (the static agent binary of the images)
 #
 # A part that cannot be set up here is recorded in $CACHE/UNAVAILABLE-<part> and the script exits
@@ -25,7 +27,8 @@ export K8S_CACHE=${MARKLB_K8S_CACHE:-/var/cache/marklb/k8s}
 log() { printf '[setup-cluster] %s\n' "$*" >&2; }
 REQUIRED=${MARKLB_CLUSTER_REQUIRED:-0}
 
-HOST_TOOLS=(iptables:iptables iptables-save:iptables ip6tables:iptables conntrack:conntrack)
+HOST_TOOLS=(iptables:iptables iptables-save:iptables ip6tables:iptables conntrack:conntrack
+  x86_64-linux-musl-gcc:musl-tools)
 mkdir -p "$K8S_CACHE"
 
 # 1. Host tools kubelet and kube-proxy run from PATH.

@@ -54,4 +54,11 @@ if ! command -v bpf-linker >/dev/null || ! output_has '0\.13' bpf-linker --versi
     cargo install bpf-linker --version '^0.13' --locked --no-default-features --features llvm-22
 fi
 
+# Helm 4's engine as a library (PyPI helm-python-sdk): the chart tests lint, render and install
+# with it through tests/helm/helm (there is no helm binary on the machine).
+if ! python3 -c 'import helm_python' 2>/dev/null; then
+  log "pip install helm-python-sdk"
+  python3 -m pip install --quiet --disable-pip-version-check 'helm-python-sdk==0.2.2'
+fi
+
 log "ready"

@@ -21,7 +21,7 @@ use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
     HostPathVolumeSource, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
     ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SecurityContext,
-    Toleration, Volume, VolumeMount,
+    Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -38,7 +38,7 @@ use marklb_crds::{
 };
 
 use crate::endpoints::ServiceEndpoints;
-use crate::settings::AgentSettings;
+use crate::settings::{AgentSettings, MetricsBind};
 
 /// Name of the agent DaemonSet (and of its ServiceAccount).
 pub const AGENT_NAME: &str = "marklb-agent";
@@ -240,7 +240,7 @@ pub fn agent_affinity<'a>(
 }
 
 /// The agent's command line: Kubernetes mode, node name from `NODE_NAME`, hardware settings
-/// from the operator's flags, metrics on the host IP.
+/// from the operator's flags, metrics on the host IP (or every address, when asked).
 pub fn agent_args(agent: &AgentSettings) -> Vec<String> {
     let mut args = vec![
         "--log-format=json".to_string(),
@@ -251,7 +251,14 @@ pub fn agent_args(agent: &AgentSettings) -> Vec<String> {
     if let Some(delivery) = &agent.mark_delivery {
         args.push(format!("--mark-delivery={delivery}"));
     }
-    args.push(format!("--metrics-addr=$(HOST_IP):{}", agent.metrics_port));
+    if let Some(mode) = &agent.xdp_mode {
+        args.push(format!("--xdp-mode={mode}"));
+    }
+    let host = match agent.metrics_bind {
+        MetricsBind::HostIp => "$(HOST_IP)",
+        MetricsBind::All => "0.0.0.0",
+    };
+    args.push(format!("--metrics-addr={host}:{}", agent.metrics_port));
     args.push(format!("--bpffs={}", agent.bpffs));
     args
 }
@@ -382,12 +389,9 @@ pub fn agent_daemonset<'a>(
                     dns_policy: Some("ClusterFirstWithHostNet".into()),
                     termination_grace_period_seconds: Some(10),
                     affinity: agent_affinity(selectors),
-                    // Agents go wherever a LoadBalancer selects, tainted nodes included: the
-                    // selector is the user's statement of where to serve.
-                    tolerations: Some(vec![Toleration {
-                        operator: Some("Exists".into()),
-                        ..Default::default()
-                    }]),
+                    // By default agents go wherever a LoadBalancer selects, tainted nodes
+                    // included: the selector is the user's statement of where to serve.
+                    tolerations: Some(agent.tolerations.clone()),
                     containers: vec![container],
                     volumes: Some(vec![Volume {
                         name: "bpffs".into(),

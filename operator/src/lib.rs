@@ -32,7 +32,7 @@ mod fixtures;
 mod hostile;
 
 pub use controller::{Context, run};
-pub use settings::{AgentSettings, Settings};
+pub use settings::{AgentSettings, MetricsBind, Settings};
 
 /// Why a reconciliation failed. Each kind has a metric label
 /// (`marklb_operator_reconcile_errors_total{error=...}`).

@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
+use k8s_openapi::api::core::v1::Toleration;
 use marklb_operator::http::Shared;
 use marklb_operator::leader::{LeaseSettings, run_when_leader};
 use marklb_operator::manifests::{self, OPERATOR_NAME, OperatorDeployment};
-use marklb_operator::{AgentSettings, Settings};
+use marklb_operator::{AgentSettings, MetricsBind, Settings};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -69,9 +70,19 @@ struct CommonArgs {
     /// Agent --mark-delivery (default: the agent's).
     #[arg(long, value_parser = ["xdp-metadata", "skb-mark"])]
     agent_mark_delivery: Option<String>,
+    /// Agent --xdp-mode (default: the agent's, auto).
+    #[arg(long, value_parser = ["auto", "native", "generic"])]
+    agent_xdp_mode: Option<String>,
     /// Port of the agents' metrics (host network).
     #[arg(long, default_value_t = 9464)]
     agent_metrics_port: u16,
+    /// Address the agents bind /metrics, /healthz, /readyz to: host-ip (the node's InternalIP)
+    /// or all (0.0.0.0, every interface of the node, the client-facing one included).
+    #[arg(long, value_parser = ["host-ip", "all"], default_value = "host-ip")]
+    agent_metrics_bind: String,
+    /// Tolerations of the agent pods, as a JSON list of Kubernetes tolerations.
+    #[arg(long, value_parser = parse_tolerations, default_value = r#"[{"operator":"Exists"}]"#)]
+    agent_tolerations: Tolerations,
     /// RUST_LOG of the agents.
     #[arg(long, default_value = "info")]
     agent_log_level: String,
@@ -104,6 +115,25 @@ struct RunArgs {
     no_agent_pods: bool,
 }
 
+/// A JSON list of tolerations (a newtype: clap would read a bare `Vec` as a repeated flag).
+#[derive(Clone, Debug)]
+struct Tolerations(Vec<Toleration>);
+
+fn parse_tolerations(s: &str) -> Result<Tolerations, String> {
+    let usage = r#"a JSON list of tolerations, like [{"operator":"Exists"}]"#;
+    let given: serde_json::Value = serde_json::from_str(s).map_err(|e| format!("{usage}: {e}"))?;
+    let parsed: Vec<Toleration> =
+        serde_json::from_value(given.clone()).map_err(|e| format!("{usage}: {e}"))?;
+    // serde ignores unknown keys: a misspelt one would silently tolerate nothing it meant to.
+    let back = serde_json::to_value(&parsed).expect("tolerations serialize");
+    if back != given {
+        return Err(format!(
+            "{usage}: unknown or misspelt fields in {given} (understood as {back})"
+        ));
+    }
+    Ok(Tolerations(parsed))
+}
+
 impl CommonArgs {
     fn settings(&self) -> Settings {
         Settings {
@@ -113,7 +143,11 @@ impl CommonArgs {
                 image_pull_policy: self.agent_image_pull_policy.clone(),
                 hw_backend: self.agent_hw_backend.clone(),
                 mark_delivery: self.agent_mark_delivery.clone(),
+                xdp_mode: self.agent_xdp_mode.clone(),
                 metrics_port: self.agent_metrics_port,
+                metrics_bind: MetricsBind::parse(&self.agent_metrics_bind)
+                    .expect("clap checked the value"),
+                tolerations: self.agent_tolerations.0.clone(),
                 log_level: self.agent_log_level.clone(),
                 ..AgentSettings::default()
             },

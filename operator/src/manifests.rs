@@ -83,10 +83,19 @@ pub fn operator_args(settings: &Settings, metrics_port: u16) -> Vec<String> {
         format!("--agent-image-pull-policy={}", a.image_pull_policy),
         format!("--agent-hw-backend={}", a.hw_backend),
         format!("--agent-metrics-port={}", a.metrics_port),
+        format!("--agent-metrics-bind={}", a.metrics_bind.as_str()),
+        format!("--agent-log-level={}", a.log_level),
+        format!(
+            "--agent-tolerations={}",
+            serde_json::to_string(&a.tolerations).expect("tolerations serialize")
+        ),
         format!("--cleanup-timeout={}", settings.cleanup_timeout.as_secs()),
     ];
     if let Some(d) = &a.mark_delivery {
         args.push(format!("--agent-mark-delivery={d}"));
+    }
+    if let Some(m) = &a.xdp_mode {
+        args.push(format!("--agent-xdp-mode={m}"));
     }
     args
 }

@@ -6,8 +6,40 @@
 
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Toleration;
+
+/// Which address the agents bind `/metrics`, `/healthz` and `/readyz` to (they run in the
+/// host network, so "every address" includes the client-facing interface of the node).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetricsBind {
+    /// The node's InternalIP (`status.hostIP` from the downward API): reachable by Prometheus
+    /// and the kubelet's probes, not on other interfaces. The default.
+    HostIp,
+    /// `0.0.0.0`: every address of the node.
+    All,
+}
+
+impl MetricsBind {
+    /// The flag value (`host-ip`, `all`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MetricsBind::HostIp => "host-ip",
+            MetricsBind::All => "all",
+        }
+    }
+
+    /// Parses a flag value.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "host-ip" => Some(MetricsBind::HostIp),
+            "all" => Some(MetricsBind::All),
+            _ => None,
+        }
+    }
+}
+
 /// How the agent DaemonSet is built.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct AgentSettings {
     /// Container image of the agent.
     pub image: String,
@@ -18,8 +50,16 @@ pub struct AgentSettings {
     /// `--mark-delivery` of the agent: `xdp-metadata` or `skb-mark`; `None` leaves the
     /// agent's default.
     pub mark_delivery: Option<String>,
+    /// `--xdp-mode` of the agent: `auto`, `native` or `generic`; `None` leaves the agent's
+    /// default.
+    pub xdp_mode: Option<String>,
     /// Port of the agent's `/metrics`, `/healthz` and `/readyz` (host network).
     pub metrics_port: u16,
+    /// Address the agent binds those endpoints to.
+    pub metrics_bind: MetricsBind,
+    /// Tolerations of the agent pods (default: every taint, since a LoadBalancer's node
+    /// selector is the user's statement of where to serve).
+    pub tolerations: Vec<Toleration>,
     /// `RUST_LOG` of the agent.
     pub log_level: String,
     /// Host directory of the BPF filesystem (pins survive agent restarts there).
@@ -33,7 +73,13 @@ impl Default for AgentSettings {
             image_pull_policy: "IfNotPresent".into(),
             hw_backend: "auto".into(),
             mark_delivery: None,
+            xdp_mode: None,
             metrics_port: 9464,
+            metrics_bind: MetricsBind::HostIp,
+            tolerations: vec![Toleration {
+                operator: Some("Exists".into()),
+                ..Default::default()
+            }],
             log_level: "info".into(),
             bpffs: "/sys/fs/bpf".into(),
         }
@@ -41,7 +87,7 @@ impl Default for AgentSettings {
 }
 
 /// How the operator runs.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
     /// Namespace of the operator, its Lease and the agent DaemonSet.
     pub namespace: String,

@@ -3,7 +3,7 @@
 #
 #   $TARGET_DIR/images/marklb-agent.oci.tar   docker.io/marklb/marklb-agent:<version>
 #   $TARGET_DIR/images/marklb-operator.oci.tar docker.io/marklb/marklb-operator:<version>
-#                                             (runs as uid/gid 65532, not root)
+#                                             (runs as 65532:65532, not root)
 #   $TARGET_DIR/images/marklb-pause.oci.tar   docker.io/marklb/marklb-pause:<version>
 #                                             (the sandbox image of the test cluster)
 #
@@ -71,7 +71,7 @@ image marklb-agent "$BIN/marklb-agent" \
   "marklb node agent: XDP L4 load balancer with NIC flow-mark acceleration" --arg=--help
 image marklb-operator "$BIN/marklb-operator" \
   "marklb operator: LoadBalancers to per-node states, the agent DaemonSet and conditions" \
-  --user=65532:65532 --arg=run
+  --user=65532:65532 --arg=--help
 image marklb-pause "$BIN/marklb-pause" "sandbox (pause) container for marklb's test cluster"
 mv "$OUT/images.txt.new" "$OUT/images.txt"
 log "done in $(($(date +%s) - start))s"

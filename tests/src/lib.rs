@@ -2,7 +2,9 @@
 pub mod agent_proc;
 pub mod cluster;
 pub mod datapath_fixture;
+pub mod install;
 pub mod kube_harness;
 pub mod netns;
 pub mod operator_harness;
+pub mod prometheus;
 pub mod supervise;

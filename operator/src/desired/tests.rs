@@ -255,3 +255,40 @@ fn the_agent_daemonset_has_only_what_the_agent_needs() {
         "{plain:?}"
     );
 }
+
+#[test]
+fn agent_xdp_mode_metrics_bind_and_tolerations_come_from_the_settings() {
+    use crate::settings::MetricsBind;
+    use k8s_openapi::api::core::v1::Toleration;
+    let settings = AgentSettings {
+        xdp_mode: Some("native".into()),
+        metrics_bind: MetricsBind::All,
+        metrics_port: 9555,
+        tolerations: vec![Toleration {
+            key: Some("dedicated".into()),
+            operator: Some("Equal".into()),
+            value: Some("lb".into()),
+            effect: Some("NoSchedule".into()),
+            ..Default::default()
+        }],
+        ..AgentSettings::default()
+    };
+    let args = agent_args(&settings);
+    assert!(args.contains(&"--xdp-mode=native".to_string()), "{args:?}");
+    assert!(
+        args.contains(&"--metrics-addr=0.0.0.0:9555".to_string()),
+        "{args:?}"
+    );
+    let ds = serde_json::to_value(agent_daemonset("marklb-system", &settings, [])).unwrap();
+    assert_eq!(
+        ds["spec"]["template"]["spec"]["tolerations"],
+        json!([{"key": "dedicated", "operator": "Equal", "value": "lb", "effect": "NoSchedule"}])
+    );
+    // Defaults: the agent's own XDP mode, the node's InternalIP.
+    let plain = agent_args(&AgentSettings::default());
+    assert!(
+        !plain.iter().any(|a| a.starts_with("--xdp-mode")),
+        "{plain:?}"
+    );
+    assert!(plain.contains(&"--metrics-addr=$(HOST_IP):9464".to_string()));
+}

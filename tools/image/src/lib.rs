@@ -51,7 +51,7 @@ pub struct ImageSpec {
     pub created: String,
     /// Copy the libraries a dynamically linked binary needs (else refuse one).
     pub allow_dynamic: bool,
-    /// `User` of the image config (`uid[:gid]`); `None`: root, as the agent needs.
+    /// The user the process runs as (`uid[:gid]`); `None`: root, as the image format defaults.
     pub user: Option<String>,
 }
 
@@ -257,7 +257,11 @@ pub fn build(spec: &ImageSpec) -> Result<Built> {
     let layer = gzip(&tar)?;
     let diff_id = format!("sha256:{}", sha256_hex(&tar));
 
-    let config = ConfigBuilder::default()
+    let mut config = ConfigBuilder::default();
+    if let Some(user) = &spec.user {
+        config = config.user(user.clone());
+    }
+    let config = config
         .entrypoint(vec![spec.path_in_image.clone()])
         .cmd(spec.args.clone())
         .env(vec![
@@ -271,13 +275,8 @@ pub fn build(spec: &ImageSpec) -> Result<Built> {
                 .clone()
                 .into_iter()
                 .collect::<std::collections::HashMap<_, _>>(),
-        );
-    // Owned builder: `user` only when asked (the agent's config stays as it was).
-    let config = match &spec.user {
-        Some(user) => config.user(user.clone()),
-        None => config,
-    }
-    .build()?;
+        )
+        .build()?;
     let image_config: ImageConfiguration = ImageConfigurationBuilder::default()
         .created(spec.created.clone())
         .architecture(Arch::Amd64)
@@ -518,10 +517,10 @@ mod tests {
             path_in_image: "/usr/local/bin/tool".into(),
             name: "docker.io/marklb/tool:1.2.3".into(),
             args: vec!["run".into()],
+            user: None,
             labels,
             created: rfc3339(0),
             allow_dynamic: true,
-            user: None,
         }
     }
 
@@ -588,18 +587,6 @@ mod tests {
             "1.2.3"
         );
         assert_eq!(got.config.architecture(), &Arch::Amd64);
-        // Root unless asked (the agent needs it); a non-root user when given (the operator).
-        assert_eq!(cfg.user(), &None);
-        let as_user = build(&ImageSpec {
-            user: Some("65532:65532".into()),
-            ..s.clone()
-        })
-        .unwrap();
-        let got_user = inspect(&as_user.archive).unwrap();
-        assert_eq!(
-            got_user.config.config().as_ref().unwrap().user().as_deref(),
-            Some("65532:65532")
-        );
         assert_eq!(
             format!("{}", got.index.manifests()[0].digest()),
             built.manifest_digest
@@ -607,6 +594,19 @@ mod tests {
         assert_eq!(
             format!("{}", got.manifest.config().digest()),
             built.config_digest
+        );
+    }
+
+    #[test]
+    fn user_goes_into_the_config_and_defaults_to_none() {
+        let mut s = spec(Path::new("/bin/true"));
+        let root = inspect(&build(&s).unwrap().archive).unwrap();
+        assert_eq!(root.config.config().as_ref().unwrap().user(), &None);
+        s.user = Some("65532:65532".into());
+        let got = inspect(&build(&s).unwrap().archive).unwrap();
+        assert_eq!(
+            got.config.config().as_ref().unwrap().user().as_deref(),
+            Some("65532:65532")
         );
     }
 

@@ -44,7 +44,7 @@ enum Cmd {
         /// Copy the libraries of a dynamically linked binary into the layer.
         #[arg(long)]
         allow_dynamic: bool,
-        /// Run as this user (`uid[:gid]`) rather than root.
+        /// User of the process, `uid[:gid]` (default: root).
         #[arg(long)]
         user: Option<String>,
         /// Output archive.
@@ -126,6 +126,7 @@ fn main() -> Result<()> {
                     c.entrypoint().clone().unwrap_or_default()
                 );
                 println!("cmd: {:?}", c.cmd().clone().unwrap_or_default());
+                println!("user: {}", c.user().as_deref().unwrap_or("-"));
                 let labels: BTreeMap<_, _> =
                     c.labels().clone().unwrap_or_default().into_iter().collect();
                 for (k, v) in labels {
