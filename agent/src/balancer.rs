@@ -13,6 +13,7 @@ use std::{collections::HashMap, net::IpAddr};
 
 use marklb_common::{
     IPPROTO_TCP, IPPROTO_UDP, MAX_REALS, MAX_VIPS, REAL_F_IPV6, RealDef, VipKey, VipMeta,
+    addr_words, words_addr,
 };
 
 use crate::{
@@ -20,31 +21,6 @@ use crate::{
     maglev::{self, Backend},
     ring_alloc::RingAllocator,
 };
-
-/// Network-order address words as the datapath stores them (IPv4: word 0 only).
-pub fn addr_words(addr: IpAddr) -> [u32; 4] {
-    match addr {
-        IpAddr::V4(a) => [u32::from_ne_bytes(a.octets()), 0, 0, 0],
-        IpAddr::V6(a) => {
-            let o = a.octets();
-            let w = |i: usize| u32::from_ne_bytes(o[i..i + 4].try_into().expect("4 bytes"));
-            [w(0), w(4), w(8), w(12)]
-        }
-    }
-}
-
-/// The inverse of [`addr_words`]; `v6` says which family the words hold.
-pub fn words_addr(w: &[u32; 4], v6: bool) -> IpAddr {
-    if v6 {
-        let mut o = [0u8; 16];
-        for i in 0..4 {
-            o[i * 4..i * 4 + 4].copy_from_slice(&w[i].to_ne_bytes());
-        }
-        IpAddr::from(o)
-    } else {
-        IpAddr::from(w[0].to_ne_bytes())
-    }
-}
 
 /// A VIP's identity: address, port (0 = all ports) and protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

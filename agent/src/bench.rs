@@ -18,12 +18,12 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use marklb_common::{
     BENCH_FRAME_MAX, BenchFrame, CFG_F_ENABLED, CFG_F_EVENTS, CFG_F_ICMP_ECHO, CFG_F_ICMP_TOO_BIG,
-    Counter, LbConfig, MarkEntry,
+    Counter, LbConfig, MarkEntry, addr_words,
 };
 use serde::Serialize;
 
 use crate::{
-    balancer::{Balancer, VipId, addr_words},
+    balancer::{Balancer, VipId},
     datapath::{Datapath, LoadOptions, Prog},
     maglev::Backend,
     packet::FrameSpec,

@@ -161,7 +161,7 @@ pub fn run() -> Result<ControlReport> {
     })
     .context("loading the datapath (needs root and bpf())")?;
     let mut lb = Balancer::new(&dp);
-    let mut marks = MarkManager::new(Box::new(EmulatedNic), desired.marks);
+    let mut marks = MarkManager::new(Box::new(EmulatedNic::new(&dp)?), desired.marks);
     reconcile::check_capacity(&lb, &desired).map_err(anyhow::Error::msg)?;
     let t = Instant::now();
     let report = reconcile::apply(&mut dp, &mut lb, &mut marks, &desired)?;
@@ -206,7 +206,10 @@ pub fn run() -> Result<ControlReport> {
         _pad: 0,
         ts_ns: 0,
     };
-    let mut per_flow = MarkManager::new(Box::new(EmulatedNic), policy(MarkScope::PerFlow, 65_535));
+    let mut per_flow = MarkManager::new(
+        Box::new(EmulatedNic::new(&dp)?),
+        policy(MarkScope::PerFlow, 65_535),
+    );
     let t = Instant::now();
     for i in 0..65_535 {
         per_flow.on_event(&mut dp, &event(i));
@@ -218,7 +221,10 @@ pub fn run() -> Result<ControlReport> {
 
     // RSS with 100k flow rules (per-real marks: 16-bit marks cap per-flow marks at 65,535).
     let rss_idle_mib = rss_mib().max(rss_start);
-    let mut per_real = MarkManager::new(Box::new(EmulatedNic), policy(MarkScope::PerReal, 65_535));
+    let mut per_real = MarkManager::new(
+        Box::new(EmulatedNic::new(&dp)?),
+        policy(MarkScope::PerReal, 65_535),
+    );
     for i in 0..RULES {
         per_real.on_event(&mut dp, &event(i));
     }
@@ -269,11 +275,12 @@ fn event_latency() -> Result<(f64, f64, usize)> {
 
     let mut consumer = Datapath::load(&opts)?;
     let mut reader = consumer.take_events().context("events")?;
+    let nic = EmulatedNic::new(&consumer)?;
     let done = Arc::new(AtomicBool::new(false));
     let stop = done.clone();
     let handle = std::thread::spawn(move || -> Vec<Duration> {
         use std::os::fd::AsRawFd;
-        let mut marks = MarkManager::new(Box::new(EmulatedNic), policy(MarkScope::PerFlow, 65_535));
+        let mut marks = MarkManager::new(Box::new(nic), policy(MarkScope::PerFlow, 65_535));
         let mut lat = Vec::new();
         let fd = reader.as_raw_fd();
         loop {

@@ -17,9 +17,9 @@ use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 use crate::{
     attach::{self, ModePref, PinLayout},
     balancer::Balancer,
-    datapath::{Datapath, LoadOptions, Prog},
+    datapath::{Datapath, LoadOptions},
     desired::{Desired, MarkPolicy},
-    marks::{EmulatedNic, MarkManager, NicMarks, NoNic},
+    marks::{self, HwBackendKind, MarkManager},
     metrics::Metrics,
     netlink::Netlink,
     offload, reconcile,
@@ -27,15 +27,6 @@ use crate::{
 };
 use marklb_common::{DEFAULT_CONN_TABLE_SIZE, DEFAULT_NIC_FLOWS, DEFAULT_RING_CAPACITY};
 use marklb_crds::{loadbalancer::LoadBalancerSpec, manifest::from_yaml_manifest};
-
-/// NIC acceleration backend.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum HwBackend {
-    /// The emulated NIC: an XDP program in front of the balancer marks known flows.
-    Emulated,
-    /// No NIC acceleration: every packet takes the normal path.
-    None,
-}
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct RunArgs {
@@ -46,9 +37,9 @@ pub struct RunArgs {
     /// Interface the XDP datapath attaches to (default: spec.interface).
     #[arg(long, value_name = "IFACE")]
     pub interface: Option<String>,
-    /// NIC flow-mark backend.
+    /// Hardware backend that marks packets of known flows.
     #[arg(long, value_enum, default_value = "emulated")]
-    pub hw_backend: HwBackend,
+    pub hw_backend: HwBackendKind,
     /// Address for /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:9464")]
     pub metrics_addr: SocketAddr,
@@ -276,15 +267,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
     } else {
         Balancer::new(&dp)
     };
-    let nic: Box<dyn NicMarks> = match args.hw_backend {
-        HwBackend::Emulated => Box::new(EmulatedNic),
-        HwBackend::None => Box::new(NoNic),
-    };
+    let selected = marks::select(args.hw_backend, &mut dp, &iface)
+        .with_context(|| format!("hardware backend {:?}", args.hw_backend))?;
+    let entry = selected.entry;
     let policy = first
         .as_ref()
         .map(|l| l.desired.marks)
         .unwrap_or_else(|_| default_policy());
-    let mut marks = MarkManager::new(nic, policy);
+    let mut marks = MarkManager::new(selected.backend, policy);
     if adopting {
         let n = marks.adopt(&mut dp)?;
         tracing::info!(
@@ -320,14 +310,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     agent.reload(true).await;
     let mut attached = {
         let mut s = shared.lock().expect("agent state lock");
-        let prog = match args.hw_backend {
-            HwBackend::Emulated => {
-                s.dp.chain_nic_to_balancer()?;
-                Prog::EmulatedNic
-            }
-            HwBackend::None => Prog::Balancer,
-        };
-        attach::attach(&mut s.dp, prog, &iface, &pins, args.xdp_mode)?
+        attach::attach(&mut s.dp, entry, &iface, &pins, args.xdp_mode)?
     };
     if let Ok(Some(x)) = agent.netlink.xdp_attachment(&iface).await {
         attached.mode = x.mode.to_string();

@@ -26,17 +26,15 @@ use aya::{
     },
 };
 use marklb_common::{
-    DecapCounter,
+    DecapCounter, addr_words,
     decap::{
         DECAP_ADDR_V4, DECAP_ADDR_V6, DECAP_F_DROP_FOREIGN, MAX_DECAP_ADDRS, decap_map_names as n,
         decap_prog_names,
     },
+    words_addr,
 };
 
-use crate::{
-    balancer::{addr_words, words_addr},
-    datapath::{DatapathError, Result, map_err, prog_err},
-};
+use crate::datapath::{DatapathError, Result, map_err, prog_err};
 
 /// The decapsulation object, built by build.rs from `ebpf/prog` (bin `marklb-decap`).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/marklb-decap"));

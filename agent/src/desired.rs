@@ -2,13 +2,12 @@
 
 use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
-use marklb_common::{CFG_F_ENABLED, CFG_F_EVENTS, CFG_F_ICMP_ECHO, CFG_F_ICMP_TOO_BIG, LbConfig};
+use marklb_common::{
+    CFG_F_ENABLED, CFG_F_EVENTS, CFG_F_ICMP_ECHO, CFG_F_ICMP_TOO_BIG, LbConfig, addr_words,
+};
 use marklb_crds::loadbalancer::{LoadBalancerSpec, MarkScope, TooBig};
 
-use crate::{
-    balancer::{VipId, addr_words},
-    maglev::Backend,
-};
+use crate::{balancer::VipId, maglev::Backend};
 
 /// One VIP as the datapath will serve it.
 #[derive(Clone, Debug, PartialEq, Eq)]

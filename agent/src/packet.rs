@@ -5,8 +5,6 @@ use std::net::IpAddr;
 use etherparse::PacketBuilder;
 use marklb_common::{FlowKey, IPPROTO_TCP, IPPROTO_UDP};
 
-use crate::balancer::addr_words;
-
 /// Transport of a crafted frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum L4 {
@@ -85,16 +83,10 @@ impl FrameSpec {
 
     /// The 5-tuple the datapath sees for this frame.
     pub fn flow(&self) -> FlowKey {
-        FlowKey {
-            src_be: addr_words(self.src),
-            dst_be: addr_words(self.dst),
-            sport_be: self.sport.to_be(),
-            dport_be: self.dport.to_be(),
-            proto: match self.l4 {
-                L4::Tcp { .. } => IPPROTO_TCP,
-                L4::Udp => IPPROTO_UDP,
-            },
-            _pad: [0; 3],
-        }
+        let proto = match self.l4 {
+            L4::Tcp { .. } => IPPROTO_TCP,
+            L4::Udp => IPPROTO_UDP,
+        };
+        FlowKey::new(self.src, self.sport, self.dst, self.dport, proto)
     }
 }

@@ -20,7 +20,7 @@ use std::{
 
 use etherparse::PacketBuilder;
 use marklb_agent::{
-    balancer::{Balancer, RetiringReal, VipId, addr_words, words_addr},
+    balancer::{Balancer, RetiringReal, VipId},
     datapath::{
         CounterSnapshot, Datapath, LoadOptions, Prog,
         testrun::{RunResult, XDP_DROP, XDP_PASS, XDP_TX},
@@ -31,8 +31,9 @@ use marklb_agent::{
 use marklb_common::{
     CFG_F_ENABLED, CFG_F_ICMP_ECHO, CFG_F_ICMP_TOO_BIG, Counter, FlowKey, IPPROTO_ICMP,
     IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, LbConfig, MarkEntry, REAL_F_IPV6, RealDef, VipKey,
-    VipMeta,
+    VipMeta, addr_words,
     hash::{encap_src_v4, encap_src_v6, flow_hash},
+    words_addr,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -102,6 +103,23 @@ pub fn pin_to_current_cpu() -> usize {
         );
         cpu as usize
     }
+}
+
+/// Seed of the random tests: `DATAPATH_FUZZ_SEED` when set (to replay a failure), else the
+/// clock; printed either way so every failure can be rerun.
+pub fn fuzz_seed() -> u64 {
+    let seed = std::env::var("DATAPATH_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    println!("fuzz seed {seed} (rerun with DATAPATH_FUZZ_SEED={seed})");
+    eprintln!("fuzz seed {seed} (rerun with DATAPATH_FUZZ_SEED={seed})");
+    seed
 }
 
 /// CLOCK_MONOTONIC in ns (the clock of `bpf_ktime_get_ns`).
@@ -791,14 +809,7 @@ pub struct L3L4 {
 
 impl L3L4 {
     pub fn flow(&self) -> FlowKey {
-        FlowKey {
-            src_be: addr_words(self.src),
-            dst_be: addr_words(self.dst),
-            sport_be: self.sport.to_be(),
-            dport_be: self.dport.to_be(),
-            proto: self.proto,
-            _pad: [0; 3],
-        }
+        FlowKey::new(self.src, self.sport, self.dst, self.dport, self.proto)
     }
 }
 
@@ -1054,14 +1065,13 @@ impl Model {
             IPPROTO_ICMPV6 if v6 => return self.classify_icmp(f, v6, ip_len, dst),
             _ => return pass(PassNotVip),
         }
-        let flow = FlowKey {
-            src_be: src,
-            dst_be: dst,
-            sport_be: be16(f, l4).to_be(),
-            dport_be: be16(f, l4 + 2).to_be(),
+        let flow = FlowKey::new(
+            words_addr(&src, v6),
+            be16(f, l4),
+            words_addr(&dst, v6),
+            be16(f, l4 + 2),
             proto,
-            _pad: [0; 3],
-        };
+        );
         let pick = match self.ring_pick(&flow) {
             Ok(p) => p,
             Err(PassNotVip) => return pass(PassNotVip),
@@ -1125,18 +1135,14 @@ impl Model {
             return drop(DropMalformed);
         }
         let (qsrc, qdst, qproto) = if v6 {
-            (
-                addr_words(addr_at(f, q + 8, true)),
-                addr_words(addr_at(f, q + 24, true)),
-                f[q + 6],
-            )
+            (addr_at(f, q + 8, true), addr_at(f, q + 24, true), f[q + 6])
         } else {
             if f[q] != 0x45 {
                 return drop(DropUnsupported);
             }
             (
-                addr_words(addr_at(f, q + 12, false)),
-                addr_words(addr_at(f, q + 16, false)),
+                addr_at(f, q + 12, false),
+                addr_at(f, q + 16, false),
                 f[q + 9],
             )
         };
@@ -1146,14 +1152,8 @@ impl Model {
         if q + hl + 4 > end {
             return drop(DropMalformed);
         }
-        let flow = FlowKey {
-            src_be: qdst,
-            dst_be: qsrc,
-            sport_be: be16(f, q + hl + 2).to_be(),
-            dport_be: be16(f, q + hl).to_be(),
-            proto: qproto,
-            _pad: [0; 3],
-        };
+        // The quoted packet runs VIP -> client: its flow is the quote reversed.
+        let flow = FlowKey::new(qdst, be16(f, q + hl + 2), qsrc, be16(f, q + hl), qproto);
         let pick = match self.ring_pick(&flow) {
             Ok(p) => p,
             Err(PassNotVip) => return pass(PassNotVip),
@@ -1522,6 +1522,47 @@ pub fn check_too_big(input: &[u8], out: &[u8], mtu: u32) -> Result<(), String> {
         ensure!(
             etherparse_icmpv4_ok(&out[34..]),
             "ICMP checksum rejected by etherparse"
+        );
+    }
+    Ok(())
+}
+
+/// Strict checksum validity of a frame the balancer built itself (an echo reply or a
+/// too-big error): the IPv4 header and the ICMP / ICMPv6 message must each verify, by this
+/// file's RFC 1071 code and by etherparse's.
+pub fn reply_checksums_valid(out: &[u8]) -> Result<(), String> {
+    if be16(out, 12) == 0x86dd {
+        let plen = be16(out, 18) as usize;
+        ensure!(out.len() >= 54 + plen, "IPv6 payload beyond the frame");
+        let msg = &out[54..54 + plen];
+        ensure!(
+            sums_to_ones(
+                msg,
+                ipv6_pseudo(&out[22..38], &out[38..54], plen as u32, 58)
+            ),
+            "ICMPv6 checksum {:#06x} invalid",
+            be16(msg, 2)
+        );
+        ensure!(
+            etherparse_icmpv6_ok(&out[14..]),
+            "etherparse: ICMPv6 checksum"
+        );
+    } else {
+        ensure!(
+            ipv4_header_valid(&out[14..34]),
+            "IPv4 header checksum {:#06x} invalid",
+            be16(out, 24)
+        );
+        let tot = be16(out, 16) as usize;
+        ensure!(out.len() >= 14 + tot, "IPv4 packet beyond the frame");
+        ensure!(
+            sums_to_ones(&out[34..14 + tot], 0),
+            "ICMP checksum {:#06x} invalid",
+            be16(out, 36)
+        );
+        ensure!(
+            etherparse_icmpv4_ok(&out[34..14 + tot]),
+            "etherparse: ICMP checksum"
         );
     }
     Ok(())

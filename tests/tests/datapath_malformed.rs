@@ -417,21 +417,6 @@ fn inconsistent_lengths_are_dropped() {
 // Random and mutated frames
 // ---------------------------------------------------------------------------------------
 
-fn fuzz_seed() -> u64 {
-    let seed = std::env::var("DATAPATH_FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    println!("fuzz seed {seed} (rerun with DATAPATH_FUZZ_SEED={seed})");
-    eprintln!("fuzz seed {seed} (rerun with DATAPATH_FUZZ_SEED={seed})");
-    seed
-}
-
 #[derive(Default)]
 struct Tally {
     runs: u64,

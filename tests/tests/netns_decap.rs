@@ -23,7 +23,7 @@ use std::{
 
 use aya::programs::XdpMode;
 use marklb_agent::{
-    balancer::{Balancer, VipId, addr_words},
+    balancer::{Balancer, VipId},
     datapath::{Datapath, LoadOptions, Prog},
     decap::{Attached, Decap, DecapArgs, DecapMode, TcApi, interface_addrs, run_until},
     maglev::Backend,
@@ -144,14 +144,7 @@ fn setup(reals: usize, attach_decaps: bool) -> Setup {
 }
 
 fn flow_key(local: SocketAddr, vip: SocketAddr, proto: u8) -> FlowKey {
-    FlowKey {
-        src_be: addr_words(local.ip()),
-        dst_be: addr_words(vip.ip()),
-        sport_be: local.port().to_be(),
-        dport_be: vip.port().to_be(),
-        proto,
-        _pad: [0; 3],
-    }
+    FlowKey::new(local.ip(), local.port(), vip.ip(), vip.port(), proto)
 }
 
 /// The balancer sent this flow to the real named `real`.

@@ -77,7 +77,8 @@ impl Node {
             .expect("config");
         dp.chain_nic_to_balancer().expect("chain");
         let lb = Balancer::new(&dp);
-        let marks = MarkManager::new(Box::new(EmulatedNic), desired.marks);
+        let nic = EmulatedNic::new(&dp).expect("emulated NIC");
+        let marks = MarkManager::new(Box::new(nic), desired.marks);
         let mut n = Self { dp, lb, marks };
         n.apply(desired);
         n

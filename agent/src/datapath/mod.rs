@@ -2,11 +2,13 @@
 //! map. This is the only code that touches aya maps; everything above it speaks in
 //! VIPs, reals, rings and marks.
 
+mod handles;
 mod loader;
 mod maps;
 mod rings;
 pub mod testrun;
 
+pub use handles::{NicFlowTable, StatsReader};
 pub use loader::{Datapath, LoadOptions, Prog};
 pub use maps::{CounterSnapshot, EventReader};
 pub use rings::RingStore;

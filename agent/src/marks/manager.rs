@@ -16,7 +16,7 @@ use std::{
 use marklb_common::{FlowKey, MAX_MARKS, MarkEntry, NewFlowEvent};
 use marklb_crds::loadbalancer::MarkScope;
 
-use super::{NicError, NicMarks};
+use super::{HwBackend, HwBackendError};
 use crate::{datapath::Datapath, desired::MarkPolicy};
 
 /// Where a mark sends packets.
@@ -57,7 +57,7 @@ pub struct MarkStats {
 
 pub struct MarkManager {
     policy: MarkPolicy,
-    nic: Box<dyn NicMarks>,
+    nic: Box<dyn HwBackend>,
     free: Vec<u32>,
     marks: HashMap<u32, MarkUse>,
     flows: HashMap<FlowKey, FlowRule>,
@@ -67,7 +67,7 @@ pub struct MarkManager {
 }
 
 impl MarkManager {
-    pub fn new(nic: Box<dyn NicMarks>, policy: MarkPolicy) -> Self {
+    pub fn new(nic: Box<dyn HwBackend>, policy: MarkPolicy) -> Self {
         let mut m = Self {
             policy,
             nic,
@@ -103,6 +103,11 @@ impl MarkManager {
         self.nic.name()
     }
 
+    /// Whether installed marks really reach packets (a NIC or the emulated NIC).
+    pub fn offloaded(&self) -> bool {
+        self.nic.offloaded()
+    }
+
     pub fn capacity(&self) -> u32 {
         self.limit()
     }
@@ -113,6 +118,15 @@ impl MarkManager {
 
     pub fn rules(&self) -> usize {
         self.flows.len()
+    }
+
+    /// Marks in use per VIP stats slot (status attributes marks to their LoadBalancer).
+    pub fn in_use_by_vip(&self) -> HashMap<u32, u32> {
+        let mut by_vip = HashMap::new();
+        for u in self.marks.values() {
+            *by_vip.entry(u.target.vip_id).or_insert(0) += 1;
+        }
+        by_vip
     }
 
     pub fn policy(&self) -> MarkPolicy {
@@ -170,7 +184,7 @@ impl MarkManager {
                 return None;
             }
         };
-        match self.nic.install(dp, &ev.flow, mark) {
+        match self.nic.install(&ev.flow, mark) {
             Ok(()) => {
                 self.marks.get_mut(&mark).expect("mark allocated").flows += 1;
                 self.flows.insert(
@@ -249,7 +263,7 @@ impl MarkManager {
         let Some(rule) = self.flows.remove(flow) else {
             return;
         };
-        if let Err(e) = self.nic.remove(dp, flow) {
+        if let Err(e) = self.nic.remove(flow) {
             tracing::warn!(error = %e, "removing a NIC rule failed");
         }
         if let Some(u) = self.marks.get_mut(&rule.mark) {
@@ -259,8 +273,8 @@ impl MarkManager {
     }
 
     /// Removes rules whose flows saw no packet for the idle timeout. Returns how many.
-    pub fn age(&mut self, dp: &mut Datapath) -> Result<usize, NicError> {
-        let hits = self.nic.hits(dp)?;
+    pub fn age(&mut self, dp: &mut Datapath) -> Result<usize, HwBackendError> {
+        let hits = self.nic.hits()?;
         let now = Instant::now();
         let mut idle = Vec::new();
         for (flow, rule) in self.flows.iter_mut() {
@@ -328,10 +342,10 @@ impl MarkManager {
 
     /// Rebuilds the state from what a previous agent left: the NIC's rules and the mark
     /// map. Rules whose mark is unknown or stale are removed.
-    pub fn adopt(&mut self, dp: &mut Datapath) -> Result<usize, NicError> {
-        let rules = self.nic.rules(dp)?;
+    pub fn adopt(&mut self, dp: &mut Datapath) -> Result<usize, HwBackendError> {
+        let rules = self.nic.rules()?;
         let now = Instant::now();
-        let hits = self.nic.hits(dp)?;
+        let hits = self.nic.hits()?;
         let mut adopted = 0;
         for (flow, mark) in rules {
             let entry = dp.mark(mark).ok().filter(|e| e.real_id != 0);
@@ -342,7 +356,7 @@ impl MarkManager {
                     .map(|_| e)
             });
             let Some(e) = live.filter(|_| mark <= self.limit()) else {
-                let _ = self.nic.remove(dp, &flow);
+                let _ = self.nic.remove(&flow);
                 continue;
             };
             let target = Target {

@@ -1,6 +1,10 @@
 // SPDX-License-Identifier: GPL-2.0 OR MIT
 //! Flows, established connections and flow marks.
 
+use core::net::IpAddr;
+
+use crate::addr::addr_words;
+
 /// A connection's 5-tuple. IPv4 addresses use word 0 only, the other words are zero.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -17,6 +21,20 @@ pub struct FlowKey {
     pub _pad: [u8; 3],
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+
+impl FlowKey {
+    /// The 5-tuple of a packet from `src:sport` to `dst:dport` (ports in host order).
+    pub fn new(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, proto: u8) -> Self {
+        Self {
+            src_be: addr_words(src),
+            dst_be: addr_words(dst),
+            sport_be: sport.to_be(),
+            dport_be: dport.to_be(),
+            proto,
+            _pad: [0; 3],
+        }
+    }
+}
 
 /// Value of the connection table: the real an established flow was sent to, and its VIP,
 /// so an established packet needs no VIP lookup (the VIP's generation proves it is

@@ -78,14 +78,8 @@ mod tests {
     use std::collections::HashSet;
 
     fn key(src: u32, sport: u16) -> FlowKey {
-        FlowKey {
-            src_be: [src.to_be(), 0, 0, 0],
-            dst_be: [0x0a00_0001u32.to_be(), 0, 0, 0],
-            sport_be: sport.to_be(),
-            dport_be: 80u16.to_be(),
-            proto: 6,
-            _pad: [0; 3],
-        }
+        let v4 = |a: u32| core::net::IpAddr::from(a.to_be_bytes());
+        FlowKey::new(v4(src), sport, v4(0x0a00_0001), 80, 6)
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! order (`_be` in field docs) because the datapath copies them straight from packets.
 #![no_std]
 
+pub mod addr;
 pub mod config;
 pub mod consts;
 pub mod counters;
@@ -17,6 +18,7 @@ pub mod real;
 pub mod stats;
 pub mod vip;
 
+pub use addr::{addr_words, words_addr};
 pub use config::*;
 pub use consts::*;
 pub use counters::Counter;

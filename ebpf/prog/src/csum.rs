@@ -39,8 +39,12 @@ fn fold_u32(v: u32) -> u32 {
     (v & 0xffff) + (v >> 16)
 }
 
-/// RFC 1624 incremental update: the checksum after one 16-bit word changes `old` -> `new`
-/// (all values as loaded from the packet).
+/// RFC 1624 incremental update (its equation 3): the checksum after one 16-bit word
+/// changes `old` -> `new` (all values as loaded from the packet). The result is what a
+/// full computation gives (0x0000 rather than 0xffff for data summing to -0), except for
+/// data that is all zero, whose checksum is 0xffff: only the caller can tell that case
+/// (it returns 0x0000 then), and it matters only where all-zero data is possible (an ICMP
+/// echo reply with identifier 0, sequence 0 and no data; never an IP header).
 #[inline(always)]
 pub fn replace16(check: u16, old: u16, new: u16) -> u16 {
     let sum = (!check) as u64 + (!old) as u64 + new as u64;

@@ -17,9 +17,9 @@ use crate::{
     csum,
     encap::{self, Inner},
     hdr::*,
-    lb::{drop, established, ring_pick, vip_lookup},
     parse::{Parsed, frame_len, ptr_at},
-    stats::{account, count},
+    pick::{established, ring_pick, vip_lookup},
+    stats::{account, count, drop},
 };
 
 /// ICMP packet addressed to a VIP address.
@@ -33,14 +33,14 @@ pub fn handle(ctx: &XdpContext, cfg: &LbConfig, p: &Parsed) -> u32 {
     let echo = cfg.flags & CFG_F_ICMP_ECHO != 0;
     if p.v6 {
         if kind == ICMPV6_ECHO_REQUEST && echo {
-            return echo_reply(ctx, true);
+            return echo_reply(ctx, p);
         }
         if kind == ICMPV6_PKT_TOO_BIG {
             return forward_too_big(ctx, cfg, p, l4 + 8);
         }
     } else {
         if kind == ICMP_ECHO_REQUEST && echo {
-            return echo_reply(ctx, false);
+            return echo_reply(ctx, p);
         }
         if kind == ICMP_DEST_UNREACH && code == ICMP_FRAG_NEEDED {
             return forward_too_big(ctx, cfg, p, l4 + 8);
@@ -65,9 +65,44 @@ fn swap_macs(ctx: &XdpContext) -> bool {
     true
 }
 
+/// Largest ICMP echo payload checked for the all-zero case: more than any XDP frame holds.
+const ZERO_SCAN_MAX: usize = 4096;
+
+/// True if the bytes `from..to` of the frame are all zero (false beyond `ZERO_SCAN_MAX`).
+#[inline(always)]
+fn all_zero(ctx: &XdpContext, from: usize, to: usize) -> bool {
+    let mut off = from;
+    let mut i = 0;
+    while i < ZERO_SCAN_MAX / 8 {
+        if off + 8 > to {
+            break;
+        }
+        match ptr_at::<u64>(ctx, off) {
+            Some(w) if unsafe { core::ptr::read_unaligned(w) } == 0 => {}
+            _ => return false,
+        }
+        off += 8;
+        i += 1;
+    }
+    let mut j = 0;
+    while j < 8 {
+        if off >= to {
+            return true;
+        }
+        match ptr_at::<u8>(ctx, off) {
+            Some(b) if unsafe { *b } == 0 => {}
+            _ => return false,
+        }
+        off += 1;
+        j += 1;
+    }
+    off >= to
+}
+
 /// Turns an echo request into the reply in place and sends it back.
 #[inline(always)]
-fn echo_reply(ctx: &XdpContext, v6: bool) -> u32 {
+fn echo_reply(ctx: &XdpContext, p: &Parsed) -> u32 {
+    let v6 = p.v6;
     if !swap_macs(ctx) {
         return drop(Counter::DropMalformed);
     }
@@ -109,7 +144,18 @@ fn echo_reply(ctx: &XdpContext, v6: bool) -> u32 {
         };
         let new = core::ptr::read_unaligned(word);
         // The ICMPv6 pseudo-header is unchanged: swapping addresses keeps their sum.
-        (*icmp).check = csum::replace16((*icmp).check, old, new);
+        let mut check = csum::replace16((*icmp).check, old, new);
+        // An IPv4 reply with identifier 0, sequence 0 and only zero data is all zero: its
+        // checksum is 0xffff, not the 0x0000 of the incremental update (a receiver sums
+        // 0 + 0x0000 = 0 and drops it). IPv6 has a non-zero pseudo-header.
+        if check == 0
+            && !v6
+            && (*icmp).rest == [0, 0]
+            && all_zero(ctx, l4 + 8, ETH_HLEN + p.ip_len as usize)
+        {
+            check = 0xffff;
+        }
+        (*icmp).check = check;
     }
     count(Counter::IcmpEchoReply);
     xdp_action::XDP_TX

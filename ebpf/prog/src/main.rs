@@ -17,6 +17,7 @@ mod maps;
 mod mark;
 mod nic;
 mod parse;
+mod pick;
 mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0 OR MIT
 //! Counter updates. Per-CPU arrays: no atomics needed, user space sums at read time.
 
+use aya_ebpf::bindings::xdp_action;
 use marklb_common::Counter;
 
 use crate::maps::{COUNTERS, REAL_STATS, VIP_STATS};
@@ -27,4 +28,18 @@ pub fn account(vip_id: u32, real_id: u32, bytes: u64) {
             (*s).bytes += bytes;
         }
     }
+}
+
+/// Counts `c` and passes the packet to the stack.
+#[inline(always)]
+pub fn pass(c: Counter) -> u32 {
+    count(c);
+    xdp_action::XDP_PASS
+}
+
+/// Counts `c` and drops the packet.
+#[inline(always)]
+pub fn drop(c: Counter) -> u32 {
+    count(c);
+    xdp_action::XDP_DROP
 }

@@ -1,0 +1,101 @@
+// SPDX-License-Identifier: GPL-2.0 OR MIT
+//! Choosing the real of a flow: the VIP lookup, the connection table (established flows)
+//! and the VIP's Maglev ring (new flows). No packet access here: the normal path and the
+//! ICMP code both call in with a flow they parsed.
+
+use marklb_common::{ConnEntry, Counter, FlowKey, RealDef, VipKey, VipMeta, hash::flow_hash};
+
+use crate::maps::{CONN_TABLE, REALS, RINGS, VIP_GENS, VIPS};
+
+/// The VIP serving `flow`: an exact (address, port, protocol) entry, else the address's
+/// all-ports entry.
+#[inline(always)]
+pub fn vip_lookup(flow: &FlowKey) -> Option<&'static VipMeta> {
+    let mut key = VipKey {
+        addr_be: flow.dst_be,
+        port_be: flow.dport_be,
+        proto: flow.proto,
+        _pad: 0,
+    };
+    if let Some(m) = unsafe { VIPS.get(key) } {
+        return Some(m);
+    }
+    key.port_be = 0;
+    unsafe { VIPS.get(key) }
+}
+
+/// A real chosen for a flow.
+pub struct Pick {
+    pub real_id: u32,
+    pub real: &'static RealDef,
+    /// Stats slot of the VIP.
+    pub vip_id: u32,
+    /// Chosen from the Maglev ring (a new flow) rather than the connection table.
+    pub new: bool,
+}
+
+/// The real a live slot holds, if the slot is in use.
+#[inline(always)]
+fn live_real(real_id: u32) -> Option<&'static RealDef> {
+    if real_id == 0 {
+        return None;
+    }
+    match REALS.get(real_id) {
+        Some(r) if r.generation != 0 => Some(r),
+        _ => None,
+    }
+}
+
+/// An established flow: the connection table names its real and VIP. No VIP lookup is
+/// needed; an entry whose real or VIP has left (generation changed) does not count.
+#[inline(always)]
+pub fn established(flow: &FlowKey) -> Option<Pick> {
+    let c = unsafe { CONN_TABLE.get(flow) }?;
+    let real = live_real(c.real_id)?;
+    if real.generation != c.real_gen {
+        return None;
+    }
+    match VIP_GENS.get(c.vip_id) {
+        Some(&g) if g != 0 && g == c.vip_gen => {}
+        _ => return None,
+    }
+    Some(Pick {
+        real_id: c.real_id,
+        real,
+        vip_id: c.vip_id,
+        new: false,
+    })
+}
+
+/// A new flow: the VIP's Maglev ring chooses; `learn` records the choice in the
+/// connection table.
+#[inline(always)]
+pub fn ring_pick(flow: &FlowKey, vip: &VipMeta, learn: bool) -> Result<Pick, Counter> {
+    if vip.ring_size == 0 {
+        return Err(Counter::DropNoReal);
+    }
+    let idx = vip.ring_off.wrapping_add(flow_hash(flow) % vip.ring_size);
+    let Some(&pair) = RINGS.get(idx >> 1) else {
+        return Err(Counter::DropNoReal);
+    };
+    let real_id = (pair >> ((idx & 1) << 5)) as u32;
+    let Some(real) = live_real(real_id) else {
+        return Err(Counter::DropNoReal);
+    };
+    if learn {
+        let entry = ConnEntry {
+            real_id,
+            real_gen: real.generation,
+            vip_id: vip.vip_id,
+            vip_gen: vip.generation,
+        };
+        // Failure only means the flow is picked from the ring again next time.
+        let _ = CONN_TABLE.insert(flow, &entry, 0);
+    }
+    Ok(Pick {
+        real_id,
+        real,
+        vip_id: vip.vip_id,
+        new: true,
+    })
+}
