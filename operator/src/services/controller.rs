@@ -254,6 +254,8 @@ async fn allocate_and_record(
         message: "released".into(),
     };
     let mut pools = ctx.pools();
+    // Whether `pools` holds the changing pools as just read from the API server.
+    let mut read_fresh = false;
     for _attempt in 0..LEDGER_ATTEMPTS {
         let outcome = decide(&pools);
         let recorded = match (&outcome, req) {
@@ -272,11 +274,13 @@ async fn allocate_and_record(
         // version read. Claims are written before releases (a Service moving between pools
         // never holds nothing in between).
         let mut fresh = pools.clone();
-        for name in &changes {
-            let stored = apply::get_pool(&ctx.client, name).await?;
-            fresh.retain(|p| &p.name_any() != name);
-            if let Some(p) = stored {
-                fresh.push(Arc::new(p));
+        if !read_fresh {
+            for name in &changes {
+                let stored = apply::get_pool(&ctx.client, name).await?;
+                fresh.retain(|p| &p.name_any() != name);
+                if let Some(p) = stored {
+                    fresh.push(Arc::new(p));
+                }
             }
         }
         let outcome = decide(&fresh);
@@ -330,13 +334,15 @@ async fn allocate_and_record(
             return Ok(outcome.unwrap_or_else(|| Err(released())));
         }
         debug!(service = %id.key(), "a pool changed under us; reading it again");
-        // Everything read fresh next round.
-        pools = Vec::new();
-        for p in ctx.pools() {
-            if let Some(stored) = apply::get_pool(&ctx.client, &p.name_any()).await? {
-                pools.push(Arc::new(stored));
+        pools = fresh;
+        for name in &changes {
+            let stored = apply::get_pool(&ctx.client, name).await?;
+            pools.retain(|p| &p.name_any() != name);
+            if let Some(p) = stored {
+                pools.push(Arc::new(p));
             }
         }
+        read_fresh = true;
     }
     Err(Error::Kube(kube::Error::Api(
         kube::core::Status::failure(
