@@ -78,7 +78,9 @@ pub struct Context {
     pub caches: Caches,
     recorder: Recorder,
     failures: Mutex<HashMap<String, u32>>,
-    last_decap: Mutex<Option<DaemonSet>>,
+    /// The decapsulator DaemonSet as last applied; held across the apply, so concurrent
+    /// reconciles after a start apply it once.
+    last_decap: tokio::sync::Mutex<Option<DaemonSet>>,
     caches_filled: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -107,7 +109,7 @@ impl Context {
             metrics,
             caches,
             failures: Mutex::default(),
-            last_decap: Mutex::default(),
+            last_decap: tokio::sync::Mutex::default(),
             caches_filled,
         }
     }
@@ -203,13 +205,13 @@ impl Context {
             return Ok(());
         }
         let ds = desired::decap_daemonset(&self.settings.namespace, &self.settings.agent);
-        let last = self.last_decap.lock().unwrap().clone();
+        let mut last = self.last_decap.lock().await;
         if !crate::apply::daemonset_needs_write(&ds, last.as_ref())? {
             return Ok(());
         }
         let stored = apply::apply_daemonset(&self.client, &self.metrics, &ds).await?;
         info!(namespace = %self.settings.namespace, "applied the decapsulator DaemonSet");
-        *self.last_decap.lock().unwrap() = Some(stored);
+        *last = Some(stored);
         Ok(())
     }
 }

@@ -133,9 +133,10 @@ pub fn local_endpoints<'a>(
                 .and_then(|n| n.as_str())
                 .filter(|n| known.contains(n))
                 .or_else(|| {
+                    // The hostname label is usually the node's name; kubelet sets it.
                     e.pointer("/topology/kubernetes.io~1hostname")
                         .and_then(|h| h.as_str())
-                        .and_then(|h| by_hostname.get(h).copied())
+                        .and_then(|h| by_hostname.get(h).copied().or(known.get(h).copied()))
                 });
             // One endpoint is one pod, whatever its number of addresses.
             let count = u32::from(
