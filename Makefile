@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: help setup setup-base demo test lint fmt clippy unit bench crdgen clean image cluster-up cluster-down
+.PHONY: help setup setup-base demo test lint fmt clippy lint-scripts unit bench crdgen clean image cluster-up cluster-down
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -23,7 +23,7 @@ test: setup lint ## Everything CI runs: formatting, clippy, all tests (root)
 	$(CARGO) build -p marklb-agent --bins  # the end-to-end tests run the agent binary
 	$(CARGO) test --no-fail-fast
 
-lint: fmt clippy ## Formatting and clippy with warnings denied
+lint: fmt clippy lint-scripts ## Formatting, clippy with warnings denied, shellcheck over scripts/
 
 fmt:
 	$(CARGO) fmt --all -- --check
@@ -31,6 +31,9 @@ fmt:
 clippy:
 	$(CARGO) clippy --all-targets -- -D warnings
 	cd ebpf/prog && $(CARGO) +nightly clippy --target bpfel-unknown-none -Z build-std=core -- -D warnings
+
+lint-scripts:
+	bash scripts/lint.sh
 
 bench: ## Datapath benchmark (ns/packet per path, BPF_PROG_TEST_RUN; root)
 	$(CARGO) build --release -p marklb-agent

@@ -2,6 +2,8 @@
 # Installs everything a fresh Debian (bookworm) machine lacks to build and test marklb.
 # Idempotent and quick when everything is already present: each step checks first.
 set -euo pipefail
+# shellcheck source=lib/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 
 log() { printf '[setup] %s\n' "$*"; }
 
@@ -12,11 +14,13 @@ APT_PACKAGES=(
   iproute2 ethtool iputils-ping netcat-openbsd procps
   # metrics checks
   prometheus
+  # the lint step checks scripts/
+  shellcheck
 )
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  output_has 'install ok installed' dpkg-query -W -f="\${Status}" "$p" 2>/dev/null || missing+=("$p")
 done
 if ((${#missing[@]})); then
   log "apt-get install ${missing[*]}"
@@ -29,22 +33,22 @@ fi
 
 export PATH="$HOME/.cargo/bin:$PATH"
 
-if ! rustup toolchain list | grep -q '^nightly'; then
+if ! output_has '^nightly' rustup toolchain list; then
   log "rustup toolchain install nightly"
   rustup toolchain install nightly --profile minimal
 fi
 # rust-src: -Z build-std=core for bpfel-unknown-none; clippy: the eBPF crate's lint pass.
 for c in rust-src clippy; do
-  if ! rustup component list --toolchain nightly --installed | grep -q "^$c"; then
+  if ! output_has "^$c" rustup component list --toolchain nightly --installed; then
     log "rustup component add $c (nightly)"
     rustup component add "$c" --toolchain nightly
   fi
 done
 for c in rustfmt clippy; do
-  rustup component list --installed | grep -q "^$c" || rustup component add "$c"
+  output_has "^$c" rustup component list --installed || rustup component add "$c"
 done
 
-if ! command -v bpf-linker >/dev/null || ! bpf-linker --version 2>/dev/null | grep -q '0\.13'; then
+if ! command -v bpf-linker >/dev/null || ! output_has '0\.13' bpf-linker --version 2>/dev/null; then
   log "cargo install bpf-linker 0.13 (LLVM 22)"
   LLVM_PREFIX=/usr/lib/llvm-22 LLVM_SYS_221_PREFIX=/usr/lib/llvm-22 \
     cargo install bpf-linker --version '^0.13' --locked --no-default-features --features llvm-22

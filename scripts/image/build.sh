@@ -19,6 +19,8 @@
 # a no-op rebuild takes a few seconds).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+# shellcheck source=../lib/common.sh
+. "$ROOT/scripts/lib/common.sh"
 cd "$ROOT"
 export PATH="$HOME/.cargo/bin:$PATH"
 CARGO=${CARGO:-cargo}
@@ -32,7 +34,7 @@ flock 8
 
 log() { printf '[image] %s\n' "$*" >&2; }
 
-if ! rustup target list --installed 2>/dev/null | grep -qx "$TRIPLE"; then
+if ! output_has "^$TRIPLE\$" rustup target list --installed 2>/dev/null; then
   log "rustup target add $TRIPLE"
   rustup target add "$TRIPLE" >&2
 fi

@@ -9,15 +9,11 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "$HERE/lib.sh"
 
 ROOT_PKG=golang-k8s-apiextensions-apiserver-dev
-OUT=$1
-W=$2
+OUT=${1:?usage: build-apiext.sh OUTDIR WORKDIR}
+W=${2:?usage: build-apiext.sh OUTDIR WORKDIR}
 mkdir -p "$OUT" "$W"
 
-papt_setup sid "deb [signed-by=$KEYRING] $DEBIAN_MIRROR sid main"
-if ! papt_update sid; then
-  echo "sid at $DEBIAN_MIRROR cannot be reached (apt-get update failed)" >&2
-  exit 3
-fi
+papt_suite sid || exit 3
 ver=$(papt sid apt-cache show "$ROOT_PKG" 2>/dev/null | sed -n 's/^Version: //p' | sort -V | tail -1)
 if [[ -z $ver ]]; then
   echo "$ROOT_PKG is not in sid on $DEBIAN_MIRROR" >&2
@@ -32,11 +28,7 @@ mapfile -t pkgs < <(papt sid apt-cache depends --recurse --no-recommends --no-su
 log "fetching $ROOT_PKG $ver and ${#pkgs[@]} Go packages (sid)"
 rm -rf "$W/debs" "$W/root" "$W/gopath"
 mkdir -p "$W/debs" "$W/root"
-if ! (cd "$W/debs" && papt sid apt-get -q download "${pkgs[@]}" >/dev/null 2>"$W/debs.err"); then
-  tail -3 "$W/debs.err" >&2
-  echo "apt-get download of sid's Go packages failed" >&2
-  exit 3
-fi
+papt_download sid "$W/debs" "${pkgs[@]}" || exit 3
 log "unpacking"
 for deb in "$W"/debs/*.deb; do dpkg -x "$deb" "$W/root"; done
 
@@ -48,7 +40,7 @@ mkdir -p "$GOPATH/src/marklb.io"
 rm -rf "$GOPATH/src/marklb.io/apiextensions-server"
 cp -r "$HERE/apiextensions-server" "$GOPATH/src/marklb.io/"
 export GOPATH="$GOPATH:$W/root/usr/share/gocode"
-export GOROOT PATH="$GOROOT/bin:$PATH" GO111MODULE=off CGO_ENABLED=0 GOFLAGS= \
+export GOROOT PATH="$GOROOT/bin:$PATH" GO111MODULE=off CGO_ENABLED=0 GOFLAGS='' \
   GOCACHE=$W/gocache GOTOOLCHAIN=local GOPROXY=off
 
 # The Go libraries 0.N.P are Kubernetes 1.N.P: the server says v1.N.P (as kube-apiserver would).
@@ -68,5 +60,5 @@ mkdir -p "$OUT/bin.new"
 (cd "${GOPATH%%:*}/src/marklb.io/apiextensions-server" &&
   go build -trimpath -ldflags "${ldflags[*]}" -o "$OUT/bin.new/apiextensions-apiserver" .) \
   >"$W/build.log" 2>&1 || { tail -40 "$W/build.log" >&2; exit 1; }
-rm -rf "$OUT/bin"
+rm -rf "${OUT:?}/bin"
 mv "$OUT/bin.new" "$OUT/bin"

@@ -8,25 +8,18 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=lib.sh
 . "$HERE/lib.sh"
 
-OUT=$1
-W=$2
-papt_setup bookworm \
-  "deb [signed-by=$KEYRING] $DEBIAN_MIRROR bookworm main" \
-  "deb-src [signed-by=$KEYRING] $DEBIAN_MIRROR bookworm main"
-if ! papt_update bookworm; then
-  echo "bookworm at $DEBIAN_MIRROR cannot be reached (apt-get update failed)" >&2
-  exit 3
-fi
+OUT=${1:?usage: build-etcd.sh OUTDIR WORKDIR}
+W=${2:?usage: build-etcd.sh OUTDIR WORKDIR}
+papt_suite bookworm || exit 3
 rm -rf "$W"
-mkdir -p "$W/debs" "$OUT"
-if ! (cd "$W/debs" && papt bookworm apt-get -q download etcd-server/bookworm >/dev/null 2>"$W/debs.err"); then
-  tail -3 "$W/debs.err" >&2
-  echo "apt-get download etcd-server (bookworm) failed" >&2
-  exit 3
-fi
+mkdir -p "$OUT"
+papt_download bookworm "$W/debs" etcd-server || exit 3
 dpkg -x "$W"/debs/etcd-server_*.deb "$W/root"
 dpkg-deb -f "$W"/debs/etcd-server_*.deb Version >"$OUT/SOURCE_VERSION"
-rm -rf "$OUT/bin"
-mkdir -p "$OUT/bin"
-cp "$W/root/usr/bin/etcd" "$OUT/bin/etcd"
-"$OUT/bin/etcd" --version | head -1 >&2
+rm -rf "$OUT/bin.new"
+mkdir -p "$OUT/bin.new"
+cp "$W/root/usr/bin/etcd" "$OUT/bin.new/etcd"
+# The binary must run here (`etcd --version` prints several lines: read them all, see lib/common.sh).
+first_line "$OUT/bin.new/etcd" --version >&2
+rm -rf "${OUT:?}/bin"
+mv "$OUT/bin.new" "$OUT/bin"

@@ -15,17 +15,11 @@ KUBE_VERSION=v1.20.2
 SRC_UPSTREAM='1.20.5+really1.20.2'
 GO_PKGS=(golang-1.19-go golang-1.19-src golang-github-modern-go-reflect2-dev)
 
-OUT=$1
-W=$2
+OUT=${1:?usage: build-kube.sh OUTDIR WORKDIR}
+W=${2:?usage: build-kube.sh OUTDIR WORKDIR}
 mkdir -p "$OUT" "$W"
 
-papt_setup bookworm \
-  "deb [signed-by=$KEYRING] $DEBIAN_MIRROR bookworm main" \
-  "deb-src [signed-by=$KEYRING] $DEBIAN_MIRROR bookworm main"
-if ! papt_update bookworm; then
-  echo "bookworm (deb + deb-src) at $DEBIAN_MIRROR cannot be reached (apt-get update failed)" >&2
-  exit 3
-fi
+papt_suite bookworm || exit 3
 
 srcver=$(papt bookworm apt-cache showsrc kubernetes 2>/dev/null | sed -n 's/^Version: //p' | sort -V | tail -1)
 if [[ -z $srcver ]]; then
@@ -46,17 +40,13 @@ if ! (cd "$W/src" && papt bookworm apt-get -q source --download-only "kubernetes
   echo "apt-get source kubernetes=$srcver failed" >&2
   exit 3
 fi
-if ! (cd "$W/debs" && papt bookworm apt-get -q download "${GO_PKGS[@]/%//bookworm}" >/dev/null 2>"$W/debs.err"); then
-  tail -3 "$W/debs.err" >&2
-  echo "apt-get download ${GO_PKGS[*]} (bookworm) failed" >&2
-  exit 3
-fi
+papt_download bookworm "$W/debs" "${GO_PKGS[@]}" || exit 3
 
 log "unpacking"
 dpkg-source --no-check -x "$W"/src/kubernetes_*.dsc "$W/tree" >/dev/null
 for deb in "$W"/debs/*.deb; do dpkg -x "$deb" "$W/root"; done
 
-GOROOT=$(echo "$W"/root/usr/lib/go-1.19)
+GOROOT=$W/root/usr/lib/go-1.19
 [[ -x $GOROOT/bin/go ]] || { echo "no go binary in golang-1.19-go" >&2; exit 1; }
 
 # Go >= 1.18 breaks the vendored reflect2 1.0.1 at run time: use Debian's 1.0.2.
@@ -86,7 +76,7 @@ done
 export GOPATH=$W/gopath
 mkdir -p "$GOPATH/src/k8s.io"
 ln -sfn "$W/tree" "$GOPATH/src/k8s.io/kubernetes"
-export GOROOT PATH="$GOROOT/bin:$PATH" GO111MODULE=off CGO_ENABLED=0 GOFLAGS= \
+export GOROOT PATH="$GOROOT/bin:$PATH" GO111MODULE=off CGO_ENABLED=0 GOFLAGS='' \
   GOCACHE=$W/gocache GOTOOLCHAIN=local KUBE_VERBOSE=0
 cd "$GOPATH/src/k8s.io/kubernetes"
 log "go $(go env GOVERSION): make generated_files"
@@ -104,6 +94,6 @@ log "go build ${KUBE_BINARIES[*]}"
 mkdir -p "$OUT/bin.new"
 go build -trimpath -ldflags "${ldflags[*]}" -o "$OUT/bin.new/" "${pkgs[@]}" >"$W/build.log" 2>&1 ||
   { tail -30 "$W/build.log" >&2; exit 1; }
-rm -rf "$OUT/bin"
+rm -rf "${OUT:?}/bin"
 mv "$OUT/bin.new" "$OUT/bin"
 "$OUT/bin/kube-apiserver" --version >&2

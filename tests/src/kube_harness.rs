@@ -17,26 +17,31 @@
 //!
 //! When `scripts/setup-k8s.sh` recorded a part as unavailable (a Debian suite could not be
 //! reached), [`KubeServer::start_or_skip`] / [`kube_server_or_skip!`](crate::kube_server_or_skip)
-//! print a `SKIP` line with the reason and the test returns. When the binaries are simply missing
-//! (set-up never ran), starting fails: the test fails.
+//! print a `SKIP` line with the reason and the test returns; with `MARKLB_CLUSTER_REQUIRED=1`
+//! (CI) they fail instead. When the binaries are simply missing (set-up never ran), starting
+//! fails: the test fails. The processes are run by [`crate::supervise`].
 
 use std::fmt;
 use std::fs;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::os::unix::process::CommandExt;
+use std::io::Write;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Client;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams, TypeMeta};
-use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::config::KubeConfigOptions;
 use kube::core::GroupVersionKind;
 use kube::discovery::Scope;
 use serde::Deserialize;
+
+use crate::supervise::{
+    SpawnOptions, Supervisor, client_from_kubeconfig, etcd_args, free_port_on, http_get,
+    service_account_keys, token_kubeconfig,
+};
 
 /// Environment variable overriding the cache directory of `scripts/setup-k8s.sh`.
 pub const CACHE_ENV: &str = "MARKLB_K8S_CACHE";
@@ -44,6 +49,8 @@ pub const CACHE_ENV: &str = "MARKLB_K8S_CACHE";
 pub const DEFAULT_CACHE: &str = "/var/cache/marklb/k8s";
 /// Set to 1 to keep the temporary directory (logs, etcd data) of a server whose test panicked.
 pub const KEEP_ENV: &str = "MARKLB_K8S_KEEP";
+/// Set to 1 (CI does) to turn every SKIP for a set-up part that is unavailable into a failure.
+pub const REQUIRED_ENV: &str = "MARKLB_CLUSTER_REQUIRED";
 
 const START_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -102,15 +109,8 @@ pub enum Availability {
 /// An error means that the set-up has not run (or failed): tests must fail then, not skip.
 pub fn availability(flavor: Flavor) -> Result<Availability> {
     let cache = cache_dir();
-    for part in ["etcd", flavor.part()] {
-        let mark = cache.join(format!("UNAVAILABLE-{part}"));
-        if let Ok(reason) = fs::read_to_string(&mark) {
-            return Ok(Availability::Unavailable(format!(
-                "{} ({})",
-                reason.trim(),
-                mark.display()
-            )));
-        }
+    if let Some(reason) = unavailable_reason(&["etcd", flavor.part()]) {
+        return Ok(Availability::Unavailable(reason));
     }
     let server = cache.join(flavor.part()).join("bin").join(flavor.binary());
     let etcd = cache.join("etcd/bin/etcd");
@@ -126,6 +126,16 @@ pub fn availability(flavor: Flavor) -> Result<Availability> {
     Ok(Availability::Available { server, etcd })
 }
 
+/// Why the set-up could not make one of `parts` (its `UNAVAILABLE-<part>` file in the cache,
+/// and where that file is), if it could not.
+pub fn unavailable_reason(parts: &[&str]) -> Option<String> {
+    parts.iter().find_map(|part| {
+        let mark = cache_dir().join(format!("UNAVAILABLE-{part}"));
+        let reason = fs::read_to_string(&mark).ok()?;
+        Some(format!("{} ({})", reason.trim(), mark.display()))
+    })
+}
+
 /// Prints a line on the test process's real stderr (not captured by the test harness).
 pub fn report(line: &str) {
     let mut err = std::io::stderr().lock();
@@ -139,7 +149,7 @@ pub struct KubeServer {
     token: String,
     kubeconfig: PathBuf,
     startup: Duration,
-    procs: Vec<(&'static str, Child)>,
+    procs: Supervisor,
     // Last: removed after the processes are gone.
     dir: Option<tempfile::TempDir>,
 }
@@ -164,6 +174,21 @@ macro_rules! kube_server_or_skip {
             None => return,
         }
     };
+}
+
+/// Whether a set-up part that cannot be set up must fail the tests instead of skipping them
+/// (`MARKLB_CLUSTER_REQUIRED=1`, set by CI).
+pub fn setup_required() -> bool {
+    std::env::var(REQUIRED_ENV).as_deref() == Ok("1")
+}
+
+/// Prints `SKIP <test>: <what> not available: <reason>`, or panics when [`setup_required`].
+pub fn skip_or_fail(test: &str, what: &str, reason: &str) {
+    let test = test_name(test);
+    if setup_required() {
+        panic!("{test}: {what} cannot run here and {REQUIRED_ENV}=1: {reason}");
+    }
+    report(&format!("SKIP {test}: {what} not available: {reason}"));
 }
 
 impl KubeServer {
@@ -192,12 +217,12 @@ impl KubeServer {
     }
 
     /// Like [`start`](Self::start), but `None` (after printing `SKIP <test>: <reason>`) when the
-    /// set-up recorded the server as unavailable. Panics when it should run but does not start.
+    /// set-up recorded the server as unavailable. Panics when it should run but does not start,
+    /// and when it is unavailable but [`setup_required`].
     pub async fn start_or_skip(flavor: Flavor, test: &str) -> Option<KubeServer> {
         match availability(flavor) {
             Ok(Availability::Unavailable(reason)) => {
-                let test = test_name(test);
-                report(&format!("SKIP {test}: {flavor} not available: {reason}"));
+                skip_or_fail(test, &flavor.to_string(), &reason);
                 None
             }
             Ok(Availability::Available { .. }) => match Self::start(flavor).await {
@@ -221,35 +246,36 @@ impl KubeServer {
             token: random_hex(24),
             kubeconfig: d.join("kubeconfig"),
             startup: Duration::ZERO,
-            procs: Vec::new(),
+            procs: Supervisor::new(&d)?,
             dir: Some(dir),
+        };
+        let spawn = SpawnOptions {
+            cwd: Some(d.clone()),
+            ..Default::default()
         };
 
         let (etcd_port, peer_port, api_port) = (free_port()?, free_port()?, free_port()?);
-        let etcd_url = format!("http://127.0.0.1:{etcd_port}");
-        let peer_url = format!("http://127.0.0.1:{peer_port}");
-        me.spawn(
+        me.procs.spawn(
             "etcd",
-            Command::new(etcd_bin).args([
-                "--name=default",
-                &format!("--data-dir={}", d.join("etcd").display()),
-                &format!("--listen-client-urls={etcd_url}"),
-                &format!("--advertise-client-urls={etcd_url}"),
-                &format!("--listen-peer-urls={peer_url}"),
-                &format!("--initial-advertise-peer-urls={peer_url}"),
-                &format!("--initial-cluster=default={peer_url}"),
-                "--log-level=warn",
-                "--logger=zap",
-            ]),
+            Command::new(etcd_bin).args(etcd_args(
+                "default",
+                &d.join("etcd"),
+                etcd_port,
+                peer_port,
+                false,
+            )),
+            &spawn,
         )?;
-        me.wait_for("etcd", || {
-            Ok(http_get_plain(etcd_port, "/health")?.contains("\"health\":\"true\""))
+        let etcd_addr = SocketAddr::from(([127, 0, 0, 1], etcd_port));
+        me.wait_for("etcd", || async move {
+            Ok(http_get(etcd_addr, "/health")
+                .is_some_and(|(_, b)| b.contains("\"health\":\"true\"")))
         })
         .await?;
 
         let pki = d.join("pki");
         let mut args = vec![
-            format!("--etcd-servers={etcd_url}"),
+            format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
             "--bind-address=127.0.0.1".into(),
             "--advertise-address=127.0.0.1".into(),
             format!("--secure-port={api_port}"),
@@ -260,28 +286,16 @@ impl KubeServer {
                 d.join("tokens.csv"),
                 format!("{},admin,admin-uid,\"system:masters\"\n", me.token),
             )?;
-            let (key, public) = (d.join("sa.key"), d.join("sa.pub"));
-            run_openssl(
-                &[
-                    "ecparam",
-                    "-name",
-                    "prime256v1",
-                    "-genkey",
-                    "-noout",
-                    "-out",
-                ],
-                &key,
-            )?;
-            run_openssl(
-                &["ec", "-pubout", "-in", &key.display().to_string(), "-out"],
-                &public,
-            )?;
+            service_account_keys(&d)?;
             args.extend([
                 "--insecure-port=0".into(),
                 format!("--token-auth-file={}", d.join("tokens.csv").display()),
                 "--authorization-mode=Node,RBAC".into(),
-                format!("--service-account-key-file={}", public.display()),
-                format!("--service-account-signing-key-file={}", key.display()),
+                format!("--service-account-key-file={}", d.join("sa.pub").display()),
+                format!(
+                    "--service-account-signing-key-file={}",
+                    d.join("sa.key").display()
+                ),
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
                 "--service-cluster-ip-range=10.96.0.0/16".into(),
                 "--allow-privileged=true".into(),
@@ -289,24 +303,34 @@ impl KubeServer {
                 "--profiling=false".into(),
             ]);
         }
-        me.spawn(flavor.binary(), Command::new(server_bin).args(&args))?;
+        me.procs.spawn(
+            flavor.binary(),
+            Command::new(server_bin).args(&args),
+            &spawn,
+        )?;
         me.url = format!("https://127.0.0.1:{api_port}");
 
         // The self-signed serving certificate (server certificate, then its CA) is written before
         // the server listens.
         let cert = pki.join("apiserver.crt");
-        me.wait_for("the serving certificate", || Ok(cert.is_file()))
-            .await?;
+        me.wait_for("the serving certificate", || {
+            let found = cert.is_file();
+            async move { Ok(found) }
+        })
+        .await?;
         let pem = fs::read_to_string(&cert)?;
         let ca = pem_blocks(&pem)
             .last()
             .cloned()
             .ok_or_else(|| anyhow!("no certificate in {}", cert.display()))?;
         fs::write(d.join("ca.crt"), &ca)?;
-        fs::write(&me.kubeconfig, me.kubeconfig_yaml())?;
+        fs::write(
+            &me.kubeconfig,
+            token_kubeconfig(&me.url, &d.join("ca.crt"), "admin", &me.token),
+        )?;
 
         let client = me.client().await?;
-        me.wait_for_async("/readyz", || {
+        me.wait_for("/readyz", || {
             let client = client.clone();
             async move {
                 let req = http::Request::get("/readyz").body(Vec::new())?;
@@ -321,7 +345,7 @@ impl KubeServer {
             // Namespaces are created by a post-start loop; tests want them.
             for ns in ["default", "kube-system"] {
                 let path = format!("/api/v1/namespaces/{ns}");
-                me.wait_for_async(&format!("namespace {ns}"), || {
+                me.wait_for(&format!("namespace {ns}"), || {
                     let client = client.clone();
                     let path = path.clone();
                     async move {
@@ -336,101 +360,19 @@ impl KubeServer {
         Ok(me)
     }
 
-    fn spawn(&mut self, name: &'static str, cmd: &mut Command) -> Result<()> {
-        let log = fs::File::create(self.dir().join(format!("{name}.log")))?;
-        cmd.stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .current_dir(self.dir())
-            .process_group(0);
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
-        self.procs.push((name, child));
-        Ok(())
-    }
-
-    /// Fails with the log tails if a process exited.
-    fn check_alive(&mut self) -> Result<()> {
-        let mut dead = None;
-        for (name, child) in &mut self.procs {
-            if let Some(status) = child.try_wait()? {
-                dead = Some((*name, status));
-            }
-        }
-        if let Some((name, status)) = dead {
-            bail!(
-                "{name} exited ({status}) while starting; log tail:\n{}",
-                self.log_tail(name, 25)
-            );
-        }
-        Ok(())
-    }
-
-    async fn wait_for(
-        &mut self,
-        what: &str,
-        mut ready: impl FnMut() -> Result<bool>,
-    ) -> Result<()> {
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            self.check_alive()?;
-            if ready().unwrap_or(false) {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "timed out waiting for {what}; logs:\n{}",
-                    self.all_log_tails()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn wait_for_async<F, Fut>(&mut self, what: &str, mut ready: F) -> Result<()>
+    async fn wait_for<F, Fut>(&mut self, what: &str, ready: F) -> Result<()>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<bool>>,
     {
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            self.check_alive()?;
-            if ready().await.unwrap_or(false) {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "timed out waiting for {what}; logs:\n{}",
-                    self.all_log_tails()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn kubeconfig_yaml(&self) -> String {
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: marklb-test\n  cluster:\n    server: {url}\n    certificate-authority: {ca}\nusers:\n- name: admin\n  user:\n    token: {token}\ncontexts:\n- name: marklb-test\n  context:\n    cluster: marklb-test\n    user: admin\n    namespace: default\ncurrent-context: marklb-test\n",
-            url = self.url,
-            ca = self.dir().join("ca.crt").display(),
-            token = self.token,
-        )
+        self.procs
+            .wait_until(what, START_TIMEOUT, Duration::from_millis(50), ready)
+            .await
     }
 
     /// A new client for the server's administrator (built from the kubeconfig file).
     pub async fn client(&self) -> Result<Client> {
-        let kubeconfig = Kubeconfig::read_from(&self.kubeconfig)?;
-        let config =
-            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
-        Ok(Client::try_from(config)?)
+        client_from_kubeconfig(&self.kubeconfig).await
     }
 
     /// The kubeconfig file (for `kubectl --kubeconfig` / `KUBECONFIG`, Helm).
@@ -467,35 +409,17 @@ impl KubeServer {
 
     /// PIDs of etcd and the server.
     pub fn pids(&self) -> Vec<u32> {
-        self.procs.iter().map(|(_, c)| c.id()).collect()
+        self.procs.pids()
     }
 
     /// Resident memory of etcd + server in KiB (from /proc).
     pub fn rss_kib(&self) -> u64 {
-        self.pids()
-            .iter()
-            .filter_map(|pid| fs::read_to_string(format!("/proc/{pid}/status")).ok())
-            .filter_map(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmRSS:"))
-                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-            })
-            .sum()
+        self.pids().into_iter().filter_map(rss_kib).sum()
     }
 
     /// The last `lines` lines of a process's log (`etcd`, `kube-apiserver`, `apiextensions-apiserver`).
     pub fn log_tail(&self, name: &str, lines: usize) -> String {
-        let text = fs::read_to_string(self.dir().join(format!("{name}.log"))).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
-    }
-
-    fn all_log_tails(&self) -> String {
-        self.procs
-            .iter()
-            .map(|(name, _)| format!("--- {name}:\n{}", self.log_tail(name, 15)))
-            .collect::<Vec<_>>()
-            .join("\n")
+        self.procs.log_tail(name, lines)
     }
 
     /// Runs `kubectl` (from PATH) against this server; `None` when there is no kubectl.
@@ -515,22 +439,7 @@ impl KubeServer {
 
     fn shutdown(&mut self) {
         // The server first, then etcd.
-        while let Some((_, mut child)) = self.procs.pop() {
-            let pid = child.id() as libc::pid_t;
-            if matches!(child.try_wait(), Ok(None)) {
-                // SAFETY: plain kill(2) of the process group we created for this child.
-                unsafe { libc::kill(-pid, libc::SIGTERM) };
-                let deadline = Instant::now() + Duration::from_secs(5);
-                while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                if matches!(child.try_wait(), Ok(None)) {
-                    // SAFETY: as above.
-                    unsafe { libc::kill(-pid, libc::SIGKILL) };
-                }
-            }
-            let _ = child.wait();
-        }
+        self.procs.stop_all(Duration::from_secs(5));
         if let Some(dir) = self.dir.take()
             && std::thread::panicking()
             && std::env::var(KEEP_ENV).as_deref() == Ok("1")
@@ -544,6 +453,18 @@ impl Drop for KubeServer {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Resident memory (VmRSS, KiB) of a process, from /proc.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// The cluster an end-to-end test runs against: the one `KUBECONFIG` names when it is set
@@ -714,7 +635,7 @@ pub fn test_name(fallback: &str) -> String {
 
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    free_port_on(std::net::Ipv4Addr::LOCALHOST)
 }
 
 /// `bytes` random bytes as hex (tokens, names).
@@ -722,33 +643,6 @@ pub(crate) fn random_hex(bytes: usize) -> String {
     (0..bytes)
         .map(|_| format!("{:02x}", rand::random::<u8>()))
         .collect()
-}
-
-fn run_openssl(args: &[&str], out: &Path) -> Result<()> {
-    let status = Command::new("openssl")
-        .args(args)
-        .arg(out)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .context("running openssl (Debian package openssl)")?;
-    if !status.success() {
-        bail!("openssl {args:?} failed: {status}");
-    }
-    Ok(())
-}
-
-/// GET over plain HTTP/1.0 on loopback; the body.
-fn http_get_plain(port: u16, path: &str) -> Result<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    Ok(resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default())
 }
 
 fn pem_blocks(text: &str) -> Vec<String> {

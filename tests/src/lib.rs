@@ -5,3 +5,4 @@ pub mod datapath_fixture;
 pub mod kube_harness;
 pub mod netns;
 pub mod operator_harness;
+pub mod supervise;

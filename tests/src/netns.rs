@@ -772,28 +772,74 @@ fn stopped(stop: &AtomicBool, life: &Lifeline) -> bool {
     stop.load(Ordering::Relaxed) || life.is_shutdown()
 }
 
-/// A TCP server on every VIP of one real: answers each connection with the real's name
-/// (`"<name>\n"`), then every line `L` it receives with `"<name> L\n"`, and keeps the
-/// connection open until the client closes it or the server stops.
-pub struct TcpIdServer {
+/// `port` on every VIP of the topology.
+fn vip_sockets(topo: &Topology, port: u16) -> Vec<SocketAddr> {
+    topo.vips()
+        .into_iter()
+        .map(|a| SocketAddr::new(a, port))
+        .collect()
+}
+
+/// What a serving thread of an identify server knows.
+#[derive(Clone)]
+pub struct Worker {
+    /// The real's name, the first word of every answer.
+    name: String,
+    stop: Arc<AtomicBool>,
+    /// Connections accepted (TCP) or datagrams answered (UDP).
+    count: Arc<AtomicU64>,
+    /// Connections open now (TCP).
+    open: Arc<AtomicUsize>,
+    life: Lifeline,
+}
+
+impl Worker {
+    fn stopped(&self) -> bool {
+        stopped(&self.stop, &self.life)
+    }
+}
+
+/// How an identify server binds and serves one protocol ([`Tcp`], [`Udp`]).
+pub trait IdProtocol {
+    type Socket: Send + 'static;
+    /// Names the serving threads.
+    const KIND: &'static str;
+    /// Binds `addr` (in the calling thread's namespace); the socket and its local address.
+    fn bind(addr: &SocketAddr) -> io::Result<(Self::Socket, SocketAddr)>;
+    /// Serves `socket` until the worker is told to stop.
+    fn serve(socket: Self::Socket, worker: Worker);
+}
+
+/// TCP: answers each connection with the real's name (`"<name>\n"`), then every line `L` it
+/// receives with `"<name> L\n"`, and keeps the connection open until the client closes it or
+/// the server stops.
+pub struct Tcp;
+
+/// UDP: answers each datagram `P` with `"<name> P"`, from the address it was sent to.
+pub struct Udp;
+
+/// An identify server on every given address of one real (one thread per socket, counted by
+/// the topology's lifeline so teardown waits for them). Dropping it stops and joins the threads.
+pub struct IdServer<P: IdProtocol> {
     pub name: String,
     pub addrs: Vec<SocketAddr>,
     stop: Arc<AtomicBool>,
-    accepted: Arc<AtomicU64>,
+    count: Arc<AtomicU64>,
     open: Arc<AtomicUsize>,
     threads: Vec<JoinHandle<()>>,
+    _protocol: std::marker::PhantomData<P>,
 }
 
-impl TcpIdServer {
+/// The TCP identify server.
+pub type TcpIdServer = IdServer<Tcp>;
+/// The UDP identify server.
+pub type UdpIdServer = IdServer<Udp>;
+
+impl<P: IdProtocol> IdServer<P> {
     /// Listens on `port` of every VIP inside real `n`'s namespace.
     pub fn start(topo: &Topology, n: usize, port: u16) -> io::Result<Self> {
         let real = topo.real(n);
-        let addrs: Vec<SocketAddr> = topo
-            .vips()
-            .into_iter()
-            .map(|a| SocketAddr::new(a, port))
-            .collect();
-        Self::start_on(topo, &real.ns, &real.name, &addrs)
+        Self::start_on(topo, &real.ns, &real.name, &vip_sockets(topo, port))
     }
 
     /// Listens on `addrs` inside `ns`, answering as `name`.
@@ -803,85 +849,44 @@ impl TcpIdServer {
         name: &str,
         addrs: &[SocketAddr],
     ) -> io::Result<Self> {
-        let listeners: Vec<TcpListener> = in_netns(ns, || -> io::Result<Vec<TcpListener>> {
+        let sockets = in_netns(ns, || {
             addrs
                 .iter()
-                .map(|a| {
-                    let l = TcpListener::bind(a)
-                        .map_err(|e| io::Error::new(e.kind(), format!("bind {a}: {e}")))?;
-                    l.set_nonblocking(true)?;
-                    Ok(l)
-                })
-                .collect()
+                .map(|a| P::bind(a).map_err(|e| io::Error::new(e.kind(), format!("bind {a}: {e}"))))
+                .collect::<io::Result<Vec<_>>>()
         })??;
-        let stop = Arc::new(AtomicBool::new(false));
-        let accepted = Arc::new(AtomicU64::new(0));
-        let open = Arc::new(AtomicUsize::new(0));
-        let mut threads = Vec::new();
-        for l in listeners {
-            let (stop, accepted, open, name) = (
-                stop.clone(),
-                accepted.clone(),
-                open.clone(),
-                name.to_string(),
-            );
-            let local = l.local_addr()?;
-            threads.push(
-                topo.spawn_in(ns, &format!("tcp-id {name} {local}"), move |life| {
-                    let mut conns: Vec<JoinHandle<()>> = Vec::new();
-                    while !stopped(&stop, &life) {
-                        match l.accept() {
-                            Ok((s, _)) => {
-                                accepted.fetch_add(1, Ordering::Relaxed);
-                                let (stop, open, name, life) =
-                                    (stop.clone(), open.clone(), name.clone(), life.clone());
-                                let guard = life.enter();
-                                conns.push(std::thread::spawn(move || {
-                                    let _guard = guard;
-                                    open.fetch_add(1, Ordering::SeqCst);
-                                    let _ = serve_tcp(s, &name, &stop, &life);
-                                    open.fetch_sub(1, Ordering::SeqCst);
-                                }));
-                            }
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                                std::thread::sleep(POLL / 5)
-                            }
-                            Err(_) => std::thread::sleep(POLL),
-                        }
-                        conns.retain(|c| !c.is_finished());
-                    }
-                    for c in conns {
-                        let _ = c.join();
-                    }
-                })?,
-            );
-        }
-        Ok(Self {
+        let mut me = IdServer {
             name: name.to_string(),
             addrs: addrs.to_vec(),
-            stop,
-            accepted,
-            open,
-            threads,
-        })
+            stop: Arc::new(AtomicBool::new(false)),
+            count: Arc::new(AtomicU64::new(0)),
+            open: Arc::new(AtomicUsize::new(0)),
+            threads: Vec::new(),
+            _protocol: std::marker::PhantomData,
+        };
+        for (socket, local) in sockets {
+            let worker = Worker {
+                name: name.to_string(),
+                stop: me.stop.clone(),
+                count: me.count.clone(),
+                open: me.open.clone(),
+                life: topo.lifeline(),
+            };
+            me.threads.push(topo.spawn_in(
+                ns,
+                &format!("{} {name} {local}", P::KIND),
+                move |life| P::serve(socket, Worker { life, ..worker }),
+            )?);
+        }
+        Ok(me)
     }
 
-    /// Connections accepted so far.
-    pub fn accepted(&self) -> u64 {
-        self.accepted.load(Ordering::Relaxed)
-    }
+    /// Stops serving, closes every connection and waits for the threads.
+    pub fn stop(self) {}
+}
 
-    /// Connections currently open.
-    pub fn open_connections(&self) -> usize {
-        self.open.load(Ordering::SeqCst)
-    }
-
-    /// Stops accepting, closes every connection and waits for the threads.
-    pub fn stop(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
+impl<P: IdProtocol> Drop for IdServer<P> {
+    fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -889,21 +894,72 @@ impl TcpIdServer {
     }
 }
 
-impl Drop for TcpIdServer {
-    fn drop(&mut self) {
-        self.shutdown();
+impl IdServer<Tcp> {
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Connections currently open.
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
     }
 }
 
-fn serve_tcp(mut s: TcpStream, name: &str, stop: &AtomicBool, life: &Lifeline) -> io::Result<()> {
+impl IdServer<Udp> {
+    /// Datagrams answered so far.
+    pub fn answered(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+impl IdProtocol for Tcp {
+    type Socket = TcpListener;
+    const KIND: &'static str = "tcp-id";
+
+    fn bind(addr: &SocketAddr) -> io::Result<(TcpListener, SocketAddr)> {
+        let l = TcpListener::bind(addr)?;
+        l.set_nonblocking(true)?;
+        let local = l.local_addr()?;
+        Ok((l, local))
+    }
+
+    /// Accepts connections until the server stops; one thread per connection.
+    fn serve(l: TcpListener, w: Worker) {
+        let mut conns: Vec<JoinHandle<()>> = Vec::new();
+        while !w.stopped() {
+            match l.accept() {
+                Ok((s, _)) => {
+                    w.count.fetch_add(1, Ordering::Relaxed);
+                    let w = w.clone();
+                    let guard = w.life.enter();
+                    conns.push(std::thread::spawn(move || {
+                        let _guard = guard;
+                        w.open.fetch_add(1, Ordering::SeqCst);
+                        let _ = serve_tcp(s, &w);
+                        w.open.fetch_sub(1, Ordering::SeqCst);
+                    }));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(POLL / 5),
+                Err(_) => std::thread::sleep(POLL),
+            }
+            conns.retain(|c| !c.is_finished());
+        }
+        for c in conns {
+            let _ = c.join();
+        }
+    }
+}
+
+fn serve_tcp(mut s: TcpStream, w: &Worker) -> io::Result<()> {
     s.set_nonblocking(false)?;
     s.set_read_timeout(Some(POLL))?;
     s.set_write_timeout(Some(Duration::from_secs(5)))?;
     s.set_nodelay(true)?;
-    s.write_all(format!("{name}\n").as_bytes())?;
+    s.write_all(format!("{}\n", w.name).as_bytes())?;
     let mut pending = Vec::new();
     let mut buf = [0u8; 2048];
-    while !stopped(stop, life) {
+    while !w.stopped() {
         match s.read(&mut buf) {
             Ok(0) => return Ok(()),
             Ok(n) => {
@@ -911,118 +967,51 @@ fn serve_tcp(mut s: TcpStream, name: &str, stop: &AtomicBool, life: &Lifeline) -
                 while let Some(i) = pending.iter().position(|b| *b == b'\n') {
                     let line: Vec<u8> = pending.drain(..=i).collect();
                     let line = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
-                    s.write_all(format!("{name} {line}\n").as_bytes())?;
+                    s.write_all(format!("{} {line}\n", w.name).as_bytes())?;
                 }
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) => {}
+            Err(e) if is_timeout(&e) => {}
             Err(e) => return Err(e),
         }
     }
     Ok(())
 }
 
-/// A UDP responder on every VIP of one real: answers each datagram `P` with `"<name> P"`,
-/// from the VIP it was sent to.
-pub struct UdpIdServer {
-    pub name: String,
-    pub addrs: Vec<SocketAddr>,
-    stop: Arc<AtomicBool>,
-    answered: Arc<AtomicU64>,
-    threads: Vec<JoinHandle<()>>,
+/// A socket read that timed out (nothing arrived within the poll interval).
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
-impl UdpIdServer {
-    /// Listens on `port` of every VIP inside real `n`'s namespace.
-    pub fn start(topo: &Topology, n: usize, port: u16) -> io::Result<Self> {
-        let real = topo.real(n);
-        let addrs: Vec<SocketAddr> = topo
-            .vips()
-            .into_iter()
-            .map(|a| SocketAddr::new(a, port))
-            .collect();
-        Self::start_on(topo, &real.ns, &real.name, &addrs)
+impl IdProtocol for Udp {
+    type Socket = UdpSocket;
+    const KIND: &'static str = "udp-id";
+
+    fn bind(addr: &SocketAddr) -> io::Result<(UdpSocket, SocketAddr)> {
+        let s = UdpSocket::bind(addr)?;
+        s.set_read_timeout(Some(POLL))?;
+        let local = s.local_addr()?;
+        Ok((s, local))
     }
 
-    /// Listens on `addrs` inside `ns`, answering as `name`.
-    pub fn start_on(
-        topo: &Topology,
-        ns: &str,
-        name: &str,
-        addrs: &[SocketAddr],
-    ) -> io::Result<Self> {
-        let sockets: Vec<UdpSocket> = in_netns(ns, || -> io::Result<Vec<UdpSocket>> {
-            addrs
-                .iter()
-                .map(|a| {
-                    let s = UdpSocket::bind(a)
-                        .map_err(|e| io::Error::new(e.kind(), format!("bind {a}: {e}")))?;
-                    s.set_read_timeout(Some(POLL))?;
-                    Ok(s)
-                })
-                .collect()
-        })??;
-        let stop = Arc::new(AtomicBool::new(false));
-        let answered = Arc::new(AtomicU64::new(0));
-        let mut threads = Vec::new();
-        for s in sockets {
-            let (stop, answered, name) = (stop.clone(), answered.clone(), name.to_string());
-            let local = s.local_addr()?;
-            threads.push(
-                topo.spawn_in(ns, &format!("udp-id {name} {local}"), move |life| {
-                    let mut buf = [0u8; 2048];
-                    while !stopped(&stop, &life) {
-                        match s.recv_from(&mut buf) {
-                            Ok((n, from)) => {
-                                let mut reply = format!("{name} ").into_bytes();
-                                reply.extend_from_slice(&buf[..n]);
-                                if s.send_to(&reply, from).is_ok() {
-                                    answered.fetch_add(1, Ordering::Relaxed);
-                                }
-                            }
-                            Err(e)
-                                if matches!(
-                                    e.kind(),
-                                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                                ) => {}
-                            Err(_) => std::thread::sleep(POLL),
-                        }
+    /// Answers datagrams until the server stops.
+    fn serve(s: UdpSocket, w: Worker) {
+        let mut buf = [0u8; 2048];
+        while !w.stopped() {
+            match s.recv_from(&mut buf) {
+                Ok((n, from)) => {
+                    let mut reply = format!("{} ", w.name).into_bytes();
+                    reply.extend_from_slice(&buf[..n]);
+                    if s.send_to(&reply, from).is_ok() {
+                        w.count.fetch_add(1, Ordering::Relaxed);
                     }
-                })?,
-            );
+                }
+                Err(e) if is_timeout(&e) => {}
+                Err(_) => std::thread::sleep(POLL),
+            }
         }
-        Ok(Self {
-            name: name.to_string(),
-            addrs: addrs.to_vec(),
-            stop,
-            answered,
-            threads,
-        })
-    }
-
-    /// Datagrams answered so far.
-    pub fn answered(&self) -> u64 {
-        self.answered.load(Ordering::Relaxed)
-    }
-
-    pub fn stop(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for UdpIdServer {
-    fn drop(&mut self) {
-        self.shutdown();
     }
 }
 
@@ -1214,14 +1203,7 @@ impl UdpFlow {
                         )),
                     };
                 }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    continue;
-                }
+                Err(e) if is_timeout(&e) => continue,
                 Err(e) => return Err(e),
             }
         }
