@@ -20,7 +20,7 @@ demo: setup-base ## Run the network-namespace demo (root)
 	./target/release/marklb-demo
 
 test: setup lint ## Everything CI runs: formatting, clippy, all tests (root)
-	$(CARGO) build -p marklb-agent --bins  # the end-to-end tests run the agent binary
+	$(CARGO) build -p marklb-agent -p marklb-operator --bins  # the end-to-end tests run the agent and operator binaries
 	$(CARGO) test --no-fail-fast
 
 lint: fmt clippy lint-scripts ## Formatting, clippy with warnings denied, shellcheck over scripts/

@@ -37,18 +37,9 @@ fn to_value<T: Serialize>(what: &'static str, obj: &T) -> Result<Value> {
     serde_json::to_value(obj).map_err(|source| Error::Serialize { what, source })
 }
 
-/// The fields of a node state the operator owns (metadata it sets and the spec).
-fn node_state_fields(state: &LoadBalancerNodeState) -> Result<Value> {
-    Ok(json!({
-        "metadata": {
-            "labels": state.metadata.labels,
-            "ownerReferences": to_value("owner references", &state.metadata.owner_references)?,
-        },
-        "spec": to_value("node state spec", &state.spec)?,
-    }))
-}
-
-/// Whether `existing` (from the cache) lacks something of `desired`.
+/// Whether `existing` (from the cache) lacks something of `desired`: a different spec, a
+/// missing or different label, a missing owner reference. Compared field by field (no JSON):
+/// this runs for every node state of a LoadBalancer on every reconcile.
 pub fn node_state_needs_write(
     desired: &LoadBalancerNodeState,
     existing: Option<&LoadBalancerNodeState>,
@@ -60,10 +51,19 @@ pub fn node_state_needs_write(
     if existing.spec != desired.spec {
         return Ok(true);
     }
-    Ok(!contains(
-        &node_state_fields(existing)?,
-        &node_state_fields(desired)?,
-    ))
+    let labels_held = desired
+        .labels()
+        .iter()
+        .all(|(k, v)| existing.labels().get(k) == Some(v));
+    let owners_held = desired.owner_references().iter().all(|want| {
+        existing.owner_references().iter().any(|have| {
+            have.uid == want.uid
+                && have.kind == want.kind
+                && have.name == want.name
+                && have.controller == want.controller
+        })
+    });
+    Ok(!(labels_held && owners_held))
 }
 
 fn apply_params() -> PatchParams {

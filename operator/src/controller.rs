@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::{StreamExt, future};
+use futures::{FutureExt, StreamExt, future};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -49,6 +49,8 @@ use crate::{Error, Result, apply};
 
 /// Longest a reconcile waits for the caches to fill after a start.
 const CACHE_WAIT: Duration = Duration::from_secs(60);
+/// Node-state writes in flight at once within one reconcile.
+const APPLY_CONCURRENCY: usize = 16;
 /// How often a deletion checks on the agents' acknowledgements (watch events come sooner).
 const CLEANUP_POLL: Duration = Duration::from_secs(1);
 /// First and longest delay after a failed reconcile (doubling in between).
@@ -386,7 +388,7 @@ async fn write_status(lb: &LoadBalancer, ctx: &Context, status: LoadBalancerStat
 /// The status of a LoadBalancer whose spec cannot be programmed (`reason`, `message`): Ready
 /// and Programmed False; the node states already written are left alone, so the last good
 /// spec keeps serving.
-fn refused_status(lb: &LoadBalancer, reason: &str, message: &str) -> LoadBalancerStatus {
+pub(crate) fn refused_status(lb: &LoadBalancer, reason: &str, message: &str) -> LoadBalancerStatus {
     let mut status = lb.status.clone().unwrap_or_default();
     let generation = lb.metadata.generation;
     status.observed_generation = generation;
@@ -450,7 +452,7 @@ async fn apply_lb(lb: &LoadBalancer, namespace: &str, ctx: &Context) -> Result<A
         .collect();
 
     let mut apply_error: Option<Error> = None;
-    let mut written = 0usize;
+    let mut to_write = Vec::new();
     for state in want.values() {
         let state_name = state.name_any();
         if let Some(other) = by_name
@@ -463,11 +465,27 @@ async fn apply_lb(lb: &LoadBalancer, namespace: &str, ctx: &Context) -> Result<A
             )));
             continue;
         }
-        if !apply::node_state_needs_write(state, existing.get(&state.spec.node_name).map(|s| &**s))?
+        if apply::node_state_needs_write(state, existing.get(&state.spec.node_name).map(|s| &**s))?
         {
-            continue;
+            to_write.push(state.clone());
         }
-        match apply::apply_node_state(&ctx.client, &ctx.metrics, state).await {
+    }
+    // A few writes in flight at once: a new LoadBalancer on 1,000 nodes is 1,000 applies.
+    let results: Vec<(String, Result<LoadBalancerNodeState>)> = futures::stream::iter(to_write)
+        .map(|state| {
+            let (client, metrics) = (ctx.client.clone(), ctx.metrics.clone());
+            async move {
+                let result = apply::apply_node_state(&client, &metrics, &state).await;
+                (state.name_any(), result)
+            }
+        })
+        .buffered(APPLY_CONCURRENCY)
+        .collect()
+        .boxed()
+        .await;
+    let mut written = 0usize;
+    for (state_name, result) in results {
+        match result {
             Ok(_) => written += 1,
             Err(e) => {
                 warn!(%namespace, %name, state = %state_name, error = %e, "could not apply node state");

@@ -58,6 +58,12 @@ pub enum Agent {
     Conflict(&'static str),
 }
 
+/// A healthy agent: Ready, marks offloaded, none in use.
+pub const READY: Agent = Agent::Ready {
+    offloaded: true,
+    marks: 0,
+};
+
 /// `state` (generation 2) with the status `agent` would write.
 pub fn reported(mut state: LoadBalancerNodeState, agent: Agent) -> LoadBalancerNodeState {
     state.metadata.generation = Some(2);

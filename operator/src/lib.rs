@@ -31,6 +31,8 @@ pub mod settings;
 
 #[cfg(test)]
 mod fixtures;
+#[cfg(test)]
+mod hostile;
 
 pub use controller::{Context, run};
 pub use settings::{AgentSettings, ServiceSettings, Settings};

@@ -2,6 +2,8 @@
 # Builds marklb's container images as OCI image archives, without a container engine:
 #
 #   $TARGET_DIR/images/marklb-agent.oci.tar   docker.io/marklb/marklb-agent:<version>
+#   $TARGET_DIR/images/marklb-operator.oci.tar docker.io/marklb/marklb-operator:<version>
+#                                             (runs as uid/gid 65532, not root)
 #   $TARGET_DIR/images/marklb-pause.oci.tar   docker.io/marklb/marklb-pause:<version>
 #                                             (the sandbox image of the test cluster)
 #   $TARGET_DIR/images/marklb-echo.oci.tar    docker.io/marklb/marklb-echo:<version>
@@ -40,8 +42,8 @@ if ! output_has "^$TRIPLE\$" rustup target list --installed 2>/dev/null; then
 fi
 start=$(date +%s)
 # One build: the packer itself is static too and runs here (no second, host-target build).
-"$CARGO" build --release --target "$TRIPLE" -p marklb-agent -p marklb-image \
-  --bin marklb-agent --bin marklb-pause --bin marklb-echo --bin marklb-image >&2
+"$CARGO" build --release --target "$TRIPLE" -p marklb-agent -p marklb-operator -p marklb-image \
+  --bin marklb-agent --bin marklb-operator --bin marklb-pause --bin marklb-echo --bin marklb-image >&2
 BIN=$TARGET_DIR/$TRIPLE/release
 TOOL=$BIN/marklb-image
 
@@ -69,6 +71,9 @@ image() { # image NAME BINARY DESCRIPTION ARGS...
 }
 image marklb-agent "$BIN/marklb-agent" \
   "marklb node agent: XDP L4 load balancer with NIC flow-mark acceleration" --arg=--help
+image marklb-operator "$BIN/marklb-operator" \
+  "marklb operator: LoadBalancers to per-node states, the agent DaemonSet and conditions" \
+  --user=65532:65532 --arg=run
 image marklb-pause "$BIN/marklb-pause" "sandbox (pause) container for marklb's test cluster"
 image marklb-echo "$BIN/marklb-echo" "TCP/UDP echo server answering with its pod and node (marklb's Services tests)"
 mv "$OUT/images.txt.new" "$OUT/images.txt"

@@ -12,15 +12,29 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, ResourceExt};
 use marklb_crds::labels::LOADBALANCER_LABEL;
 use marklb_crds::{LoadBalancer, LoadBalancerNodeState};
-use marklb_tests::kube_harness::{Flavor, TestCluster, apply_yaml, report};
+use marklb_operator::manifests;
+use marklb_tests::kube_harness::{Flavor, TestCluster, apply_value, apply_yaml, report};
 use marklb_tests::operator_harness::*;
 
 const NS: &str = "shop";
 const SYSTEM: &str = "marklb-system";
 const WAIT: Duration = Duration::from_secs(30);
+
+/// A client of `cluster` acting as `user` (impersonation): the RBAC of the install manifests
+/// is what it may do.
+async fn client_as(cluster: &TestCluster, user: &str) -> Client {
+    let kubeconfig = Kubeconfig::read_from(cluster.kubeconfig()).unwrap();
+    let mut config =
+        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .unwrap();
+    config.auth_info.impersonate = Some(user.into());
+    Client::try_from(config).unwrap()
+}
 
 async fn states_of(client: &Client, lb: &str) -> Vec<LoadBalancerNodeState> {
     Api::<LoadBalancerNodeState>::namespaced(client.clone(), NS)
@@ -116,8 +130,52 @@ async fn operator_on_kube120() {
     for (node, zone) in [("n1", "a"), ("n2", "a"), ("n3", "b")] {
         put_node(&client, node, &[("zone", zone)]).await.unwrap();
     }
-    let operator = Operator::start(client.clone(), test_settings(SYSTEM));
-    let agents = SimulatedAgents::start(client.clone(), &[], 8);
+    // The install manifests of `marklb-operator manifests` (RBAC, ServiceAccounts, Deployment)
+    // apply on 1.20; the operator and the agents then act with exactly those permissions.
+    let objects = manifests::manifests(
+        &test_settings(SYSTEM),
+        &manifests::OperatorDeployment {
+            image: "marklb-operator:test".into(),
+            image_pull_policy: "Never".into(),
+            replicas: 2,
+            metrics_port: 8080,
+        },
+    );
+    for object in &objects {
+        apply_value(&client, object, "marklb-tests")
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e:#}", object["kind"]));
+    }
+    report(&format!(
+        "install manifests applied on 1.20: {} objects",
+        objects.len()
+    ));
+    let operator_client = client_as(
+        &cluster,
+        "system:serviceaccount:marklb-system:marklb-operator",
+    )
+    .await;
+    let agent_client =
+        client_as(&cluster, "system:serviceaccount:marklb-system:marklb-agent").await;
+    // The agent's permissions stop at reading node states and writing their status.
+    let forbidden = Api::<LoadBalancer>::namespaced(agent_client.clone(), NS)
+        .list(&ListParams::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&forbidden, kube::Error::Api(s) if s.code == 403),
+        "{forbidden}"
+    );
+    let forbidden = Api::<LoadBalancerNodeState>::namespaced(agent_client.clone(), NS)
+        .delete("x", &DeleteParams::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&forbidden, kube::Error::Api(s) if s.code == 403),
+        "{forbidden}"
+    );
+    let operator = Operator::start(operator_client.clone(), test_settings(SYSTEM));
+    let agents = SimulatedAgents::start(agent_client.clone(), &[], 8);
 
     report("selection: a LoadBalancer selecting zone=a gets node states on n1 and n2 only");
     let web = "apiVersion: marklb.io/v1alpha1\nkind: LoadBalancer\nmetadata: {name: web, namespace: shop}\nspec:\n  nodeSelector: {zone: a}\n  vips: [{address: 10.0.0.1, port: 80, backends: [{address: 10.1.0.1}, {address: 10.1.0.2}]}]\n";
@@ -145,8 +203,8 @@ async fn operator_on_kube120() {
     report("roll-up: agents report Ready -> the LoadBalancer is Ready 2/2 and Offloaded");
     agents.add("n1");
     agents.add("n2");
-    catch_up(&client, "n1").await.unwrap();
-    catch_up(&client, "n2").await.unwrap();
+    catch_up(&agent_client, "n1").await.unwrap();
+    catch_up(&agent_client, "n2").await.unwrap();
     wait_condition(&client, "web", "Ready", "True", "AllNodesReady").await;
     wait_condition(&client, "web", "Offloaded", "True", "MarksOffloaded").await;
     let s = lb_status(&client, "web").await;
@@ -216,7 +274,7 @@ async fn operator_on_kube120() {
     assert!(m.starts_with("2/3 nodes ready") && m.contains("n3"), "{m}");
     wait_condition(&client, "web", "Degraded", "True", "AgentNotScheduled").await;
     agents.add("n3");
-    catch_up(&client, "n3").await.unwrap();
+    catch_up(&agent_client, "n3").await.unwrap();
     wait_condition(&client, "web", "Ready", "True", "AllNodesReady").await;
     put_node(&client, "n1", &[("zone", "c")]).await.unwrap();
     wait_nodes(&client, "web", &["n2", "n3"]).await;
@@ -404,12 +462,12 @@ async fn operator_on_kube120() {
     operator.stop();
 
     report("leader election: two replicas, one acts; the other takes over when it stops");
-    // Each replica with its own client, as two processes would have.
-    let own_client = || async {
-        match cluster.local() {
-            Some(server) => server.client().await.unwrap(),
-            None => client.clone(),
-        }
+    // Each replica with its own client (as two processes would have), with the operator's RBAC.
+    let own_client = || {
+        client_as(
+            &cluster,
+            "system:serviceaccount:marklb-system:marklb-operator",
+        )
     };
     let a =
         Operator::start_with_election(own_client().await, test_settings(SYSTEM), "replica-a", 3);

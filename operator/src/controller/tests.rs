@@ -24,6 +24,14 @@ fn web(spec: &str) -> LoadBalancer {
 
 const SPEC: &str = "nodeSelector: {zone: a}\nvips: [{address: 10.0.0.1, port: 80, backends: [{address: 10.1.0.1}]}]";
 
+/// Settings of scenarios that are not about the DaemonSet (it is applied once per process).
+fn without_daemonset() -> Settings {
+    Settings {
+        manage_daemonset: false,
+        ..Settings::default()
+    }
+}
+
 fn zone_nodes() -> Vec<k8s_openapi::api::core::v1::Node> {
     vec![
         node("n1", &[("zone", "a")]),
@@ -198,10 +206,7 @@ async fn a_spec_update_rewrites_every_state() {
             states,
             ..World::default()
         },
-        Settings {
-            manage_daemonset: false,
-            ..Settings::default()
-        },
+        without_daemonset(),
     );
     run(ctx, &new).await.unwrap();
     let sent = sent.lock().unwrap();
@@ -238,10 +243,7 @@ async fn node_added_removed_and_relabelled() {
             states,
             ..World::default()
         },
-        Settings {
-            manage_daemonset: false,
-            ..Settings::default()
-        },
+        without_daemonset(),
     );
     run(ctx, &lb).await.unwrap();
     let sent = sent.lock().unwrap();
@@ -279,15 +281,7 @@ async fn endpoints_changing_rewrite_the_backends() {
     }];
     let states: Vec<_> = ["n1", "n2"]
         .iter()
-        .map(|n| {
-            reported(
-                crate::desired::node_state(&lb, n, &resolved),
-                Agent::Ready {
-                    offloaded: true,
-                    marks: 0,
-                },
-            )
-        })
+        .map(|n| reported(crate::desired::node_state(&lb, n, &resolved), READY))
         .collect();
     let (client, sent) = mock_client(Some(lb.clone()), None);
     let world = World {
@@ -296,14 +290,7 @@ async fn endpoints_changing_rewrite_the_backends() {
         states,
         slices: Some(vec![slice(&["10.2.0.1", "10.2.0.2"])]),
     };
-    let ctx = context(
-        client,
-        world,
-        Settings {
-            manage_daemonset: false,
-            ..Settings::default()
-        },
-    );
+    let ctx = context(client, world, without_daemonset());
     run(ctx, &lb).await.unwrap();
     let sent = sent.lock().unwrap();
     assert_eq!(
@@ -365,13 +352,7 @@ async fn deletion_finishes_once_acknowledged_or_after_the_bounded_wait() {
     let mut emptied = lb.spec.clone();
     emptied.vips.clear();
     // n1 acknowledged (its generation, no VIPs); n2's agent is gone (no status for gen 2).
-    let mut acked = reported(
-        crate::desired::node_state(&lb, "n1", &emptied),
-        Agent::Ready {
-            offloaded: true,
-            marks: 0,
-        },
-    );
+    let mut acked = reported(crate::desired::node_state(&lb, "n1", &emptied), READY);
     acked.status.as_mut().unwrap().vips = 0;
     let gone = reported(
         crate::desired::node_state(&lb, "n2", &emptied),
@@ -442,10 +423,7 @@ async fn a_newer_loadbalancer_with_the_same_vip_reports_the_conflict() {
             nodes: zone_nodes(),
             ..World::default()
         },
-        Settings {
-            manage_daemonset: false,
-            ..Settings::default()
-        },
+        without_daemonset(),
     );
     run(ctx, &newer).await.unwrap();
     let sent = sent.lock().unwrap();
@@ -483,10 +461,7 @@ async fn an_invalid_spec_is_reported_and_writes_no_state() {
             nodes: zone_nodes(),
             ..World::default()
         },
-        Settings {
-            manage_daemonset: false,
-            ..Settings::default()
-        },
+        without_daemonset(),
     );
     run(ctx, &lb).await.unwrap();
     let sent = sent.lock().unwrap();
@@ -518,10 +493,7 @@ async fn api_errors_are_recorded_in_the_status_and_back_off() {
             nodes: zone_nodes(),
             ..World::default()
         },
-        Settings {
-            manage_daemonset: false,
-            ..Settings::default()
-        },
+        without_daemonset(),
     );
     let err = run(ctx.clone(), &lb).await.unwrap_err();
     assert_eq!(err.metric_label(), "server_error");

@@ -124,10 +124,12 @@ fn a_service_too_big_for_the_vip_is_refused_with_the_reason() {
         "vips: [{address: 10.0.0.1, backendService: {name: big}}]\nhashing: {maglevTableSize: 7}",
     )
     .unwrap();
-    let mut big = ServiceEndpoints::default();
-    big.v4 = (1..=7u8)
-        .map(|i| format!("10.1.0.{i}").parse().unwrap())
-        .collect();
+    let mut big = ServiceEndpoints {
+        v4: (1..=7u8)
+            .map(|i| format!("10.1.0.{i}").parse().unwrap())
+            .collect(),
+        ..ServiceEndpoints::default()
+    };
     let err = resolve_spec(&spec, &BTreeMap::from([("big".to_string(), big.clone())])).unwrap_err();
     assert!(
         err.to_string()

@@ -6,7 +6,7 @@ use marklb_crds::{LoadBalancer, LoadBalancerNodeState};
 use super::*;
 use crate::conflicts::Lost;
 use crate::desired::node_state;
-use crate::fixtures::{Agent, at, lb, reported};
+use crate::fixtures::{Agent, READY, at, lb, reported};
 
 struct Case {
     lb: LoadBalancer,
@@ -136,17 +136,7 @@ fn no_selected_node_is_never_ready_zero_of_zero() {
 fn a_node_without_agent_pod_is_named_not_pending() {
     let mut case = Case::new(
         ONE_VIP,
-        &[
-            (
-                "a",
-                Agent::Ready {
-                    offloaded: true,
-                    marks: 0,
-                },
-            ),
-            ("b", Agent::Silent),
-            ("c", Agent::Silent),
-        ],
+        &[("a", READY), ("b", Agent::Silent), ("c", Agent::Silent)],
     );
     case.agents = Some(BTreeSet::from(["a".to_string(), "c".to_string()]));
     let s = case.run(None, 1);
@@ -190,13 +180,7 @@ fn lagging_failed_and_outdated_states_are_not_ready() {
         &[
             ("a", Agent::Lagging),
             ("b", Agent::Failed("InterfaceNotFound")),
-            (
-                "c",
-                Agent::Ready {
-                    offloaded: true,
-                    marks: 0,
-                },
-            ),
+            ("c", READY),
         ],
     );
     let s = case.run(None, 1);
@@ -278,19 +262,7 @@ fn offload_summaries() {
 
 #[test]
 fn conflicts_from_the_operator_and_from_agents() {
-    let mut case = Case::new(
-        ONE_VIP,
-        &[
-            ("a", Agent::Conflict("prod/old")),
-            (
-                "b",
-                Agent::Ready {
-                    offloaded: true,
-                    marks: 0,
-                },
-            ),
-        ],
-    );
+    let mut case = Case::new(ONE_VIP, &[("a", Agent::Conflict("prod/old")), ("b", READY)]);
     let s = case.run(None, 1);
     assert_eq!(
         cond(&s, "Conflict"),
@@ -307,16 +279,8 @@ fn conflicts_from_the_operator_and_from_agents() {
         what: "settings mtu".into(),
         nodes: vec!["b".into()],
     }];
-    case.existing.insert(
-        "a".into(),
-        reported(
-            case.desired["a"].clone(),
-            Agent::Ready {
-                offloaded: true,
-                marks: 0,
-            },
-        ),
-    );
+    case.existing
+        .insert("a".into(), reported(case.desired["a"].clone(), READY));
     let s = case.run(None, 1);
     assert_eq!(
         cond(&s, "Conflict"),
@@ -341,16 +305,8 @@ fn transition_times_move_only_on_flips_and_a_repeat_changes_nothing() {
     // Same inputs later: identical status, so the caller writes nothing.
     assert_eq!(case.run(Some(&first), 20), first);
     // The agent becomes ready: Ready flips at 30, Programmed (unchanged status) keeps 10.
-    case.existing.insert(
-        "a".into(),
-        reported(
-            case.desired["a"].clone(),
-            Agent::Ready {
-                offloaded: true,
-                marks: 0,
-            },
-        ),
-    );
+    case.existing
+        .insert("a".into(), reported(case.desired["a"].clone(), READY));
     let second = case.run(Some(&first), 30);
     assert_eq!(
         find_condition(&second.conditions, "Ready")

@@ -51,6 +51,8 @@ pub struct ImageSpec {
     pub created: String,
     /// Copy the libraries a dynamically linked binary needs (else refuse one).
     pub allow_dynamic: bool,
+    /// `User` of the image config (`uid[:gid]`); `None`: root, as the agent needs.
+    pub user: Option<String>,
 }
 
 /// One file of the layer.
@@ -269,8 +271,13 @@ pub fn build(spec: &ImageSpec) -> Result<Built> {
                 .clone()
                 .into_iter()
                 .collect::<std::collections::HashMap<_, _>>(),
-        )
-        .build()?;
+        );
+    // Owned builder: `user` only when asked (the agent's config stays as it was).
+    let config = match &spec.user {
+        Some(user) => config.user(user.clone()),
+        None => config,
+    }
+    .build()?;
     let image_config: ImageConfiguration = ImageConfigurationBuilder::default()
         .created(spec.created.clone())
         .architecture(Arch::Amd64)
@@ -514,6 +521,7 @@ mod tests {
             labels,
             created: rfc3339(0),
             allow_dynamic: true,
+            user: None,
         }
     }
 
@@ -580,6 +588,18 @@ mod tests {
             "1.2.3"
         );
         assert_eq!(got.config.architecture(), &Arch::Amd64);
+        // Root unless asked (the agent needs it); a non-root user when given (the operator).
+        assert_eq!(cfg.user(), &None);
+        let as_user = build(&ImageSpec {
+            user: Some("65532:65532".into()),
+            ..s.clone()
+        })
+        .unwrap();
+        let got_user = inspect(&as_user.archive).unwrap();
+        assert_eq!(
+            got_user.config.config().as_ref().unwrap().user().as_deref(),
+            Some("65532:65532")
+        );
         assert_eq!(
             format!("{}", got.index.manifests()[0].digest()),
             built.manifest_digest

@@ -44,6 +44,9 @@ enum Cmd {
         /// Copy the libraries of a dynamically linked binary into the layer.
         #[arg(long)]
         allow_dynamic: bool,
+        /// Run as this user (`uid[:gid]`) rather than root.
+        #[arg(long)]
+        user: Option<String>,
         /// Output archive.
         #[arg(long)]
         output: PathBuf,
@@ -62,6 +65,7 @@ fn main() -> Result<()> {
             args,
             created,
             allow_dynamic,
+            user,
             output,
         } => {
             let path_in_image = path_in_image.unwrap_or_else(|| {
@@ -89,6 +93,7 @@ fn main() -> Result<()> {
                 labels,
                 created: marklb_image::rfc3339(created.unwrap_or(0)),
                 allow_dynamic,
+                user,
             };
             let built = marklb_image::build(&spec)?;
             if let Some(dir) = output.parent() {
