@@ -16,10 +16,12 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, ResourceExt};
 use marklb_crds::{LoadBalancer, LoadBalancerIPPool, LoadBalancerNodeState};
 use marklb_operator::Settings;
-use marklb_tests::kube_harness::{Flavor, TestCluster, report};
+use marklb_operator::manifests;
+use marklb_tests::kube_harness::{Flavor, TestCluster, apply_value, report};
 use marklb_tests::operator_harness::*;
 use serde_json::json;
 
@@ -49,6 +51,18 @@ async fn put_ready_node(client: &Client, name: &str, labels: &[(&str, &str)], ip
     api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
         .await
         .unwrap();
+}
+
+/// A client of `cluster` acting as `user` (impersonation): the RBAC of the install manifests
+/// is what it may do.
+async fn client_as(cluster: &TestCluster, user: &str) -> Client {
+    let kubeconfig = Kubeconfig::read_from(cluster.kubeconfig()).unwrap();
+    let mut config =
+        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .unwrap();
+    config.auth_info.impersonate = Some(user.into());
+    Client::try_from(config).unwrap()
 }
 
 async fn apply_pool(client: &Client, yaml: &str) {
@@ -264,7 +278,26 @@ async fn services_on_kube120() {
     put_ready_node(&client, "n1", &[("role", "lb")], "192.168.50.1").await;
     put_ready_node(&client, "n2", &[], "192.168.50.2").await;
     put_ready_node(&client, "n3", &[], "192.168.50.3").await;
-    let operator = Operator::start(client.clone(), settings());
+    // The operator acts with exactly the RBAC of its install manifests (impersonation).
+    for object in &manifests::manifests(
+        &settings(),
+        &manifests::OperatorDeployment {
+            image: "marklb-operator:test".into(),
+            image_pull_policy: "Never".into(),
+            replicas: 1,
+            metrics_port: 8080,
+        },
+    ) {
+        apply_value(&client, object, "marklb-tests")
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e:#}", object["kind"]));
+    }
+    let operator_client = client_as(
+        &cluster,
+        "system:serviceaccount:marklb-system:marklb-operator",
+    )
+    .await;
+    let operator = Operator::start(operator_client.clone(), settings());
     let agents = SimulatedAgents::start(client.clone(), &["n1"], 4);
 
     report("a pool: Valid, its addresses counted");
@@ -462,7 +495,7 @@ async fn services_on_kube120() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let before = ledger(&client, "public").await;
     operator.stop();
-    let restarted = Operator::start(client.clone(), settings());
+    let restarted = Operator::start(operator_client.clone(), settings());
     tokio::time::sleep(Duration::from_secs(5)).await;
     let writes = writes_by_kind(&restarted);
     report(&format!("  writes of the restarted operator: {writes:?}"));
@@ -542,11 +575,11 @@ async fn services_on_kube120() {
     agents.stop();
 
     report("two operators at once (no leader election): one address never goes to two Services");
-    let own_client = || async {
-        match cluster.local() {
-            Some(server) => server.client().await.unwrap(),
-            None => client.clone(),
-        }
+    let own_client = || {
+        client_as(
+            &cluster,
+            "system:serviceaccount:marklb-system:marklb-operator",
+        )
     };
     apply_pool(
         &client,
