@@ -148,7 +148,8 @@ impl AddressBlock {
         let (mut n, last) = (to_u128(self.first), to_u128(self.last));
         loop {
             let ip = from_u128(family, n);
-            if !(avoid_buggy && is_buggy(ip)) && !taken(ip) {
+            let avoided = avoid_buggy && is_buggy(ip);
+            if !avoided && !taken(ip) {
                 return Some(ip);
             }
             if n == last {

@@ -24,7 +24,7 @@ fn age(p: &LoadBalancerIPPool) -> (Option<Time>, String) {
 /// Every pool as the allocator sees it: usable, or why not.
 pub fn views(pools: &[&LoadBalancerIPPool]) -> Vec<PoolView> {
     let mut sorted: Vec<&LoadBalancerIPPool> = pools.to_vec();
-    sorted.sort_by(|a, b| age(a).cmp(&age(b)));
+    sorted.sort_by_key(|p| age(p));
     let mut out: Vec<PoolView> = Vec::new();
     for p in sorted {
         let mut view = PoolView::new(&p.name_any(), p.spec.clone());
