@@ -370,6 +370,20 @@ async fn services_on_kube120() {
     .await
     .unwrap();
 
+    // The decapsulator DaemonSet, applied on 1.20 (server-side apply knows every field).
+    let decap = Api::<k8s_openapi::api::apps::v1::DaemonSet>::namespaced(client.clone(), SYSTEM)
+        .get("marklb-decap")
+        .await
+        .expect("the decapsulator DaemonSet");
+    let pod = decap.spec.unwrap().template.spec.unwrap();
+    let args = pod.containers[0].args.clone().unwrap_or_default();
+    assert!(
+        args.contains(&"--interface-of=$(HOST_IP)".to_string())
+            && args.contains(&"decap".to_string()),
+        "{args:?}"
+    );
+    assert_eq!(pod.host_network, Some(true));
+
     report("the agent reports: the LoadBalancer is Ready, and so is the Service");
     catch_up(&client, "n1").await.unwrap();
     let ready = wait_condition(&client, "web", "marklb.io/Ready", "True").await;
