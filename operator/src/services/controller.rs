@@ -363,6 +363,13 @@ async fn allocate_and_record(
 pub async fn reconcile(svc: Arc<Service>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
     let result = reconcile_inner(&svc, &ctx).await;
+    ctx.metrics.service_reconciliations.inc();
+    if let Err(e) = &result {
+        ctx.metrics
+            .service_errors
+            .with_label_values(&[e.metric_label()])
+            .inc();
+    }
     let key = format!("{}/{}", svc.namespace().unwrap_or_default(), svc.name_any());
     if result.is_ok() {
         ctx.failures.lock().unwrap().remove(&key);
@@ -523,6 +530,10 @@ async fn serve(svc: &Service, ctx: &Context) -> Result<Action> {
         new.message.clone(),
     );
     if old.as_ref() != Some(&new_key) {
+        ctx.metrics
+            .service_allocations
+            .with_label_values(&[new.reason.as_str()])
+            .inc();
         let type_ = if new.status {
             EventType::Normal
         } else {

@@ -293,7 +293,7 @@ async fn a_full_pool_is_a_condition_and_a_warning_not_a_silent_pending() {
         },
         Settings::default(),
     );
-    run(ctx, &svc).await.unwrap();
+    run(ctx.clone(), &svc).await.unwrap();
     let sent = sent.lock().unwrap().clone();
     assert_eq!(
         lines(&sent),
@@ -317,6 +317,12 @@ async fn a_full_pool_is_a_condition_and_a_warning_not_a_silent_pending() {
     assert_eq!(
         (event["reason"].as_str(), event["type"].as_str()),
         (Some("PoolExhausted"), Some("Warning"))
+    );
+    let metrics = ctx.metrics.render([], []);
+    assert!(
+        metrics.contains("marklb_operator_service_allocations_total{result=\"PoolExhausted\"} 1")
+            && metrics.contains("marklb_operator_service_reconciliations_total 1"),
+        "{metrics}"
     );
 }
 
