@@ -131,6 +131,15 @@ async fn a_served_service_gets_the_finalizer_first_and_others_are_left_alone() {
         json!(["marklb.io/service-cleanup"])
     );
     sent.lock().unwrap().clear();
+    // On current clusters the field says it (no annotation needed).
+    let by_field = service(
+        "shop",
+        "web",
+        "spec: {type: LoadBalancer, loadBalancerClass: marklb.io/lb, ports: [{port: 80}]}",
+    );
+    assert_eq!(run(ctx.clone(), &by_field).await.unwrap(), Action::await_change());
+    assert_eq!(lines(&sent.lock().unwrap()), [format!("PATCH {SVC}")]);
+    sent.lock().unwrap().clear();
     for svc in [other_class, unclassed] {
         assert_eq!(
             run(ctx.clone(), &svc).await.unwrap(),
