@@ -29,14 +29,14 @@ fmt:
 	$(CARGO) fmt --all -- --check
 
 clippy:
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --all-targets --all-features -- -D warnings
 	cd ebpf/prog && $(CARGO) +nightly clippy --target bpfel-unknown-none -Z build-std=core -- -D warnings
 
 lint-scripts:
 	bash scripts/lint.sh
 
 bench: ## Datapath benchmark (ns/packet per path, BPF_PROG_TEST_RUN; root)
-	$(CARGO) build --release -p marklb-agent
+	$(CARGO) build --release -p marklb-agent --features bench
 	./target/release/marklb-agent bench
 
 crdgen: ## Regenerate crds/yaml from the Rust types

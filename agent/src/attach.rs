@@ -2,6 +2,10 @@
 //! bpffs, the XDP program attached through a pinned bpf_link. A restarted agent loads the
 //! same pinned maps and swaps its freshly loaded program into the existing link in one
 //! step (`bpf_link_update`), so traffic never stops and no state is lost.
+//!
+//! The running agent also keeps a descriptor of the link ([`KeptLink`]): the pin keeps the
+//! datapath for the next agent, the descriptor keeps it while this one runs, even if the
+//! pin goes (bpffs unmounted, files removed; [`repin`] puts them back).
 
 use std::{
     fs,
@@ -9,13 +13,17 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use aya::maps::MapData;
 use aya::programs::{
-    Link, XdpMode,
+    XdpMode,
     links::{FdLink, PinnedLink},
     xdp::XdpLink,
 };
 
-use crate::datapath::{Datapath, Prog};
+use crate::{
+    datapath::{Datapath, Prog},
+    xdp_link::{self, KeptLink},
+};
 
 /// `statfs` magic of bpffs.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -108,7 +116,7 @@ pub fn attach(
     iface: &str,
     pins: &PinLayout,
     pref: ModePref,
-) -> Result<Attached> {
+) -> Result<(Attached, KeptLink)> {
     let xdp = dp.program(prog)?;
     if pins.exists() {
         let pinned = PinnedLink::from_pin(pins.link())
@@ -118,17 +126,19 @@ pub fn attach(
         let id = xdp
             .attach_to_link(link)
             .context("replacing the program in the pinned link")?;
-        // The pin keeps the link; dropping our handle must not detach it.
+        // The pin keeps the link; dropping aya's handle must not detach it.
         let link = xdp.take_link(id)?;
         let fd_link = FdLink::try_from(link).context("XDP link without fd")?;
         let prog_id = prog_id_of(&fd_link)?;
+        let kept = KeptLink::keep(&fd_link).context("keeping the XDP link")?;
         drop(fd_link);
         // bpffs holds no plain files; the caller asks the kernel for the mode.
-        return Ok(Attached {
+        let attached = Attached {
             mode: "unknown".into(),
             prog_id,
             adopted: true,
-        });
+        };
+        return Ok((attached, kept));
     }
     let modes: &[(XdpMode, &str)] = match pref {
         ModePref::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
@@ -143,13 +153,15 @@ pub fn attach(
                 let fd_link = FdLink::try_from(link)
                     .context("the kernel attached XDP without a bpf_link; cannot pin it")?;
                 let prog_id = prog_id_of(&fd_link)?;
+                let kept = KeptLink::keep(&fd_link).context("keeping the XDP link")?;
                 fs::create_dir_all(&pins.dir)?;
                 fd_link.pin(pins.link()).context("pinning the XDP link")?;
-                return Ok(Attached {
+                let attached = Attached {
                     mode: (*name).to_string(),
                     prog_id,
                     adopted: false,
-                });
+                };
+                return Ok((attached, kept));
             }
             Err(e) => {
                 tracing::info!(mode = name, error = %e, "XDP attach mode not available");
@@ -167,17 +179,79 @@ fn prog_id_of(link: &FdLink) -> Result<u32> {
     Ok(link.info().context("reading link info")?.program_id())
 }
 
-/// Detaches and unpins everything the agent left for `pins` (link and maps).
+/// Detaches and unpins everything the agent left for `pins` (link and maps). The link is
+/// detached for good even while a running agent still holds it.
 pub fn remove_pins(pins: &PinLayout) -> Result<bool> {
     if !pins.dir.exists() {
         return Ok(false);
     }
     if pins.link().exists() {
-        // Unpinning the last reference detaches the program.
-        let pinned = PinnedLink::from_pin(pins.link())?;
-        let fd_link = pinned.unpin()?;
-        fd_link.detach()?;
+        match xdp_link::detach_pinned(&pins.link()) {
+            // EINVAL: the link was detached already (defunct), nothing left to undo.
+            Err(e) if e.raw_os_error() != Some(libc::EINVAL) => {
+                return Err(e).with_context(|| {
+                    format!("detaching the link pinned at {}", pins.link().display())
+                });
+            }
+            _ => {}
+        }
+        fs::remove_file(pins.link())?;
     }
     fs::remove_dir_all(&pins.dir).with_context(|| format!("removing {}", pins.dir.display()))?;
     Ok(true)
+}
+
+/// The maps `progs` use, by name, each with a descriptor of its own: what must stay pinned
+/// for a restarted agent to adopt the datapath.
+pub fn maps_of(dp: &mut Datapath, progs: &[Prog]) -> Result<Vec<(String, MapData)>> {
+    let mut maps: Vec<(String, MapData)> = Vec::new();
+    for prog in progs {
+        let info = dp.program(*prog)?.info().context("program info")?;
+        for id in info
+            .map_ids()
+            .context("program map ids")?
+            .unwrap_or_default()
+        {
+            let data = MapData::from_id(id).context("map by id")?;
+            let info = data.info().context("map info")?;
+            let name = info.name_as_str().unwrap_or_default().to_string();
+            if !name.is_empty() && !maps.iter().any(|(n, _)| *n == name) {
+                maps.push((name, data));
+            }
+        }
+    }
+    Ok(maps)
+}
+
+/// Whether every pin of the datapath is in place (a few `stat`s).
+pub fn pinned(pins: &PinLayout, maps: &[(String, MapData)]) -> bool {
+    pins.link().exists() && maps.iter().all(|(n, _)| pins.maps().join(n).exists())
+}
+
+/// Pins that went missing under a running agent, pinned again: the XDP link and `maps`.
+/// Mounts a bpffs at `bpffs` first if it is not one any more. Returns what was pinned.
+pub fn repin(
+    link: &KeptLink,
+    maps: &[(String, MapData)],
+    bpffs: &Path,
+    pins: &PinLayout,
+) -> Result<Vec<String>> {
+    let mut pinned = Vec::new();
+    ensure_bpffs(bpffs)?;
+    fs::create_dir_all(pins.maps())
+        .with_context(|| format!("creating {}", pins.maps().display()))?;
+    for (name, data) in maps {
+        let path = pins.maps().join(name);
+        if !path.exists() {
+            data.pin(&path)
+                .with_context(|| format!("pinning map {name} at {}", path.display()))?;
+            pinned.push(format!("map {name}"));
+        }
+    }
+    if !pins.link().exists() {
+        link.pin(&pins.link())
+            .with_context(|| format!("pinning the XDP link at {}", pins.link().display()))?;
+        pinned.push("XDP link".into());
+    }
+    Ok(pinned)
 }

@@ -23,10 +23,11 @@ use marklb_common::{
 use serde::Serialize;
 
 use crate::{
-    balancer::{Balancer, VipId},
     datapath::{Datapath, LoadOptions, Prog},
     maglev::Backend,
+    model::DatapathModel,
     packet::FrameSpec,
+    vip::VipId,
 };
 
 /// Benchmark settings.
@@ -264,7 +265,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
     let mut dp = Datapath::load(&LoadOptions::default())
         .context("loading the datapath (the benchmark needs root and bpf())")?;
     dp.set_config(&bench_config())?;
-    let mut lb = Balancer::new(&dp);
+    let mut lb = DatapathModel::new(&dp);
     let drain = EventDrain::start(&mut dp)?;
 
     let mut bench = Bench { dp: &mut dp, opts };

@@ -1,22 +1,31 @@
-//! `/metrics`, `/healthz` and `/readyz`.
+//! `/metrics`, `/healthz`, `/readyz` and `/status`.
+//!
+//! None of them takes the node engine's lock for longer than counting marks per VIP
+//! (`/status` only): `/metrics` reads what the engine publishes and the statistics maps
+//! through its own handle, `/readyz` asks the kernel what is attached.
 
 use std::{net::SocketAddr, sync::Arc};
 
-use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 
-use crate::{metrics::Metrics, state::SharedRef};
+use crate::{
+    metrics::Metrics,
+    netlink::Netlink,
+    node::{self, NodeHandle},
+};
 
 #[derive(Clone)]
 struct Ctx {
-    shared: SharedRef,
+    node: NodeHandle,
     metrics: Arc<Metrics>,
+    netlink: Arc<Netlink>,
 }
 
 async fn metrics_handler(State(c): State<Ctx>) -> impl IntoResponse {
-    let body = {
-        let s = c.shared.lock().expect("agent state lock");
-        c.metrics.render(&s)
-    };
+    let published = c.node.published();
+    let body = c
+        .metrics
+        .render(&published.view(), &published.marks(), published.stats());
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -31,8 +40,8 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(c): State<Ctx>) -> (StatusCode, String) {
-    let s = c.shared.lock().expect("agent state lock");
-    match s.ready() {
+    let view = c.node.published().view();
+    match node::readiness(&view, &c.netlink).await {
         Ok(()) => (StatusCode::OK, "ready\n".into()),
         Err(why) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -41,19 +50,29 @@ async fn readyz(State(c): State<Ctx>) -> (StatusCode, String) {
     }
 }
 
+async fn status(State(c): State<Ctx>) -> Json<node::NodeReport> {
+    Json(c.node.report())
+}
+
 /// Serves until the task is dropped. Binding errors are returned at once.
 pub async fn serve(
     addr: SocketAddr,
-    shared: SharedRef,
+    node: NodeHandle,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<()> {
+    let netlink = Arc::new(Netlink::connect()?);
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(Ctx { shared, metrics });
+        .route("/status", get(status))
+        .with_state(Ctx {
+            node,
+            metrics,
+            netlink,
+        });
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+    tracing::info!(%addr, "serving /metrics, /healthz, /readyz, /status");
     axum::serve(listener, app).await?;
     Ok(())
 }

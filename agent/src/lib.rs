@@ -1,21 +1,37 @@
-//! marklb agent library: the datapath (loading, maps, Maglev rings) and what the daemon and
-//! the benchmark build on it.
+//! marklb agent library: the node engine and the datapath library under it, exported for
+//! the `marklb-agent` binary, the tests and the demo.
+//!
+//! Layers point one way, each module using only those below it:
+//! - `datapath` (the only code touching aya maps), `maglev`, `packet`;
+//! - `model` (what is programmed), `marks` (mark manager, hardware backends);
+//! - `desired` (what to program, several LoadBalancers merged), `plan` (the pure diff),
+//!   `apply` (carrying a plan out);
+//! - `node` (the engine: attach or adopt, apply, events, aging, readiness, report);
+//! - sources of desired state on top: `file_source` (standalone), and `daemon` (the command
+//!   line), `http`, `metrics`.
 
-pub mod attach;
-pub mod balancer;
-pub mod bench;
-pub mod control_bench;
+pub mod apply;
+mod attach;
 pub mod daemon;
 pub mod datapath;
 pub mod decap;
 pub mod desired;
-pub mod http;
+mod file_source;
+mod http;
 pub mod maglev;
 pub mod marks;
-pub mod metrics;
-pub mod netlink;
-pub mod offload;
+mod metrics;
+pub mod model;
+mod netlink;
+mod node;
 pub mod packet;
-pub mod reconcile;
-pub mod ring_alloc;
-pub mod state;
+pub mod plan;
+mod ring_alloc;
+mod rx_offloads;
+pub mod vip;
+pub mod xdp_link;
+
+#[cfg(feature = "bench")]
+pub mod bench;
+#[cfg(feature = "bench")]
+pub mod control_bench;

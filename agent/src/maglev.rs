@@ -9,26 +9,14 @@
 
 use std::net::IpAddr;
 
+// Table sizes must be prime, so every skip visits every slot.
+use marklb_crds::is_prime;
+
 /// A backend as Maglev sees it: a stable identity (its address) and a weight (0: none).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Backend {
     pub addr: IpAddr,
     pub weight: u32,
-}
-
-/// Whether `n` is prime (table sizes must be, so every skip visits every slot).
-pub fn is_prime(n: u32) -> bool {
-    if n < 2 {
-        return false;
-    }
-    let mut d = 2u64;
-    while d * d <= n as u64 {
-        if (n as u64).is_multiple_of(d) {
-            return false;
-        }
-        d += 1;
-    }
-    true
 }
 
 fn addr_words(addr: &IpAddr) -> [u64; 2] {

@@ -41,7 +41,9 @@ enum Command {
     /// Decapsulate marklb's IP-in-IP traffic on a real server (for kernels without
     /// ipip/ip6tnl devices); runs until SIGTERM/SIGINT.
     Decap(marklb_agent::decap::DecapArgs),
-    /// Measure ns/packet of every datapath path with BPF_PROG_TEST_RUN (needs root).
+    /// Measure ns/packet of every datapath path with BPF_PROG_TEST_RUN (needs root; built
+    /// with `--features bench`).
+    #[cfg(feature = "bench")]
     Bench {
         /// Repetitions per measurement.
         #[arg(long, default_value_t = 1_000_000)]
@@ -61,10 +63,17 @@ enum Command {
     },
 }
 
+/// Whether log lines may carry ANSI colours: only on a terminal, and not with `NO_COLOR`.
+fn colours() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
 fn init_logs(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colours())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -95,6 +104,7 @@ fn main() -> Result<()> {
                 println!("nothing of marklb's on {interface}");
             }
         }
+        #[cfg(feature = "bench")]
         Command::Bench {
             json,
             control_plane: true,
@@ -107,6 +117,7 @@ fn main() -> Result<()> {
                 print!("{}", marklb_agent::control_bench::render(&report));
             }
         }
+        #[cfg(feature = "bench")]
         Command::Bench {
             repeat,
             rounds,

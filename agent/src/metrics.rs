@@ -1,15 +1,26 @@
 //! Prometheus metrics. Datapath counters live in per-CPU BPF maps and are summed at scrape
 //! time (as Katran does): each scrape rewrites the datapath metric vectors from a fresh
 //! snapshot, so removed VIPs and reals disappear and values equal the kernel's counters.
+//!
+//! A scrape reads only what the node engine publishes ([`NodeView`], [`MarkSnapshot`]) and
+//! the statistics maps through its own [`StatsReader`]: it never takes the engine's lock,
+//! so however many VIPs and reals it reports, the new-flow event consumer never waits for
+//! it. Concurrent scrapes are serialised among themselves (they rewrite the same vectors).
 
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
 
+use std::sync::Mutex;
+
 use marklb_common::Counter;
 
-use crate::state::Shared;
+use crate::{
+    datapath::StatsReader,
+    desired::OwnerVerdict,
+    node::{MarkSnapshot, NodeView},
+};
 
 pub struct Metrics {
     registry: Registry,
@@ -28,6 +39,9 @@ pub struct Metrics {
     vips: IntGauge,
     reals: IntGauge,
     info: IntGaugeVec,
+    loadbalancers: IntGaugeVec,
+    /// One scrape at a time rewrites the vectors.
+    scrape: Mutex<()>,
     /// New-flow event (packet seen) to NIC rule installed.
     pub event_to_mark: HistogramVec,
     pub reloads: IntCounterVec,
@@ -87,18 +101,28 @@ impl Metrics {
         )
         .expect("metric");
         r.register(Box::new(info.clone())).expect("register");
+        let loadbalancers = IntGaugeVec::new(
+            Opts::new(
+                "marklb_loadbalancers",
+                "LoadBalancers this node was asked to serve, by state (serving, conflict, refused)",
+            ),
+            &["state"],
+        )
+        .expect("metric");
+        r.register(Box::new(loadbalancers.clone()))
+            .expect("register");
         Self {
             vip_packets: counter(
                 &r,
                 "marklb_vip_packets_total",
                 "Packets forwarded for a VIP",
-                &["vip"],
+                &["vip", "loadbalancer"],
             ),
             vip_bytes: counter(
                 &r,
                 "marklb_vip_bytes_total",
                 "Bytes (as received) forwarded for a VIP",
-                &["vip"],
+                &["vip", "loadbalancer"],
             ),
             real_packets: counter(
                 &r,
@@ -159,13 +183,15 @@ impl Metrics {
                 "1 if the last configuration read was applied",
             ),
             info,
+            loadbalancers,
+            scrape: Mutex::new(()),
             event_to_mark,
             registry: r,
         }
     }
 
     /// Rewrites the datapath metrics from the maps.
-    fn refresh(&self, s: &Shared) {
+    fn refresh(&self, view: &NodeView, marks: &MarkSnapshot, stats: &StatsReader) {
         for v in [
             &self.vip_packets,
             &self.vip_bytes,
@@ -174,21 +200,18 @@ impl Metrics {
         ] {
             v.reset();
         }
-        for (vip, label) in &s.vip_labels {
-            if let Some(st) =
-                s.lb.vip_stats_id(vip)
-                    .and_then(|id| s.dp.vip_stats(id).ok())
-            {
+        for vip in &view.vips {
+            if let Ok(st) = stats.vip_stats(vip.stats_id) {
+                let owner = vip.owner.to_string();
+                let labels = [vip.label.as_str(), owner.as_str()];
                 self.vip_packets
-                    .with_label_values(&[label.as_str()])
+                    .with_label_values(&labels)
                     .inc_by(st.packets);
-                self.vip_bytes
-                    .with_label_values(&[label.as_str()])
-                    .inc_by(st.bytes);
+                self.vip_bytes.with_label_values(&labels).inc_by(st.bytes);
             }
         }
-        for (addr, id) in s.lb.real_ids() {
-            if let Ok(st) = s.dp.real_stats(id) {
+        for (addr, id) in &view.reals {
+            if let Ok(st) = stats.real_stats(*id) {
                 let a = addr.to_string();
                 self.real_packets
                     .with_label_values(&[a.as_str()])
@@ -198,7 +221,7 @@ impl Metrics {
                     .inc_by(st.bytes);
             }
         }
-        if let Ok(snap) = s.dp.counters() {
+        if let Ok(snap) = stats.counters() {
             self.path_packets.reset();
             self.flow_events.reset();
             self.nic_packets.reset();
@@ -213,7 +236,7 @@ impl Metrics {
                 }
             }
         }
-        let st = &s.marks.stats;
+        let st = &marks.stats;
         self.mark_installs.reset();
         self.mark_installs
             .with_label_values(&["ok"])
@@ -234,28 +257,38 @@ impl Metrics {
         self.marks_removed
             .with_label_values(&["real_removed"])
             .inc_by(st.invalidated);
-        self.marks_in_use.set(s.marks.in_use() as i64);
-        self.marks_capacity.set(s.marks.capacity() as i64);
-        self.nic_rules.set(s.marks.rules() as i64);
-        self.vips.set(s.lb.vip_count() as i64);
-        self.reals.set(s.lb.real_count() as i64);
+        self.marks_in_use.set(marks.in_use as i64);
+        self.marks_capacity.set(marks.capacity as i64);
+        self.nic_rules.set(marks.rules as i64);
+        self.vips.set(view.vips.len() as i64);
+        self.reals.set(view.reals.len() as i64);
         self.info.reset();
-        if let Some(a) = &s.attached {
+        if let Some(a) = &view.attached {
             let id = a.prog_id.to_string();
             self.info
                 .with_label_values(&[
-                    s.interface.as_str(),
+                    view.interface.as_str(),
                     a.mode.as_str(),
                     id.as_str(),
-                    s.marks.backend(),
+                    view.hw_backend,
                 ])
                 .set(1);
+        }
+        self.loadbalancers.reset();
+        for verdict in view.owners.values() {
+            let state = match verdict {
+                OwnerVerdict::Serving { .. } => "serving",
+                OwnerVerdict::Conflict { .. } => "conflict",
+                OwnerVerdict::Refused { .. } => "refused",
+            };
+            self.loadbalancers.with_label_values(&[state]).inc();
         }
     }
 
     /// The Prometheus text exposition of everything.
-    pub fn render(&self, s: &Shared) -> String {
-        self.refresh(s);
+    pub fn render(&self, view: &NodeView, marks: &MarkSnapshot, stats: &StatsReader) -> String {
+        let _one_at_a_time = self.scrape.lock().expect("scrape lock");
+        self.refresh(view, marks, stats);
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()

@@ -2,7 +2,7 @@
 //! spirit of Katran's `{description, input frame, expected action, expected output}`.
 //!
 //! A [`Fixture`] holds a freshly loaded [`Datapath`] (small maps, so it loads fast), the
-//! [`LbConfig`] it runs with and a [`Balancer`] programming its VIPs. Expectations come from
+//! [`LbConfig`] it runs with and a [`DatapathModel`] programming its VIPs. Expectations come from
 //! an independent user-space [`Model`]: it re-implements the datapath's acceptance rules on
 //! raw bytes (Ethernet, IPv4/IPv6, TCP/UDP/ICMP, VIP match by address, port and protocol
 //! with the all-ports fallback) and picks the real from the VIP's Maglev ring as programmed
@@ -20,13 +20,14 @@ use std::{
 
 use etherparse::PacketBuilder;
 use marklb_agent::{
-    balancer::{Balancer, RetiringReal, VipId},
     datapath::{
         CounterSnapshot, Datapath, LoadOptions, Prog,
         testrun::{RunResult, XDP_DROP, XDP_PASS, XDP_TX},
     },
     maglev::{self, Backend},
+    model::{DatapathModel, RetiringReal},
     packet::{CLIENT_MAC, FrameSpec, LB_MAC},
+    vip::VipId,
 };
 use marklb_common::{
     CFG_F_ENABLED, CFG_F_ICMP_ECHO, CFG_F_ICMP_TOO_BIG, Counter, FlowKey, IPPROTO_ICMP,
@@ -246,7 +247,7 @@ pub fn exits(delta: &CounterSnapshot) -> Vec<(Counter, u64)> {
 
 pub struct Fixture {
     pub dp: Datapath,
-    pub lb: Balancer,
+    pub lb: DatapathModel,
     pub cfg: LbConfig,
 }
 
@@ -267,7 +268,7 @@ impl Fixture {
             panic!("\n\n*** loading the datapath failed (these tests need root and BPF): {e:#}\n")
         });
         dp.set_config(&cfg).expect("set config");
-        let lb = Balancer::new(&dp);
+        let lb = DatapathModel::new(&dp);
         let mut fx = Self { dp, lb, cfg };
         // Verify the balancer now rather than inside the first case.
         fx.dp.program(Prog::Balancer).expect("balancer verifies");

@@ -19,8 +19,8 @@ use std::{
 use marklb_agent::decap::Decap;
 use marklb_tests::{
     agent_proc::{
-        Agent, AgentOptions, Manifest, Scrape, Workdir, agent_binary, attach_decaps,
-        promtool_check, run_agent_command, write_atomic, xdp_prog_id,
+        Agent, AgentOptions, Manifest, Scrape, Workdir, agent_binary, attach_decaps, is_mounted,
+        manifest::multi_document, promtool_check, run_agent_command, write_atomic, xdp_prog_id,
     },
     netns::{
         Servers, TcpConn, Topology, TopologyOptions, UdpFlow, in_netns, require_root, tally,
@@ -1038,5 +1038,256 @@ fn sigterm_keeps_serving_remove_on_exit_and_cleanup_remove_the_datapath() {
     assert!(
         st.success() && out.contains("nothing of marklb's on lb0"),
         "{out}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 9. Readiness that tells the truth
+// ---------------------------------------------------------------------------------------
+
+/// The agent's `/readyz` body, trimmed.
+fn readyz(env: &mut Env) -> (u16, String) {
+    let r = env.agent().get("/readyz").expect("GET /readyz");
+    (r.status, r.body.trim().to_string())
+}
+
+/// The pins vanish under a running agent (the bpffs unmounted, then pin files removed): the
+/// agent's own hold on the XDP link keeps traffic flowing with the same program, it pins
+/// everything again (a restarted agent still adopts the datapath) and stays ready. Then the
+/// link is detached behind its back: traffic stops, and `/readyz` says so with the reason.
+#[test]
+fn vanished_pins_are_restored_and_readiness_tells_the_truth() {
+    let mut env = Env::up(2);
+    let iface = env.topo.lb.port.iface.clone();
+    let xdp = |env: &Env| xdp_prog_id(&env.topo.lb.ns, &env.topo.lb.port.iface).unwrap();
+    let pins = env.work.bpffs().join("marklb").join(&iface);
+    let prog = xdp(&env).expect("XDP attached");
+    let mut conns = env.connect(tcp4(), 20);
+    let mut flows = env.udp(udp4(), 10);
+    assert_eq!(readyz(&mut env).0, 200);
+
+    // 1. The bpffs is unmounted (what a careless tool on the host did once).
+    env.work.unmount();
+    assert!(!is_mounted(&env.work.bpffs()));
+    assert_eq!(
+        xdp(&env),
+        Some(prog),
+        "the program stays while the agent holds it"
+    );
+    assert_keep_real(&mut conns, "bpffs unmounted");
+    assert_flows_keep_real(&mut flows, "bpffs unmounted");
+    conns.extend(env.connect(tcp4(), 6));
+    env.agent().wait_log("pinned again", 1, WAIT);
+    assert!(
+        is_mounted(&env.work.bpffs()),
+        "the agent mounted a bpffs again"
+    );
+    assert!(pins.join("xdp_link").exists(), "link pinned again");
+    assert!(
+        pins.join("maps").join("CONN_TABLE").exists(),
+        "maps pinned again"
+    );
+    assert_eq!(readyz(&mut env), (200, "ready".into()));
+
+    // 2. Pin files removed by hand.
+    std::fs::remove_file(pins.join("xdp_link")).expect("removing the link pin");
+    std::fs::remove_file(pins.join("maps").join("MARKS")).expect("removing a map pin");
+    env.agent().wait_log("pinned again", 2, WAIT);
+    assert!(pins.join("xdp_link").exists() && pins.join("maps").join("MARKS").exists());
+    assert_keep_real(&mut conns, "pins removed");
+    assert_eq!(readyz(&mut env).0, 200);
+
+    // The pins put back are the datapath's: a restarted agent adopts it, flows and all.
+    env.agent().kill9();
+    assert_keep_real(&mut conns, "agent dead");
+    let opts = env.options();
+    env.start(opts);
+    assert_eq!(
+        env.agent().log_lines("adopted the pinned datapath").len(),
+        1
+    );
+    assert_keep_real(&mut conns, "adopted after re-pinning");
+    assert_flows_keep_real(&mut flows, "adopted after re-pinning");
+    let prog = xdp(&env).expect("XDP attached");
+    assert_eq!(readyz(&mut env).0, 200);
+
+    // 3. The link is detached behind the agent's back: no program, not ready, and why.
+    marklb_agent::xdp_link::detach_pinned(&pins.join("xdp_link")).expect("detaching the link");
+    assert_eq!(xdp(&env), None);
+    let (status, body) = readyz(&mut env);
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains(&format!("no XDP program on {iface}"))
+            && body.contains(&format!("program id {prog}")),
+        "{body}"
+    );
+    assert!(!env.reachable(tcp4(), Duration::from_millis(800)));
+    assert_eq!(
+        env.agent().get("/healthz").unwrap().status,
+        200,
+        "alive, not ready"
+    );
+    // Its log is a file, not a terminal: no colour codes in it.
+    let raw = env.agent().raw_log();
+    assert!(raw.contains("datapath attached"), "{raw}");
+    assert!(
+        !raw.contains('\u{1b}'),
+        "ANSI escapes in a log file:\n{raw}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 10. Several LoadBalancers in standalone mode
+// ---------------------------------------------------------------------------------------
+
+/// The topology's manifest split by address family: one LoadBalancer per family.
+fn split_by_family(m: &Manifest) -> (Manifest, Manifest) {
+    let mut v4 = m.clone();
+    v4.name = format!("{}-v4", m.name);
+    v4.vips.retain(|v| v.address.is_ipv4());
+    let mut v6 = m.clone();
+    v6.name = format!("{}-v6", m.name);
+    v6.vips.retain(|v| v.address.is_ipv6());
+    (v4, v6)
+}
+
+/// The `/status` report.
+fn status(env: &mut Env) -> serde_json::Value {
+    let r = env.agent().get("/status").expect("GET /status");
+    assert_eq!(r.status, 200, "{}", r.body);
+    serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("{e}: {}", r.body))
+}
+
+/// The report of one LoadBalancer.
+fn owner<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    report["owners"]
+        .as_array()
+        .and_then(|o| o.iter().find(|o| o["owner"] == name))
+        .unwrap_or_else(|| panic!("no owner {name} in {report}"))
+}
+
+/// `--config` names a directory: every manifest in it is served, each VIP attributed to its
+/// LoadBalancer; a later LoadBalancer claiming a VIP an earlier one serves is left out whole
+/// and reported; removing a file removes its VIPs and leaves the others' flows alone.
+#[test]
+fn a_directory_of_loadbalancers_is_served_together_with_conflicts_reported() {
+    let mut env = Env::prepare(2);
+    let dir = env.work.path().join("lbs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (v4, v6) = split_by_family(&env.manifest);
+    // Claims the IPv4 TCP VIP too, and brings one VIP of its own: served not at all.
+    let mut thief = v4.clone();
+    thief.name = "thief".into();
+    thief.vips.retain(|v| v.protocol == "TCP");
+    let mut extra = thief.vips[0].clone();
+    extra.port = 8080;
+    extra.name = Some("thief-own".into());
+    thief.vips.push(extra);
+    write_atomic(&dir.join("a-v4.yaml"), &v4.to_yaml()).unwrap();
+    write_atomic(&dir.join("b-v6.yaml"), &v6.to_yaml()).unwrap();
+    write_atomic(&dir.join("c-thief.yaml"), &thief.to_yaml()).unwrap();
+    std::fs::write(dir.join("notes.txt"), "not a manifest").unwrap();
+    let mut opts = env.options();
+    opts.config = dir.clone();
+    env.start(opts);
+
+    let mut c4 = env.connect(tcp4(), 20);
+    let mut c6 = env.connect(tcp6(), 20);
+    let _f4 = env.udp(udp4(), 10);
+    let _f6 = env.udp(udp6(), 10);
+    let s = env.wait_scrape("traffic on every VIP", |s| {
+        s.sum(
+            "marklb_vip_packets_total",
+            &[("loadbalancer", v6.name.as_str())],
+        ) > 0.0
+    });
+    assert_eq!(s.get("marklb_vips", &[]), 4.0, "{}", interesting(&s));
+    assert_eq!(s.get("marklb_loadbalancers", &[("state", "serving")]), 2.0);
+    assert_eq!(s.get("marklb_loadbalancers", &[("state", "conflict")]), 1.0);
+    let by_lb = s.by_label("marklb_vip_packets_total", "loadbalancer");
+    assert_eq!(
+        by_lb.keys().collect::<Vec<_>>(),
+        [&v4.name, &v6.name],
+        "{}",
+        interesting(&s)
+    );
+    assert!(
+        s.get(
+            "marklb_vip_packets_total",
+            &[("vip", "tcp-v6-1"), ("loadbalancer", &v6.name)]
+        ) > 0.0
+    );
+    let conflict = env.agent().wait_log("not served", 1, WAIT);
+    assert!(
+        conflict[0].contains("thief")
+            && conflict[0].contains(&format!("conflicts with {}", v4.name))
+            && conflict[0].contains("VIP 10.99.0.1:80/TCP"),
+        "{conflict:?}"
+    );
+    let report = status(&mut env);
+    assert_eq!(report["vips"], 4);
+    assert_eq!(owner(&report, &v4.name)["serving"], true);
+    assert_eq!(owner(&report, &v4.name)["vips"], 2);
+    assert_eq!(owner(&report, &v6.name)["reals"], 2);
+    assert_eq!(owner(&report, "thief")["serving"], false);
+    assert_eq!(owner(&report, "thief")["conflictWith"], v4.name.as_str());
+    assert_eq!(owner(&report, "thief")["vips"], 0);
+    assert!(
+        !env.reachable(
+            SocketAddr::new(IpAddr::V4(VIP4), 8080),
+            Duration::from_millis(800)
+        ),
+        "the losing LoadBalancer's own VIP is not served either"
+    );
+
+    // The IPv6 LoadBalancer's file goes: its VIPs go, the IPv4 flows keep their reals.
+    let ok0 = reloads(&env.scrape(), "success");
+    std::fs::remove_file(dir.join("b-v6.yaml")).unwrap();
+    let s = env.wait_scrape("b-v6 removed", |s| reloads(s, "success") > ok0);
+    assert_eq!(s.get("marklb_vips", &[]), 2.0, "{}", interesting(&s));
+    assert_keep_real(&mut c4, "after removing the IPv6 LoadBalancer");
+    assert!(c6[0].request("gone?").is_err() || !env.reachable(tcp6(), Duration::from_millis(800)));
+    assert!(
+        status(&mut env)["owners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|o| o["owner"] != v6.name.as_str())
+    );
+}
+
+/// `--config` names a file with several documents: both LoadBalancers are served; one asking
+/// for another node-wide setting (MTU) than the first is left out, naming the setting.
+#[test]
+fn a_multi_document_file_serves_every_loadbalancer_in_it() {
+    let mut env = Env::prepare(2);
+    let (v4, v6) = split_by_family(&env.manifest);
+    let mut jumbo = v4.clone();
+    jumbo.name = "jumbo".into();
+    jumbo.vips = vec![jumbo.vips[0].clone()];
+    jumbo.vips[0].port = 8443;
+    jumbo.vips[0].name = Some("jumbo".into());
+    let mut text = multi_document(&[&v4, &v6, &jumbo]);
+    // The third document asks for jumbo frames.
+    let third = text
+        .rfind("    size: 1500")
+        .expect("an mtu in the third document");
+    text.replace_range(third..third + "    size: 1500".len(), "    size: 9000");
+    env.write_text(&text);
+    let opts = env.options();
+    env.start(opts);
+    let mut c4 = env.connect(tcp4(), 10);
+    let mut c6 = env.connect(tcp6(), 10);
+    assert_keep_real(&mut c4, "v4");
+    assert_keep_real(&mut c6, "v6");
+    let report = status(&mut env);
+    assert_eq!(report["vips"], 4);
+    let j = owner(&report, "jumbo");
+    assert_eq!(j["serving"], false);
+    let problem = j["problem"].as_str().unwrap();
+    assert!(
+        problem.contains(&format!("conflicts with {}", v4.name))
+            && problem.contains("node-wide setting mtu 1500/Icmp (asked: 9000/Icmp)"),
+        "{problem}"
     );
 }

@@ -1,6 +1,6 @@
 //! New-flow events: one per ring pick, none for established flows, bounded per CPU.
 
-use marklb_agent::{balancer::VipId, datapath::EventReader};
+use marklb_agent::{datapath::EventReader, vip::VipId};
 use marklb_common::{CFG_F_EVENTS, Counter, LbConfig};
 use marklb_tests::datapath_fixture::*;
 

@@ -3,7 +3,7 @@
 
 use std::{collections::HashSet, net::IpAddr};
 
-use marklb_agent::{balancer::VipId, maglev::Backend};
+use marklb_agent::{maglev::Backend, vip::VipId};
 use marklb_common::{CFG_F_ENABLED, Counter, FlowKey};
 use marklb_tests::datapath_fixture::*;
 

@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 
-use marklb_agent::{balancer::VipId, packet::FrameSpec};
+use marklb_agent::{packet::FrameSpec, vip::VipId};
 use marklb_common::{CFG_F_ICMP_ECHO, CFG_F_ICMP_TOO_BIG, Counter};
 use marklb_tests::datapath_fixture::*;
 

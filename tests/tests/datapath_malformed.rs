@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 
 use marklb_agent::{
-    balancer::VipId,
     datapath::testrun::{XDP_DROP, XDP_TX},
+    vip::VipId,
 };
 use marklb_common::{Counter, MarkEntry};
 use marklb_tests::datapath_fixture::*;

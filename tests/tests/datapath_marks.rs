@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 
-use marklb_agent::balancer::VipId;
+use marklb_agent::vip::VipId;
 use marklb_common::{Counter, MarkEntry};
 use marklb_tests::datapath_fixture::*;
 

@@ -23,10 +23,11 @@ use std::{
 
 use aya::programs::XdpMode;
 use marklb_agent::{
-    balancer::{Balancer, VipId},
     datapath::{Datapath, LoadOptions, Prog},
     decap::{Attached, Decap, DecapArgs, DecapMode, TcApi, interface_addrs, run_until},
     maglev::Backend,
+    model::DatapathModel,
+    vip::VipId,
 };
 use marklb_common::{Counter, DecapCounter, FlowKey, IPPROTO_TCP, IPPROTO_UDP};
 use marklb_tests::netns::{
@@ -53,7 +54,7 @@ struct Setup {
     // Field order is drop order: decapsulators and balancer before the topology.
     decaps: Vec<Decap>,
     dp: Datapath,
-    balancer: Balancer,
+    balancer: DatapathModel,
     topo: Topology,
 }
 
@@ -78,7 +79,7 @@ fn setup(reals: usize, attach_decaps: bool) -> Setup {
         pin_dir: None,
     })
     .expect("loading the balancer");
-    let mut balancer = Balancer::new(&dp);
+    let mut balancer = DatapathModel::new(&dp);
     for vip in topo.vips() {
         let backends: Vec<Backend> = topo
             .reals

@@ -18,8 +18,6 @@ pub const DEFAULT_CONN_TABLE_SIZE: u32 = 1 << 18;
 pub const DEFAULT_NIC_FLOWS: u32 = 1 << 16;
 /// New-flow event ring buffer size in bytes (power of two, page multiple).
 pub const EVENT_RING_BYTES: u32 = 1 << 22;
-/// Default Maglev table size per VIP (a prime, as Maglev requires).
-pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 65_537;
 /// Largest frame the benchmark wrapper restores (bytes).
 pub const BENCH_FRAME_MAX: usize = 128;
 

@@ -4,8 +4,8 @@
 //! - [`Workdir`] is a private directory (under `/run`) holding the manifest, the agent's log
 //!   and a bpffs mount point; dropping it unmounts the bpffs (which releases whatever was
 //!   pinned there) and removes the directory.
-//! - [`Manifest`] renders LoadBalancer manifests; [`write_atomic`] replaces a file in one
-//!   step so a polling agent never reads half of it.
+//! - [`Manifest`] builds LoadBalancer manifests from the `marklb-crds` types ([`manifest`]);
+//!   [`write_atomic`] replaces a file in one step so a polling agent never reads half of it.
 //! - [`Agent`] runs `marklb-agent run` inside a network namespace (the child `setns`es
 //!   before `exec`, so it keeps the host's mount namespace and `/sys`), with its output in a
 //!   log file; dropping it kills it (`SIGKILL`). [`Agent::get`] talks HTTP to its metrics
@@ -17,7 +17,6 @@
 
 use std::{
     collections::BTreeMap,
-    fmt::Write as _,
     fs::{File, OpenOptions},
     io::{self, Read, Write},
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
@@ -29,7 +28,10 @@ use std::{
 
 use marklb_agent::decap::{Decap, interface_addrs};
 
-use crate::netns::{ENCAP_SRC_V4, ENCAP_SRC_V6, Topology, in_netns, netns_path};
+use crate::netns::{Topology, in_netns, netns_path};
+
+pub mod manifest;
+pub use manifest::{Manifest, VipSpec};
 
 /// Where the agent serves `/metrics` inside the load balancer's namespace. Every topology
 /// has its own namespace, so the same address never collides between parallel tests.
@@ -169,148 +171,6 @@ pub fn write_atomic(path: &Path, text: &str) -> io::Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------
-// Manifests
-// ---------------------------------------------------------------------------------------
-
-/// One VIP of a [`Manifest`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VipSpec {
-    pub name: Option<String>,
-    pub address: IpAddr,
-    pub port: u16,
-    /// `TCP` or `UDP`.
-    pub protocol: &'static str,
-    /// Backends and weights.
-    pub backends: Vec<(IpAddr, u32)>,
-}
-
-/// A LoadBalancer manifest (`marklb.io/v1alpha1`), rendered as YAML by [`Manifest::to_yaml`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Manifest {
-    pub name: String,
-    pub vips: Vec<VipSpec>,
-    /// `spec.hashing.maglevTableSize` (`None`: the default).
-    pub table_size: Option<u32>,
-    /// `spec.nextHop.mac` (`None`: the agent resolves the default gateway).
-    pub next_hop_mac: Option<String>,
-    pub encap_v4: Option<String>,
-    pub encap_v6: Option<String>,
-    /// `spec.flowMarks.idleTimeoutSeconds`.
-    pub mark_idle_timeout: Option<u32>,
-    /// Extra lines appended to `spec:` verbatim (indented by two spaces already).
-    pub extra_spec: Vec<String>,
-}
-
-impl Manifest {
-    /// Every VIP of the topology, TCP on `tcp_port` and UDP on `udp_port`, balanced over
-    /// every real (IPv4 VIPs to the reals' IPv4 addresses, IPv6 VIPs to their IPv6 ones) with
-    /// weight 1; next hop the router, outer sources from the topology's prefixes.
-    pub fn for_topology(topo: &Topology, tcp_port: u16, udp_port: u16) -> Self {
-        let mut vips = Vec::new();
-        for vip in topo.vips() {
-            let backends: Vec<(IpAddr, u32)> = topo
-                .reals
-                .iter()
-                .map(|r| (r.addr(vip.is_ipv6()), 1))
-                .collect();
-            let fam = if vip.is_ipv6() { "v6" } else { "v4" };
-            let n = vips.len() / 2;
-            vips.push(VipSpec {
-                name: Some(format!("tcp-{fam}-{n}")),
-                address: vip,
-                port: tcp_port,
-                protocol: "TCP",
-                backends: backends.clone(),
-            });
-            vips.push(VipSpec {
-                name: Some(format!("udp-{fam}-{n}")),
-                address: vip,
-                port: udp_port,
-                protocol: "UDP",
-                backends,
-            });
-        }
-        Manifest {
-            name: format!("e2e-{}", topo.id),
-            vips,
-            table_size: Some(4099),
-            next_hop_mac: Some(topo.lb.gateway.mac_string()),
-            encap_v4: Some(format!("{ENCAP_SRC_V4}/16")),
-            encap_v6: Some(format!("{ENCAP_SRC_V6}/96")),
-            mark_idle_timeout: None,
-            extra_spec: Vec::new(),
-        }
-    }
-
-    /// The VIP named `name`.
-    pub fn vip_mut(&mut self, name: &str) -> &mut VipSpec {
-        self.vips
-            .iter_mut()
-            .find(|v| v.name.as_deref() == Some(name))
-            .unwrap_or_else(|| panic!("no VIP named {name}"))
-    }
-
-    /// Removes backend `addr` from every VIP.
-    pub fn without_backend(mut self, addr: IpAddr) -> Self {
-        for v in &mut self.vips {
-            v.backends.retain(|(a, _)| *a != addr);
-        }
-        self
-    }
-
-    pub fn to_yaml(&self) -> String {
-        let mut y = String::new();
-        let _ = writeln!(y, "apiVersion: marklb.io/v1alpha1");
-        let _ = writeln!(y, "kind: LoadBalancer");
-        let _ = writeln!(y, "metadata:\n  name: {}", self.name);
-        let _ = writeln!(y, "spec:");
-        if self.vips.is_empty() {
-            let _ = writeln!(y, "  vips: []");
-        } else {
-            let _ = writeln!(y, "  vips:");
-        }
-        for v in &self.vips {
-            let _ = writeln!(y, "    - address: \"{}\"", v.address);
-            if let Some(n) = &v.name {
-                let _ = writeln!(y, "      name: {n}");
-            }
-            let _ = writeln!(y, "      port: {}", v.port);
-            let _ = writeln!(y, "      protocol: {}", v.protocol);
-            if v.backends.is_empty() {
-                let _ = writeln!(y, "      backends: []");
-            } else {
-                let _ = writeln!(y, "      backends:");
-            }
-            for (a, w) in &v.backends {
-                let _ = writeln!(y, "        - address: \"{a}\"\n          weight: {w}");
-            }
-        }
-        if let Some(t) = self.table_size {
-            let _ = writeln!(y, "  hashing:\n    maglevTableSize: {t}");
-        }
-        if let Some(t) = self.mark_idle_timeout {
-            let _ = writeln!(y, "  flowMarks:\n    idleTimeoutSeconds: {t}");
-        }
-        if let Some(mac) = &self.next_hop_mac {
-            let _ = writeln!(y, "  nextHop:\n    mac: \"{mac}\"");
-        }
-        if self.encap_v4.is_some() || self.encap_v6.is_some() {
-            let _ = writeln!(y, "  encap:");
-            if let Some(p) = &self.encap_v4 {
-                let _ = writeln!(y, "    sourcePrefixV4: \"{p}\"");
-            }
-            if let Some(p) = &self.encap_v6 {
-                let _ = writeln!(y, "    sourcePrefixV6: \"{p}\"");
-            }
-        }
-        for l in &self.extra_spec {
-            let _ = writeln!(y, "{l}");
-        }
-        y
-    }
-}
-
-// ---------------------------------------------------------------------------------------
 // The agent process
 // ---------------------------------------------------------------------------------------
 
@@ -428,8 +288,9 @@ impl Agent {
             .open(&opts.log)?;
         let log_offset = log.metadata()?.len();
         let mut cmd = Command::new(&opts.binary);
+        // No NO_COLOR here: the agent must see for itself that its log is not a terminal.
         cmd.args(opts.args())
-            .env("NO_COLOR", "1")
+            .env_remove("NO_COLOR")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -493,6 +354,17 @@ impl Agent {
     pub fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
         self.signal(libc::SIGTERM);
         self.wait_exit(timeout)
+    }
+
+    /// This process's log so far, as written.
+    pub fn raw_log(&self) -> String {
+        let mut b = Vec::new();
+        if let Ok(mut f) = File::open(&self.opts.log) {
+            use std::io::Seek;
+            let _ = f.seek(io::SeekFrom::Start(self.log_offset));
+            let _ = f.read_to_end(&mut b);
+        }
+        String::from_utf8_lossy(&b).into_owned()
     }
 
     /// This process's log so far (ANSI escapes removed).
@@ -1214,29 +1086,5 @@ mod tests {
             strip_ansi("\u{1b}[2m2024\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m x"),
             "2024  INFO x"
         );
-    }
-
-    #[test]
-    fn manifest_renders() {
-        let m = Manifest {
-            name: "t".into(),
-            vips: vec![VipSpec {
-                name: Some("web".into()),
-                address: "10.0.0.1".parse().unwrap(),
-                port: 80,
-                protocol: "TCP",
-                backends: vec![("10.1.0.1".parse().unwrap(), 1)],
-            }],
-            table_size: Some(7),
-            next_hop_mac: Some("02:00:00:01:00:01".into()),
-            encap_v4: Some("10.202.0.0/16".into()),
-            encap_v6: None,
-            mark_idle_timeout: Some(5),
-            extra_spec: vec![],
-        };
-        let y = m.to_yaml();
-        assert!(y.contains("    - address: \"10.0.0.1\"\n      name: web\n      port: 80\n"));
-        assert!(y.contains("maglevTableSize: 7"));
-        assert!(y.contains("idleTimeoutSeconds: 5"));
     }
 }

@@ -1,4 +1,5 @@
-//! Programming VIPs, reals and Maglev rings into the datapath.
+//! The model of what is programmed: VIPs, reals and Maglev rings as the datapath holds them,
+//! kept in step with the maps by the calls that write them.
 //!
 //! Invariants that keep every packet on a valid real while things change:
 //! - a VIP's ring is written into a fresh region and switched in with one VIP-map update
@@ -11,53 +12,17 @@
 
 use std::{collections::HashMap, net::IpAddr};
 
-use marklb_common::{
-    IPPROTO_TCP, IPPROTO_UDP, MAX_REALS, MAX_VIPS, REAL_F_IPV6, RealDef, VipKey, VipMeta,
-    addr_words, words_addr,
-};
+use marklb_common::{MAX_REALS, MAX_VIPS, REAL_F_IPV6, RealDef, VipMeta, addr_words, words_addr};
 
 use crate::{
     datapath::{Datapath, DatapathError, Result},
     maglev::{self, Backend},
+    plan::{Programmed, ProgrammedVip},
     ring_alloc::RingAllocator,
+    vip::VipId,
 };
 
-/// A VIP's identity: address, port (0 = all ports) and protocol.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct VipId {
-    pub addr: IpAddr,
-    pub port: u16,
-    pub proto: u8,
-}
-
-impl VipId {
-    pub fn tcp(addr: IpAddr, port: u16) -> Self {
-        Self {
-            addr,
-            port,
-            proto: IPPROTO_TCP,
-        }
-    }
-
-    pub fn udp(addr: IpAddr, port: u16) -> Self {
-        Self {
-            addr,
-            port,
-            proto: IPPROTO_UDP,
-        }
-    }
-
-    pub fn key(&self) -> VipKey {
-        VipKey {
-            addr_be: addr_words(self.addr),
-            port_be: self.port.to_be(),
-            proto: self.proto,
-            _pad: 0,
-        }
-    }
-}
-
-/// A real whose last reference went away: its slot is cleared by [`Balancer::retire`]
+/// A real whose last reference went away: its slot is cleared by [`DatapathModel::retire`]
 /// once its marks are invalidated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RetiringReal {
@@ -87,7 +52,7 @@ struct VipState {
 
 /// User-space model of what is programmed, kept in step with the maps.
 #[derive(Debug)]
-pub struct Balancer {
+pub struct DatapathModel {
     reals: HashMap<IpAddr, RealSlot>,
     free_real_ids: Vec<u32>,
     /// Last generation handed to a real or VIP slot (one counter serves both).
@@ -97,8 +62,8 @@ pub struct Balancer {
     rings: RingAllocator,
 }
 
-impl Balancer {
-    /// A balancer for an empty datapath.
+impl DatapathModel {
+    /// The model of an empty datapath.
     pub fn new(dp: &Datapath) -> Self {
         Self {
             reals: HashMap::new(),
@@ -115,7 +80,7 @@ impl Balancer {
     /// keep their ids and generations, VIPs their stats slots, generations and rings, so
     /// established flows and marks stay valid. Backends of adopted VIPs are unknown until
     /// the configuration is applied again; reals no VIP claims by then are released by
-    /// [`Balancer::unclaimed_reals`].
+    /// [`DatapathModel::unclaimed_reals`].
     pub fn adopt(dp: &Datapath) -> Result<Self> {
         let mut lb = Self::new(dp);
         let mut used_ids = Vec::new();
@@ -169,7 +134,23 @@ impl Balancer {
         Ok(lb)
     }
 
-    /// Adopted reals that no programmed VIP lists: they leave (pass to [`Balancer::retire`]).
+    /// Adds a reference to each of these programmed reals, so they keep their slots while
+    /// the VIPs that list them change (an apply holds the reals that stay).
+    pub fn hold_reals(&mut self, addrs: &[IpAddr]) {
+        for a in addrs {
+            if let Some(slot) = self.reals.get_mut(a) {
+                slot.refs += 1;
+            }
+        }
+    }
+
+    /// Drops the references [`DatapathModel::hold_reals`] added; returns the reals left with
+    /// none (pass them to [`DatapathModel::retire`]).
+    pub fn release_reals(&mut self, addrs: &[IpAddr]) -> Vec<RetiringReal> {
+        addrs.iter().filter_map(|a| self.release_real(a)).collect()
+    }
+
+    /// Adopted reals that no programmed VIP lists: they leave (pass to [`DatapathModel::retire`]).
     pub fn unclaimed_reals(&mut self) -> Vec<RetiringReal> {
         let gone: Vec<IpAddr> = self
             .reals
@@ -287,7 +268,7 @@ impl Balancer {
     }
 
     /// Programs a VIP with these backends (new, or replacing its previous backends) and
-    /// returns the reals no VIP uses any more (pass them to [`Balancer::retire`]).
+    /// returns the reals no VIP uses any more (pass them to [`DatapathModel::retire`]).
     pub fn set_vip(
         &mut self,
         dp: &mut Datapath,
@@ -295,7 +276,7 @@ impl Balancer {
         backends: &[Backend],
         table_size: u32,
     ) -> Result<Vec<RetiringReal>> {
-        if !maglev::is_prime(table_size) {
+        if !marklb_crds::is_prime(table_size) {
             return Err(DatapathError::Capacity(format!(
                 "Maglev table size {table_size} is not prime"
             )));
@@ -304,7 +285,7 @@ impl Balancer {
         self.set_vip_with_table(dp, vip, backends, table_size, &table)
     }
 
-    /// [`Balancer::set_vip`] with the Maglev table (`maglev::build_table(backends,
+    /// [`DatapathModel::set_vip`] with the Maglev table (`maglev::build_table(backends,
     /// table_size)`) computed by the caller, e.g. for many VIPs in parallel.
     pub fn set_vip_with_table(
         &mut self,
@@ -314,7 +295,7 @@ impl Balancer {
         table_size: u32,
         table: &[u32],
     ) -> Result<Vec<RetiringReal>> {
-        if !maglev::is_prime(table_size) {
+        if !marklb_crds::is_prime(table_size) {
             return Err(DatapathError::Capacity(format!(
                 "Maglev table size {table_size} is not prime"
             )));
@@ -429,5 +410,35 @@ impl Balancer {
     /// The Maglev table size a VIP was programmed with.
     pub fn table_size(&self, vip: &VipId) -> Option<u32> {
         self.vips.get(vip).map(|v| v.table_size)
+    }
+}
+
+impl Programmed for DatapathModel {
+    fn vip_ids(&self) -> Vec<VipId> {
+        self.vips.keys().copied().collect()
+    }
+
+    fn vip(&self, vip: &VipId) -> Option<ProgrammedVip<'_>> {
+        self.vips.get(vip).map(|v| ProgrammedVip {
+            backends: &v.backends,
+            table_size: v.table_size,
+            adopted: v.adopted,
+        })
+    }
+
+    fn real_addrs(&self) -> Vec<IpAddr> {
+        self.reals.keys().copied().collect()
+    }
+
+    fn has_real(&self, addr: &IpAddr) -> bool {
+        self.reals.contains_key(addr)
+    }
+
+    fn real_refs(&self, addr: &IpAddr) -> u32 {
+        self.reals.get(addr).map_or(0, |r| r.refs)
+    }
+
+    fn ring_capacity(&self) -> u32 {
+        self.rings.capacity()
     }
 }

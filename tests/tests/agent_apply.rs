@@ -1,17 +1,20 @@
-//! The agent's diff-apply (`reconcile::apply`) against a real datapath: what a reload
-//! changes, what it leaves alone, and that flows and marks of a real that leaves a VIP
-//! move even when other VIPs keep that real. Needs root and the kernel's BPF.
+//! The agent's diff-apply (`plan::plan`, carried out by `apply::apply`) against a real
+//! datapath: what a reload changes, what it leaves alone, that flows and marks of a real
+//! that leaves a VIP move even when other VIPs keep that real, and that a real moving between
+//! VIPs keeps its slot. Needs root and the kernel's BPF.
 
 use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
 use marklb_agent::{
-    balancer::{Balancer, VipId},
+    apply::{self, ApplyReport},
     datapath::{Datapath, LoadOptions, Prog, testrun::XDP_TX},
-    desired::{Desired, MarkPolicy, VipPlan},
+    desired::{Desired, MarkPolicy, NextHop, NodeSettings, Owner, VipPlan},
     maglev::Backend,
     marks::{EmulatedNic, MarkManager},
+    model::DatapathModel,
     packet::FrameSpec,
-    reconcile,
+    plan,
+    vip::VipId,
 };
 use marklb_common::{FlowKey, NewFlowEvent};
 use marklb_crds::loadbalancer::MarkScope;
@@ -39,27 +42,32 @@ fn plan(vips: &[(&str, &[&str])]) -> Desired {
                 label: vip.to_string(),
                 backends,
                 table_size: TABLE,
+                owner: Owner::new("test", "lb"),
             },
         );
     }
     Desired {
         vips: map,
-        marks: MarkPolicy {
-            scope: MarkScope::PerFlow,
-            capacity: 1_000,
-            idle_timeout: Duration::from_secs(60),
+        settings: NodeSettings {
+            interface: None,
+            next_hop: NextHop::default(),
+            marks: MarkPolicy {
+                scope: MarkScope::PerFlow,
+                capacity: 1_000,
+                idle_timeout: Duration::from_secs(60),
+            },
+            mtu: 1500,
+            icmp_too_big: true,
+            icmp_echo: true,
+            encap_src_v4_be: u32::from_be_bytes([172, 16, 0, 0]).to_be(),
+            encap_src_v6_be: [0; 4],
         },
-        mtu: 1500,
-        icmp_too_big: true,
-        icmp_echo: true,
-        encap_src_v4_be: u32::from_be_bytes([172, 16, 0, 0]).to_be(),
-        encap_src_v6_be: [0; 4],
     }
 }
 
 struct Node {
     dp: Datapath,
-    lb: Balancer,
+    lb: DatapathModel,
     marks: MarkManager,
 }
 
@@ -76,17 +84,17 @@ impl Node {
         dp.set_config(&desired.lb_config([2, 0, 0, 0, 0, 0xfe]))
             .expect("config");
         dp.chain_nic_to_balancer().expect("chain");
-        let lb = Balancer::new(&dp);
+        let lb = DatapathModel::new(&dp);
         let nic = EmulatedNic::new(&dp).expect("emulated NIC");
-        let marks = MarkManager::new(Box::new(nic), desired.marks);
+        let marks = MarkManager::new(Box::new(nic), desired.settings.marks);
         let mut n = Self { dp, lb, marks };
         n.apply(desired);
         n
     }
 
-    fn apply(&mut self, desired: &Desired) -> reconcile::ApplyReport {
-        reconcile::check_capacity(&self.lb, desired).expect("fits");
-        reconcile::apply(&mut self.dp, &mut self.lb, &mut self.marks, desired).expect("apply")
+    fn apply(&mut self, desired: &Desired) -> ApplyReport {
+        plan::check_capacity(&self.lb, desired).expect("fits");
+        apply::apply(&mut self.dp, &mut self.lb, &mut self.marks, desired).expect("apply")
     }
 
     /// The real the balancer sends this frame to (outer IPv4 destination).
@@ -226,7 +234,38 @@ fn a_plan_that_does_not_fit_is_refused_before_anything_changes() {
         .iter()
         .map(|(v, r)| (v.as_str(), r.as_slice()))
         .collect();
-    let err = reconcile::check_capacity(&n.lb, &plan(&refs)).unwrap_err();
+    let err = plan::check_capacity(&n.lb, &plan(&refs)).unwrap_err();
     assert!(err.contains("ring storage"), "{err}");
     assert_eq!(n.lb.vip_count(), 1, "nothing applied");
+}
+
+#[test]
+fn a_real_moving_from_a_removed_vip_to_a_new_one_keeps_its_slot_and_the_rest_is_untouched() {
+    let before = plan(&[("10.0.0.1", &["10.1.0.1"]), ("10.0.0.2", &["10.1.0.2"])]);
+    let mut n = Node::new(&before);
+    let kept = n.flow_to("10.0.0.1", "10.1.0.1");
+    let kept_mark = n.mark_of(&kept.flow()).unwrap();
+    let id = |n: &Node, a: &str| n.lb.real_id(&ip(a)).expect("programmed");
+    let slot = id(&n, "10.1.0.2");
+    let generation = n.dp.real(slot).unwrap().generation;
+
+    // 10.0.0.2 goes; 10.0.0.3 arrives with its real in the same apply.
+    let report = n.apply(&plan(&[
+        ("10.0.0.1", &["10.1.0.1"]),
+        ("10.0.0.3", &["10.1.0.2"]),
+    ]));
+    assert_eq!((report.removed.len(), report.added.len()), (1, 1));
+    assert_eq!(report.unchanged, 1);
+    assert_eq!(report.reals_retired, 0, "10.1.0.2 is still listed");
+    assert_eq!(id(&n, "10.1.0.2"), slot, "same slot");
+    assert_eq!(
+        n.dp.real(slot).unwrap().generation,
+        generation,
+        "same generation"
+    );
+    // The new VIP forwards to it; the untouched VIP's flow keeps its real and its mark.
+    let syn = FrameSpec::tcp(ip("192.0.2.9"), 40_000, ip("10.0.0.3"), 80, true);
+    assert_eq!(n.send(Prog::Balancer, &syn), ip("10.1.0.2"));
+    assert_eq!(n.send(Prog::EmulatedNic, &kept), ip("10.1.0.1"));
+    assert_eq!(n.mark_of(&kept.flow()), Some(kept_mark));
 }

@@ -1,0 +1,29 @@
+//! Readiness that tells the truth: the node is ready when the program attached to its
+//! interface is the one it attached (same kernel id) and a desired state is applied. A
+//! program detached or replaced behind the agent's back makes it not ready, with the reason.
+
+use super::NodeView;
+use crate::netlink::Netlink;
+
+/// `Ok` when ready, else why not (one line).
+pub async fn readiness(view: &NodeView, netlink: &Netlink) -> Result<(), String> {
+    let Some(attached) = &view.attached else {
+        return Err("datapath not attached".into());
+    };
+    if !view.applied {
+        return Err("no valid configuration applied yet".into());
+    }
+    let iface = &view.interface;
+    match netlink.xdp_attachment(iface).await {
+        Ok(Some(x)) if x.prog_id == attached.prog_id => Ok(()),
+        Ok(Some(x)) => Err(format!(
+            "the XDP program on {iface} (id {}) is not ours (id {})",
+            x.prog_id, attached.prog_id
+        )),
+        Ok(None) => Err(format!(
+            "no XDP program on {iface}: the datapath (program id {}) was detached",
+            attached.prog_id
+        )),
+        Err(e) => Err(format!("cannot read the XDP program of {iface}: {e:#}")),
+    }
+}
