@@ -553,8 +553,32 @@ async fn services_on_kube120() {
             .any(|(_, s)| s == "web")
     );
     wait_event(&client, "web", "Released").await;
-    // The freed address goes to the Service that waited for one.
-    wait_ingress(&client, "more", &["10.0.0.1"]).await;
+    // The freed address goes to one of the two Services waiting: `api` asked for exactly it,
+    // `more` for any; whichever is reconciled first gets it, the other stays refused.
+    let winner = eventually("10.0.0.1 handed to api or more", WAIT, || async {
+        let api = ingress(&get_service(&client, "api").await.unwrap());
+        let more = ingress(&get_service(&client, "more").await.unwrap());
+        Ok(match (api.as_slice(), more.as_slice()) {
+            ([a], []) if a == "10.0.0.1" => Some("api"),
+            ([], [m]) if m == "10.0.0.1" => Some("more"),
+            _ => None,
+        })
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let loser = if winner == "api" { "more" } else { "api" };
+    let refused = svc_condition(
+        &get_service(&client, loser).await.unwrap(),
+        "marklb.io/AddressAllocated",
+    )
+    .unwrap();
+    report(&format!(
+        "  10.0.0.1 went to {winner}; {loser}: {} {}",
+        refused.1, refused.2
+    ));
+    assert_eq!(refused.0, "False");
+    assert!(ingress(&get_service(&client, loser).await.unwrap()).is_empty());
 
     report(
         "deletion: the LoadBalancer (and its node state) go first, then the address, then the Service",

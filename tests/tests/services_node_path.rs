@@ -17,10 +17,11 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use aya::programs::XdpMode;
-use marklb_agent::balancer::{Balancer, VipId};
 use marklb_agent::datapath::{Datapath, LoadOptions, Prog};
 use marklb_agent::decap::{DecapArgs, DecapMode, run_until};
 use marklb_agent::maglev::Backend;
+use marklb_agent::model::DatapathModel;
+use marklb_agent::vip::VipId;
 use marklb_common::{Counter, DecapCounter};
 use marklb_tests::netns::{
     IdServer, Tcp, Topology, TopologyOptions, in_netns, ip, netns_exec, require_root,
@@ -61,7 +62,7 @@ fn decapsulated_traffic_goes_through_kube_proxy_nat_and_replies_skip_the_balance
         pin_dir: None,
     })
     .expect("loading the balancer");
-    let mut balancer = Balancer::new(&dp);
+    let mut balancer = DatapathModel::new(&dp);
     let nodes: Vec<Backend> = topo
         .reals
         .iter()

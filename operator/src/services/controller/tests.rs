@@ -137,7 +137,10 @@ async fn a_served_service_gets_the_finalizer_first_and_others_are_left_alone() {
         "web",
         "spec: {type: LoadBalancer, loadBalancerClass: marklb.io/lb, ports: [{port: 80}]}",
     );
-    assert_eq!(run(ctx.clone(), &by_field).await.unwrap(), Action::await_change());
+    assert_eq!(
+        run(ctx.clone(), &by_field).await.unwrap(),
+        Action::await_change()
+    );
     assert_eq!(lines(&sent.lock().unwrap()), [format!("PATCH {SVC}")]);
     sent.lock().unwrap().clear();
     for svc in [other_class, unclassed] {
