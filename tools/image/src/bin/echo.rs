@@ -39,8 +39,20 @@ fn bind<T>(port: u16, f: impl Fn(SocketAddr) -> std::io::Result<T>) -> std::io::
     f(SocketAddr::from(([0u16; 8], port))).or_else(|_| f(SocketAddr::from(([0u8; 4], port))))
 }
 
+/// The peer as a client would write it: IPv4 clients of a dual-stack socket appear as
+/// IPv4-mapped IPv6 addresses, shown here as the IPv4 address they are.
+fn plain(peer: SocketAddr) -> SocketAddr {
+    match peer {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::from((v4, v6.port())),
+            None => peer,
+        },
+        v4 => v4,
+    }
+}
+
 fn serve_tcp(stream: TcpStream, me: &str) -> std::io::Result<()> {
-    let peer = stream.peer_addr()?;
+    let peer = plain(stream.peer_addr()?);
     stream.set_nodelay(true)?;
     stream.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut out = stream.try_clone()?;
@@ -93,7 +105,7 @@ fn main() {
         let mut buf = [0u8; 2048];
         while !STOP.load(Ordering::SeqCst) {
             if let Ok((n, peer)) = udp.recv_from(&mut buf) {
-                let mut reply = format!("{udp_me} {peer} ").into_bytes();
+                let mut reply = format!("{udp_me} {} ", plain(peer)).into_bytes();
                 reply.extend_from_slice(&buf[..n]);
                 let _ = udp.send_to(&reply, peer);
             }
@@ -136,5 +148,9 @@ mod tests {
             format!("web-1@node-2 {local}\nweb-1@node-2 hello\nweb-1@node-2 again\n")
         );
         assert!(bind(0, TcpListener::bind).is_ok());
+        let mapped: SocketAddr = "[::ffff:10.0.0.7]:80".parse().unwrap();
+        assert_eq!(plain(mapped), "10.0.0.7:80".parse::<SocketAddr>().unwrap());
+        let v6: SocketAddr = "[2001:db8::1]:80".parse().unwrap();
+        assert_eq!(plain(v6), v6);
     }
 }
