@@ -469,6 +469,48 @@ fn family_bit(a: &IpAddr) -> u32 {
     }
 }
 
+/// The interface (in the calling thread's network namespace) that holds `addr`.
+pub fn interface_holding(addr: IpAddr) -> io::Result<String> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut found = None;
+    let mut cur = head;
+    while !cur.is_null() && found.is_none() {
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_name.is_null() || ifa.ifa_addr.is_null() {
+            continue;
+        }
+        let here = match i32::from(unsafe { (*ifa.ifa_addr).sa_family }) {
+            libc::AF_INET => {
+                let sin = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in>() };
+                Some(IpAddr::from(sin.sin_addr.s_addr.to_ne_bytes()))
+            }
+            libc::AF_INET6 => {
+                let sin6 = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in6>() };
+                Some(IpAddr::V6(std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr)))
+            }
+            _ => None,
+        };
+        if here == Some(addr) {
+            found = Some(
+                unsafe { CStr::from_ptr(ifa.ifa_name) }
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+        }
+    }
+    unsafe { libc::freeifaddrs(head) };
+    found.ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no interface holds {addr}"),
+        )
+    })
+}
+
 /// The addresses of `iface` (in the calling thread's network namespace), without IPv6
 /// link-local ones (the balancer never encapsulates to those).
 pub fn interface_addrs(iface: &str) -> io::Result<Vec<IpAddr>> {
@@ -522,8 +564,12 @@ pub fn interface_addrs(iface: &str) -> io::Result<Vec<IpAddr>> {
 #[derive(Clone, Debug, clap::Args)]
 pub struct DecapArgs {
     /// Interface the encapsulated packets arrive on.
-    #[arg(long)]
+    #[arg(long, default_value = "", required_unless_present = "interface_of")]
     pub interface: String,
+    /// Instead of --interface: the interface that holds this local address (a node's
+    /// InternalIP from the downward API, where interface names differ between nodes).
+    #[arg(long, value_name = "ADDR", conflicts_with = "interface")]
+    pub interface_of: Option<IpAddr>,
     /// Extra local address to accept as outer destination (repeatable). The interface's own
     /// addresses are always included unless --no-interface-addresses.
     #[arg(long = "address", value_name = "ADDR")]
@@ -583,6 +629,11 @@ pub async fn run_until(
 ) -> anyhow::Result<DecapCounters> {
     use anyhow::Context as _;
 
+    let mut args = args;
+    if let Some(addr) = args.interface_of {
+        args.interface = interface_holding(addr)
+            .with_context(|| format!("finding the interface that holds {addr}"))?;
+    }
     let mut decap = Decap::load().context("loading the decapsulation object")?;
     let mut addrs = args.local_addrs()?;
     if addrs.is_empty() {
@@ -675,6 +726,22 @@ mod tests {
             Cli::try_parse_from(["decap"]).is_err(),
             "--interface is required"
         );
+        let by_address = Cli::parse_from(["decap", "--interface-of", "10.0.0.7"]).decap;
+        assert_eq!(by_address.interface_of, Some("10.0.0.7".parse().unwrap()));
+        assert!(
+            Cli::try_parse_from(["decap", "--interface", "eth1", "--interface-of", "10.0.0.7"])
+                .is_err(),
+            "one or the other"
+        );
+    }
+
+    #[test]
+    fn the_interface_holding_an_address() {
+        assert_eq!(
+            interface_holding("127.0.0.1".parse().unwrap()).unwrap(),
+            "lo"
+        );
+        assert!(interface_holding("192.0.2.251".parse().unwrap()).is_err());
     }
 
     #[test]
@@ -684,6 +751,7 @@ mod tests {
         assert!(interface_addrs("no-such-if0").is_err());
         let args = DecapArgs {
             interface: "lo".into(),
+            interface_of: None,
             addresses: vec!["192.0.2.1".parse().unwrap()],
             no_interface_addresses: true,
             mode: DecapMode::Xdp,

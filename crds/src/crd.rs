@@ -15,6 +15,7 @@ use kube::CustomResourceExt;
 
 use crate::loadbalancer::LoadBalancer;
 use crate::node_state::LoadBalancerNodeState;
+use crate::pool::LoadBalancerIPPool;
 
 /// Directory (under `crds/yaml/`) of the CRDs for apiservers without CEL.
 pub const LEGACY_DIR: &str = "legacy-1.20";
@@ -28,6 +29,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
     vec![
         fix_formats(&LoadBalancer::crd()),
         fix_formats(&LoadBalancerNodeState::crd()),
+        fix_formats(&LoadBalancerIPPool::crd()),
     ]
 }
 

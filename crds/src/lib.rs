@@ -1,9 +1,10 @@
-//! marklb Kubernetes API types (`marklb.io/v1alpha1`): `LoadBalancer` and
-//! `LoadBalancerNodeState`, their validation in Rust, the shared condition, label and finalizer
+//! marklb Kubernetes API types (`marklb.io/v1alpha1`): `LoadBalancer`,
+//! `LoadBalancerNodeState` and `LoadBalancerIPPool`, their validation in Rust, the shared condition, label and finalizer
 //! names, and the CRDs generated from them (`crds/yaml/`, written by the `crdgen` binary).
 //!
 //! - [`loadbalancer`]: the user-facing spec, also the agent's standalone config file.
 //! - [`node_state`]: the per-node object (spec by the operator, status by the agent).
+//! - [`pool`]: `LoadBalancerIPPool`, the addresses Services of type LoadBalancer draw from.
 //! - [`limits`]: bounds and defaults of the API (and [`is_prime`] for Maglev table sizes).
 //! - [`parse`]: the address, prefix and MAC parsers the types and the validation share.
 //! - [`validate`]: [`LoadBalancerSpec::validate`], every rule of the schema and CEL in Rust.
@@ -20,6 +21,7 @@ pub mod loadbalancer;
 pub mod manifest;
 pub mod node_state;
 pub mod parse;
+pub mod pool;
 pub mod validate;
 
 #[cfg(test)]
@@ -37,6 +39,7 @@ pub use node_state::{
     LoadBalancerNodeState, LoadBalancerNodeStateSpec, LoadBalancerNodeStateStatus,
 };
 pub use parse::IpPrefix;
+pub use pool::{LoadBalancerIPPool, LoadBalancerIPPoolSpec, LoadBalancerIPPoolStatus};
 pub use validate::{FieldError, ValidationErrors};
 
 /// API group of every marklb resource.

@@ -141,6 +141,14 @@ fn walk(schema: &Value, value: &Value, path: &str, errors: &mut Vec<String>) {
             }
         }
         Value::Array(items) => {
+            if let Some(min) = schema.get("minItems").and_then(Value::as_u64)
+                && (items.len() as u64) < min
+            {
+                errors.push(format!(
+                    "{path}: Invalid value: {}: {path} in body should have at least {min} items",
+                    items.len()
+                ));
+            }
             if let Some(max) = schema.get("maxItems").and_then(Value::as_u64)
                 && items.len() as u64 > max
             {

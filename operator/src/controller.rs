@@ -758,6 +758,20 @@ pub async fn run(
         agent_pods,
     };
     let (filled_tx, filled_rx) = tokio::sync::watch::channel(false);
+    // The Service controller runs beside this one, on its own watches, until the same
+    // shutdown (see `crate::services`).
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+    let services = {
+        let (client, settings, metrics) =
+            (client.clone(), settings.clone(), shared.metrics.clone());
+        let (instance, shutdown) = (instance.clone(), shutdown.clone());
+        async move {
+            if settings.services.enabled {
+                crate::services::controller::run(client, settings, metrics, instance, shutdown)
+                    .await;
+            }
+        }
+    };
     let ctx = Arc::new(Context::new(
         client,
         settings,
@@ -782,7 +796,7 @@ pub async fn run(
             .ready
             .store(true, std::sync::atomic::Ordering::SeqCst);
     });
-    controller
+    let loadbalancers = controller
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| {
@@ -790,8 +804,8 @@ pub async fn run(
                 debug!(error = %e, "controller");
             }
             future::ready(())
-        })
-        .await;
+        });
+    tokio::join!(loadbalancers, services);
 }
 
 #[cfg(test)]

@@ -9,7 +9,9 @@
 //! - [`apply`] writes what they decided (server-side apply, field manager `marklb-operator`,
 //!   writes skipped when the cache already holds the object; stale node states deleted);
 //! - [`controller`] wires watches, caches, the finalizer and the deletion protocol;
-//! - [`metrics`], [`http`], [`leader`] and [`manifests`] serve the process around it.
+//! - [`metrics`], [`http`], [`leader`] and [`manifests`] serve the process around it;
+//! - [`services`] serves Services of type LoadBalancer (address pools, an owned LoadBalancer
+//!   per Service with the nodes as reals, the decapsulator DaemonSet) next to it.
 //!
 //! Everything the operator applies uses only fields Kubernetes 1.20 knows (server-side apply
 //! there fails with 500 on any other).
@@ -24,6 +26,7 @@ pub mod leader;
 pub mod manifests;
 pub mod metrics;
 pub mod rollup;
+pub mod services;
 pub mod settings;
 
 #[cfg(test)]
@@ -32,7 +35,7 @@ mod fixtures;
 mod hostile;
 
 pub use controller::{Context, run};
-pub use settings::{AgentSettings, MetricsBind, Settings};
+pub use settings::{AgentSettings, MetricsBind, ServiceSettings, Settings};
 
 /// Why a reconciliation failed. Each kind has a metric label
 /// (`marklb_operator_reconcile_errors_total{error=...}`).

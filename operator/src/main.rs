@@ -12,7 +12,8 @@ use k8s_openapi::api::core::v1::Toleration;
 use marklb_operator::http::Shared;
 use marklb_operator::leader::{LeaseSettings, run_when_leader};
 use marklb_operator::manifests::{self, OPERATOR_NAME, OperatorDeployment};
-use marklb_operator::{AgentSettings, MetricsBind, Settings};
+use marklb_operator::services::request::ClassPolicy;
+use marklb_operator::{AgentSettings, MetricsBind, ServiceSettings, Settings};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -89,6 +90,16 @@ struct CommonArgs {
     /// Seconds a deleted LoadBalancer waits for its agents to remove its VIPs.
     #[arg(long, default_value_t = 30)]
     cleanup_timeout: u64,
+    /// Do not serve Services of type LoadBalancer.
+    #[arg(long)]
+    no_services: bool,
+    /// The spec.loadBalancerClass (or annotation marklb.io/load-balancer-class on clusters
+    /// without the field) of the Services marklb serves.
+    #[arg(long, default_value = marklb_operator::services::DEFAULT_CLASS)]
+    service_class: String,
+    /// Also serve Services of type LoadBalancer without any class (as MetalLB does).
+    #[arg(long)]
+    serve_unclassed_services: bool,
 }
 
 #[derive(Args)]
@@ -107,10 +118,11 @@ struct RunArgs {
     /// Seconds a leader stays leader without renewing its Lease.
     #[arg(long, default_value_t = 15)]
     lease_duration: u64,
-    /// Do not apply the agent DaemonSet (agents deployed some other way).
+    /// Do not apply the agent and decapsulator DaemonSets (deployed some other way).
     #[arg(long)]
     no_daemonset: bool,
-    /// Do not watch agent pods (no AgentNotScheduled reason; no pod permissions needed).
+    /// Do not watch agent and decapsulator pods (no AgentNotScheduled reason, every node may
+    /// be a real of a Service; no pod permissions needed).
     #[arg(long)]
     no_agent_pods: bool,
 }
@@ -152,6 +164,14 @@ impl CommonArgs {
                 ..AgentSettings::default()
             },
             cleanup_timeout: Duration::from_secs(self.cleanup_timeout),
+            services: ServiceSettings {
+                enabled: !self.no_services,
+                class: ClassPolicy {
+                    class: self.service_class.clone(),
+                    serve_unclassed: self.serve_unclassed_services,
+                },
+                ..ServiceSettings::default()
+            },
             ..Settings::default()
         }
     }
@@ -188,6 +208,9 @@ async fn run(args: RunArgs) -> Result<()> {
     let mut settings = args.common.settings();
     settings.manage_daemonset = !args.no_daemonset;
     settings.watch_agent_pods = !args.no_agent_pods;
+    // The decapsulator DaemonSet and its pods follow the agent's flags.
+    settings.services.manage_decap = !args.no_daemonset;
+    settings.services.watch_decap_pods = !args.no_agent_pods;
     let shared = Arc::new(Shared::default());
     let http = marklb_operator::http::serve(args.metrics_addr, shared.clone());
     let work = async {

@@ -32,12 +32,20 @@ pub struct OperatorDeployment {
 /// The operator's cluster-wide permissions.
 pub fn operator_cluster_rules() -> Value {
     json!([
-        {"apiGroups": ["marklb.io"], "resources": ["loadbalancers"], "verbs": ["get", "list", "watch", "patch"]},
+        // create and delete: the LoadBalancers of Services of type LoadBalancer.
+        {"apiGroups": ["marklb.io"], "resources": ["loadbalancers"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
         {"apiGroups": ["marklb.io"], "resources": ["loadbalancers/status"], "verbs": ["get", "patch"]},
         {"apiGroups": ["marklb.io"], "resources": ["loadbalancernodestates"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
         {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+        // Services of type LoadBalancer: their finalizer and status, the address pools' ledgers,
+        // namespace labels for the pools' selectors.
+        {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch", "patch"]},
+        {"apiGroups": [""], "resources": ["services/status"], "verbs": ["get", "patch"]},
+        {"apiGroups": ["marklb.io"], "resources": ["loadbalancerippools"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["marklb.io"], "resources": ["loadbalancerippools/status"], "verbs": ["get", "patch"]},
+        {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},
     ])
 }
 
@@ -96,6 +104,14 @@ pub fn operator_args(settings: &Settings, metrics_port: u16) -> Vec<String> {
     }
     if let Some(m) = &a.xdp_mode {
         args.push(format!("--agent-xdp-mode={m}"));
+    }
+    let services = &settings.services;
+    if !services.enabled {
+        args.push("--no-services".into());
+    }
+    args.push(format!("--service-class={}", services.class.class));
+    if services.class.serve_unclassed {
+        args.push("--serve-unclassed-services".into());
     }
     args
 }
@@ -244,7 +260,8 @@ mod tests {
             .collect();
         assert!(
             args.contains(&"--namespace=marklb-system")
-                && args.contains(&"--agent-hw-backend=auto"),
+                && args.contains(&"--agent-hw-backend=auto")
+                && args.contains(&"--service-class=marklb.io/lb"),
             "{args:?}"
         );
         assert_eq!(objects[8]["subjects"][0]["name"], AGENT_NAME);

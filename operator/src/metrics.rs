@@ -30,6 +30,13 @@ pub struct Metrics {
     pub leader: IntGauge,
     loadbalancers: IntGaugeVec,
     node_states: IntGaugeVec,
+    /// Service reconciliations run (`crate::services`).
+    pub service_reconciliations: IntCounter,
+    /// Failed Service reconciliations, by error kind.
+    pub service_errors: IntCounterVec,
+    /// Changes of a Service's allocation, by outcome (`Allocated`, `PoolExhausted`,
+    /// `AddressInUse`...): a rising `PoolExhausted` is a pool to grow.
+    pub service_allocations: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -92,8 +99,32 @@ impl Metrics {
             &["condition", "status"],
         )
         .unwrap();
+        let service_reconciliations = IntCounter::new(
+            "marklb_operator_service_reconciliations_total",
+            "Reconciliations of Services of type LoadBalancer",
+        )
+        .unwrap();
+        let service_errors = IntCounterVec::new(
+            Opts::new(
+                "marklb_operator_service_reconcile_errors_total",
+                "Failed reconciliations of Services of type LoadBalancer, by error kind",
+            ),
+            &["error"],
+        )
+        .unwrap();
+        let service_allocations = IntCounterVec::new(
+            Opts::new(
+                "marklb_operator_service_allocations_total",
+                "Changes of a Service's address allocation, by outcome (reason)",
+            ),
+            &["result"],
+        )
+        .unwrap();
         for c in [
-            Box::new(reconciliations.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(service_reconciliations.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(service_errors.clone()),
+            Box::new(service_allocations.clone()),
+            Box::new(reconciliations.clone()),
             Box::new(errors.clone()),
             Box::new(duration.clone()),
             Box::new(writes.clone()),
@@ -112,6 +143,9 @@ impl Metrics {
             leader,
             loadbalancers,
             node_states,
+            service_reconciliations,
+            service_errors,
+            service_allocations,
         }
     }
 

@@ -103,6 +103,33 @@ pub struct Settings {
     pub cleanup_timeout: Duration,
     /// Requeue interval of a healthy LoadBalancer (a safety net; watches drive the rest).
     pub resync: Duration,
+    /// Services of type LoadBalancer (`crate::services`).
+    pub services: ServiceSettings,
+}
+
+/// How the operator serves Services of type LoadBalancer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSettings {
+    /// Whether the Service controller runs at all.
+    pub enabled: bool,
+    /// Which Services it serves (class, and whether Services without a class too).
+    pub class: crate::services::request::ClassPolicy,
+    /// Whether the operator applies the decapsulator DaemonSet (once a Service is served).
+    pub manage_decap: bool,
+    /// Whether only nodes with a Ready decapsulator pod become reals (needs list/watch on
+    /// pods in [`Settings::namespace`]).
+    pub watch_decap_pods: bool,
+}
+
+impl Default for ServiceSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            class: crate::services::request::ClassPolicy::default(),
+            manage_decap: true,
+            watch_decap_pods: true,
+        }
+    }
 }
 
 impl Default for Settings {
@@ -114,6 +141,7 @@ impl Default for Settings {
             watch_agent_pods: true,
             cleanup_timeout: Duration::from_secs(30),
             resync: Duration::from_secs(300),
+            services: ServiceSettings::default(),
         }
     }
 }

@@ -6,6 +6,8 @@
 #                                             (runs as 65532:65532, not root)
 #   $TARGET_DIR/images/marklb-pause.oci.tar   docker.io/marklb/marklb-pause:<version>
 #                                             (the sandbox image of the test cluster)
+#   $TARGET_DIR/images/marklb-echo.oci.tar    docker.io/marklb/marklb-echo:<version>
+#                                             (the echo server of the Services tests)
 #
 # from release binaries built for x86_64-unknown-linux-musl (static: the image holds the binary
 # and nothing else; the agent's eBPF object is embedded in it by agent/build.rs), packed by
@@ -41,7 +43,7 @@ fi
 start=$(date +%s)
 # One build: the packer itself is static too and runs here (no second, host-target build).
 "$CARGO" build --release --target "$TRIPLE" -p marklb-agent -p marklb-operator -p marklb-image \
-  --bin marklb-agent --bin marklb-operator --bin marklb-pause --bin marklb-image >&2
+  --bin marklb-agent --bin marklb-operator --bin marklb-pause --bin marklb-echo --bin marklb-image >&2
 BIN=$TARGET_DIR/$TRIPLE/release
 TOOL=$BIN/marklb-image
 
@@ -73,5 +75,6 @@ image marklb-operator "$BIN/marklb-operator" \
   "marklb operator: LoadBalancers to per-node states, the agent DaemonSet and conditions" \
   --user=65532:65532 --arg=--help
 image marklb-pause "$BIN/marklb-pause" "sandbox (pause) container for marklb's test cluster"
+image marklb-echo "$BIN/marklb-echo" "TCP/UDP echo server answering with its pod and node (marklb's Services tests)"
 mv "$OUT/images.txt.new" "$OUT/images.txt"
 log "done in $(($(date +%s) - start))s"

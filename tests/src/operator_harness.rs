@@ -35,6 +35,7 @@ pub fn legacy_crds() -> String {
     for name in [
         "loadbalancers.marklb.io.yaml",
         "loadbalancernodestates.marklb.io.yaml",
+        "loadbalancerippools.marklb.io.yaml",
     ] {
         out.push_str("---\n");
         out.push_str(&std::fs::read_to_string(dir.join(name)).expect("legacy CRDs"));

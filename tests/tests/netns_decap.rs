@@ -380,6 +380,7 @@ fn decap_run_until_attaches_serves_and_detaches() {
 
     let args = DecapArgs {
         interface: real.port.iface.clone(),
+        interface_of: None,
         addresses: vec![],
         no_interface_addresses: false,
         mode: DecapMode::Xdp,
