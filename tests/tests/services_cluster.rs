@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams};
 use marklb_operator::AgentSettings;
 use marklb_operator::services::desired::{DECAP_NAME, decap_daemonset};
-use marklb_tests::cluster::{self, NODE_IP};
+use marklb_tests::cluster;
 use marklb_tests::cluster_or_skip;
 use marklb_tests::kube_harness::{apply_value, report};
 use serde_json::json;
@@ -84,8 +84,13 @@ async fn the_decapsulator_daemonset_runs_on_a_real_node() {
         logs.lines().next().unwrap_or("")
     ));
     assert!(logs.contains("decapsulating"), "{logs}");
+    let host_ip = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.host_ip.clone())
+        .expect("a Running pod has a hostIP");
     assert!(
-        logs.contains(&NODE_IP.to_string()),
+        logs.contains(&host_ip),
         "the node's address among the local ones: {logs}"
     );
     let spec = pod.spec.as_ref().unwrap();
