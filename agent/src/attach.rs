@@ -21,7 +21,7 @@ use aya::programs::{
 };
 
 use crate::{
-    datapath::{Datapath, Prog},
+    datapath::{Datapath, Prog, TcProg},
     xdp_link::{self, KeptLink},
 };
 
@@ -46,9 +46,21 @@ impl PinLayout {
     pub fn link(&self) -> PathBuf {
         self.dir.join("xdp_link")
     }
+    /// The tcx link of the TC balancer (`--mark-delivery skb-mark`).
+    pub fn tc_link(&self) -> PathBuf {
+        self.dir.join("tc_link")
+    }
+    /// The tcx link of the emulated NIC's TC program, in front of the TC balancer.
+    pub fn tc_nic_link(&self) -> PathBuf {
+        self.dir.join("tc_nic_link")
+    }
+    /// Every link a datapath may have pinned here.
+    pub fn links(&self) -> [PathBuf; 3] {
+        [self.link(), self.tc_link(), self.tc_nic_link()]
+    }
     /// Whether a previous agent left a datapath here.
     pub fn exists(&self) -> bool {
-        self.link().exists()
+        self.link().exists() || self.tc_link().exists()
     }
 }
 
@@ -118,7 +130,9 @@ pub fn attach(
     pref: ModePref,
 ) -> Result<(Attached, KeptLink)> {
     let xdp = dp.program(prog)?;
-    if pins.exists() {
+    // A datapath left at TC by an agent with the other mark delivery makes way first.
+    remove_links(&[pins.tc_nic_link(), pins.tc_link()])?;
+    if pins.link().exists() {
         let pinned = PinnedLink::from_pin(pins.link())
             .with_context(|| format!("opening pinned link {}", pins.link().display()))?;
         let fd_link: FdLink = pinned.into();
@@ -185,28 +199,49 @@ pub fn remove_pins(pins: &PinLayout) -> Result<bool> {
     if !pins.dir.exists() {
         return Ok(false);
     }
-    if pins.link().exists() {
-        match xdp_link::detach_pinned(&pins.link()) {
+    remove_links(&pins.links())?;
+    fs::remove_dir_all(&pins.dir).with_context(|| format!("removing {}", pins.dir.display()))?;
+    Ok(true)
+}
+
+/// Detaches the links pinned at `paths` (those present) and removes their pins.
+pub fn remove_links(paths: &[PathBuf]) -> Result<()> {
+    for path in paths.iter().filter(|p| p.exists()) {
+        match xdp_link::detach_pinned(path) {
             // EINVAL: the link was detached already (defunct), nothing left to undo.
             Err(e) if e.raw_os_error() != Some(libc::EINVAL) => {
-                return Err(e).with_context(|| {
-                    format!("detaching the link pinned at {}", pins.link().display())
-                });
+                return Err(e)
+                    .with_context(|| format!("detaching the link pinned at {}", path.display()));
             }
             _ => {}
         }
-        fs::remove_file(pins.link())?;
+        fs::remove_file(path)?;
     }
-    fs::remove_dir_all(&pins.dir).with_context(|| format!("removing {}", pins.dir.display()))?;
-    Ok(true)
+    Ok(())
 }
 
 /// The maps `progs` use, by name, each with a descriptor of its own: what must stay pinned
 /// for a restarted agent to adopt the datapath.
 pub fn maps_of(dp: &mut Datapath, progs: &[Prog]) -> Result<Vec<(String, MapData)>> {
-    let mut maps: Vec<(String, MapData)> = Vec::new();
+    let mut infos = Vec::new();
     for prog in progs {
-        let info = dp.program(*prog)?.info().context("program info")?;
+        infos.push(dp.program(*prog)?.info().context("program info")?);
+    }
+    maps_of_infos(&infos)
+}
+
+/// [`maps_of`] for the TC programs.
+pub fn maps_of_tc(dp: &mut Datapath, progs: &[TcProg]) -> Result<Vec<(String, MapData)>> {
+    let mut infos = Vec::new();
+    for prog in progs {
+        infos.push(dp.tc_program(*prog)?.info().context("program info")?);
+    }
+    maps_of_infos(&infos)
+}
+
+fn maps_of_infos(infos: &[aya::programs::ProgramInfo]) -> Result<Vec<(String, MapData)>> {
+    let mut maps: Vec<(String, MapData)> = Vec::new();
+    for info in infos {
         for id in info
             .map_ids()
             .context("program map ids")?
@@ -224,14 +259,14 @@ pub fn maps_of(dp: &mut Datapath, progs: &[Prog]) -> Result<Vec<(String, MapData
 }
 
 /// Whether every pin of the datapath is in place (a few `stat`s).
-pub fn pinned(pins: &PinLayout, maps: &[(String, MapData)]) -> bool {
-    pins.link().exists() && maps.iter().all(|(n, _)| pins.maps().join(n).exists())
+pub fn pinned(pins: &PinLayout, links: &[(PathBuf, KeptLink)], maps: &[(String, MapData)]) -> bool {
+    links.iter().all(|(p, _)| p.exists()) && maps.iter().all(|(n, _)| pins.maps().join(n).exists())
 }
 
 /// Pins that went missing under a running agent, pinned again: the XDP link and `maps`.
 /// Mounts a bpffs at `bpffs` first if it is not one any more. Returns what was pinned.
 pub fn repin(
-    link: &KeptLink,
+    links: &[(PathBuf, KeptLink)],
     maps: &[(String, MapData)],
     bpffs: &Path,
     pins: &PinLayout,
@@ -248,10 +283,12 @@ pub fn repin(
             pinned.push(format!("map {name}"));
         }
     }
-    if !pins.link().exists() {
-        link.pin(&pins.link())
-            .with_context(|| format!("pinning the XDP link at {}", pins.link().display()))?;
-        pinned.push("XDP link".into());
+    for (path, link) in links {
+        if !path.exists() {
+            link.pin(path)
+                .with_context(|| format!("pinning the link at {}", path.display()))?;
+            pinned.push(format!("link {}", path.display()));
+        }
     }
     Ok(pinned)
 }

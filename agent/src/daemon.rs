@@ -11,7 +11,7 @@ use tokio::signal::unix::SignalKind;
 use crate::{
     attach::{self, ModePref, PinLayout},
     file_source::{self, FileSource},
-    marks::HwBackendKind,
+    marks::{HwBackendKind, MarkDelivery},
     metrics::Metrics,
     node::{self, Node, NodeOptions},
 };
@@ -29,6 +29,11 @@ pub struct RunArgs {
     /// Hardware backend that marks packets of known flows.
     #[arg(long, value_enum, default_value = "emulated")]
     pub hw_backend: HwBackendKind,
+    /// How marks reach the datapath: `xdp-metadata` (XDP balancer) or `skb-mark` (TC ingress
+    /// balancer on tcx, the mark in the low 16 bits of skb->mark, as upstream mlx5 delivers
+    /// a flower rule's flow tag).
+    #[arg(long, value_enum, default_value = "xdp-metadata")]
+    pub mark_delivery: MarkDelivery,
     /// Address for /metrics, /healthz, /readyz and /status.
     #[arg(long, default_value = "0.0.0.0:9464")]
     pub metrics_addr: SocketAddr,
@@ -97,6 +102,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         ring_capacity: args.ring_capacity,
         conn_table_size: args.conn_table_size,
         hw_backend: args.hw_backend,
+        mark_delivery: args.mark_delivery,
         initial_marks,
         node_name: args.node_name.clone(),
     })

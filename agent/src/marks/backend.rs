@@ -78,36 +78,83 @@ pub enum HwBackendKind {
     None,
 }
 
+/// How marks reach the datapath (`--mark-delivery`), and so which balancer program runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum MarkDelivery {
+    /// XDP balancer; the mark in 4 bytes of XDP metadata (a driver that puts it there, the
+    /// emulated NIC's XDP program).
+    XdpMetadata,
+    /// TC ingress (tcx) balancer; the mark in `skb->mark`, low 16 bits (upstream mlx5's
+    /// flow tag, the emulated NIC's TC program).
+    SkbMark,
+}
+
+impl MarkDelivery {
+    /// The name the CLI, the CRD status and the metrics use.
+    pub fn name(self) -> &'static str {
+        match self {
+            MarkDelivery::XdpMetadata => "xdp-metadata",
+            MarkDelivery::SkbMark => "skb-mark",
+        }
+    }
+}
+
+/// What goes on the interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Entry {
+    /// One XDP program: the balancer, or the emulated NIC that tail-calls it.
+    Xdp(Prog),
+    /// The TC balancer on a tcx link, behind the emulated NIC's TC program when `nic`.
+    Tc { nic: bool },
+}
+
 /// A backend chosen for an interface, with what the datapath must attach in front of it.
 pub struct SelectedBackend {
     pub backend: Box<dyn HwBackend>,
     /// Why this backend (status `hwBackendReason`), e.g. why `auto` fell back.
     pub reason: String,
-    /// The XDP program to attach to the interface (the emulated NIC sits in front of the
-    /// balancer; with a real NIC or none the balancer is attached itself).
-    pub entry: Prog,
+    /// What to attach to the interface (the emulated NIC sits in front of the balancer;
+    /// with a real NIC or none the balancer is attached itself).
+    pub entry: Entry,
 }
 
 /// Builds the backend `kind` names for `iface`, preparing the datapath for it.
 pub fn select(
     kind: HwBackendKind,
+    delivery: MarkDelivery,
     dp: &mut Datapath,
     _iface: &str,
 ) -> Result<SelectedBackend, HwBackendError> {
+    let xdp = delivery == MarkDelivery::XdpMetadata;
     match kind {
         HwBackendKind::Emulated => {
             let nic = EmulatedNic::new(dp)?;
-            dp.chain_nic_to_balancer()?;
+            let (reason, entry) = if xdp {
+                dp.chain_nic_to_balancer()?;
+                (
+                    "--hw-backend emulated: the emulated NIC (XDP) marks known flows in XDP metadata",
+                    Entry::Xdp(Prog::EmulatedNic),
+                )
+            } else {
+                (
+                    "--hw-backend emulated: the emulated NIC (tcx, in front of the TC balancer) marks known flows in skb->mark",
+                    Entry::Tc { nic: true },
+                )
+            };
             Ok(SelectedBackend {
                 backend: Box::new(nic),
-                reason: "--hw-backend emulated: the emulated NIC (XDP) marks known flows".into(),
-                entry: Prog::EmulatedNic,
+                reason: reason.into(),
+                entry,
             })
         }
         HwBackendKind::None => Ok(SelectedBackend {
             backend: Box::new(NoHwBackend),
             reason: "--hw-backend none: no flow marks, every packet takes the normal path".into(),
-            entry: Prog::Balancer,
+            entry: if xdp {
+                Entry::Xdp(Prog::Balancer)
+            } else {
+                Entry::Tc { nic: false }
+            },
         }),
     }
 }

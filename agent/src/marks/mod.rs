@@ -11,6 +11,9 @@ mod backend;
 mod emulated;
 mod manager;
 
-pub use backend::{HwBackend, HwBackendError, HwBackendKind, NoHwBackend, SelectedBackend, select};
+pub use backend::{
+    Entry, HwBackend, HwBackendError, HwBackendKind, MarkDelivery, NoHwBackend, SelectedBackend,
+    select,
+};
 pub use emulated::EmulatedNic;
 pub use manager::{MarkManager, MarkStats};
