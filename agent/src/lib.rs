@@ -35,4 +35,6 @@ pub mod xdp_link;
 #[cfg(feature = "bench")]
 pub mod bench;
 #[cfg(feature = "bench")]
+pub mod bench_tc;
+#[cfg(feature = "bench")]
 pub mod control_bench;

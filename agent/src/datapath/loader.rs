@@ -73,6 +73,8 @@ pub enum TcProg {
     Balancer,
     /// The emulated NIC setting `skb->mark`, in front of the TC balancer.
     EmulatedNic,
+    /// Benchmark floor: returns TC_ACT_UNSPEC.
+    BenchTrivial,
 }
 
 impl TcProg {
@@ -80,6 +82,7 @@ impl TcProg {
         match self {
             TcProg::Balancer => prog_names::BALANCER_TC,
             TcProg::EmulatedNic => prog_names::EMULATED_NIC_TC,
+            TcProg::BenchTrivial => prog_names::BENCH_TRIVIAL_TC,
         }
     }
 }

@@ -103,6 +103,12 @@ pub fn marklb_bench_grow(ctx: XdpContext) -> u32 {
     xdp_action::XDP_TX
 }
 
+/// Benchmark floor of the TC programs: the cheapest possible TC program.
+#[classifier]
+pub fn marklb_bench_trivial_tc(_ctx: TcContext) -> i32 {
+    TC_ACT_UNSPEC
+}
+
 /// Benchmark floor: the cheapest possible XDP program.
 #[xdp]
 pub fn marklb_bench_trivial(_ctx: XdpContext) -> u32 {
