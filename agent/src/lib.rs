@@ -28,6 +28,7 @@ pub mod packet;
 pub mod plan;
 mod ring_alloc;
 mod rx_offloads;
+pub mod tc;
 mod tc_attach;
 pub mod vip;
 pub mod xdp_link;

@@ -228,3 +228,38 @@ fn skb_mark_delivery_runs_the_whole_mark_loop_on_tcx() {
     assert_eq!(env.pinned_links(), ["xdp_link"]);
     keep_real(&mut conns, &mut flows, "after switching to XDP");
 }
+
+/// `--hw-backend mellanox` on veth: the capability check refuses the device, the agent says
+/// why in its status (`hwBackend: none`, `hwBackendReason` naming the driver) and serves on
+/// the software paths; with XDP metadata delivery it says that mlx5 needs skb-mark.
+#[test]
+fn mellanox_on_veth_falls_back_to_software_with_the_reason() {
+    for (delivery, want) in [
+        ("skb-mark", "\"veth\", not mlx5_core"),
+        ("xdp-metadata", "--mark-delivery skb-mark"),
+    ] {
+        let mut env = Env::prepare(1);
+        let mut opts = AgentOptions::for_topology(&env.topo, &env.work);
+        opts.hw_backend = "mellanox".into();
+        opts.extra_args = vec!["--mark-delivery".into(), delivery.into()];
+        let mut a = Agent::spawn(opts).expect("starting marklb-agent");
+        a.wait_ready(WAIT);
+        env.agent = Some(a);
+        let status: serde_json::Value =
+            serde_json::from_str(&env.agent().get("/status").unwrap().body).unwrap();
+        eprintln!("{delivery}: {}", status["hwBackendReason"]);
+        assert_eq!(status["hwBackend"], "none", "{status}");
+        assert_eq!(status["offloaded"], false, "{status}");
+        let reason = status["hwBackendReason"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains("mellanox") && reason.contains(want),
+            "{delivery}: {reason}"
+        );
+        let ns = env.topo.client.ns.clone();
+        let v4 = SocketAddr::new(IpAddr::V4(VIP4), TCP_PORT);
+        let mut conns = tcp_connect_many(&ns, v4, 10, T).expect("TCP v4");
+        keep_real(&mut conns, &mut [], "software paths");
+        let s = env.agent().scrape();
+        assert_eq!(path(&s, "mark_hit"), 0.0);
+    }
+}

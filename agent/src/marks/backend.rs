@@ -76,6 +76,12 @@ pub enum HwBackendKind {
     Emulated,
     /// No NIC acceleration: every packet takes the normal path.
     None,
+    /// Mellanox/NVIDIA ConnectX (mlx5): tc flower rules with a mark action, offloaded
+    /// (`skip_sw`); needs `--mark-delivery skb-mark`. Falls back to `none`, with the reason
+    /// in the status, where the device cannot do it.
+    Mellanox,
+    /// `mellanox` where the device supports it, else `none` (with the reason).
+    Auto,
 }
 
 /// How marks reach the datapath (`--mark-delivery`), and so which balancer program runs.
@@ -123,7 +129,7 @@ pub fn select(
     kind: HwBackendKind,
     delivery: MarkDelivery,
     dp: &mut Datapath,
-    _iface: &str,
+    iface: &str,
 ) -> Result<SelectedBackend, HwBackendError> {
     let xdp = delivery == MarkDelivery::XdpMetadata;
     match kind {
@@ -147,6 +153,7 @@ pub fn select(
                 entry,
             })
         }
+        HwBackendKind::Mellanox | HwBackendKind::Auto => Ok(select_mellanox(kind, delivery, iface)),
         HwBackendKind::None => Ok(SelectedBackend {
             backend: Box::new(NoHwBackend),
             reason: "--hw-backend none: no flow marks, every packet takes the normal path".into(),
@@ -156,5 +163,43 @@ pub fn select(
                 Entry::Tc { nic: false }
             },
         }),
+    }
+}
+
+/// The mellanox backend when the device and the mark delivery allow it; otherwise no marks
+/// (every packet on the software paths), saying why.
+fn select_mellanox(kind: HwBackendKind, delivery: MarkDelivery, iface: &str) -> SelectedBackend {
+    let asked = if kind == HwBackendKind::Auto {
+        "auto"
+    } else {
+        "mellanox"
+    };
+    let software = |why: String| {
+        tracing::warn!(iface, reason = %why, "hardware flow marks unavailable; software paths only");
+        SelectedBackend {
+            backend: Box::new(NoHwBackend),
+            reason: format!(
+                "--hw-backend {asked}: no hardware flow marks, software paths only: {why}"
+            ),
+            entry: match delivery {
+                MarkDelivery::XdpMetadata => Entry::Xdp(Prog::Balancer),
+                MarkDelivery::SkbMark => Entry::Tc { nic: false },
+            },
+        }
+    };
+    if delivery != MarkDelivery::SkbMark {
+        return software(
+            "upstream mlx5 delivers the flow tag in skb->mark, not in XDP metadata: use --mark-delivery skb-mark".into(),
+        );
+    }
+    match super::mellanox::Mellanox::open(iface) {
+        Ok(nic) => SelectedBackend {
+            backend: Box::new(nic),
+            reason: format!(
+                "--hw-backend {asked}: mellanox, tc flower rules (skip_sw, skbedit mark -> mlx5 flow tag) on {iface}, marks read from skb->mark"
+            ),
+            entry: Entry::Tc { nic: false },
+        },
+        Err(why) => software(why),
     }
 }

@@ -10,6 +10,8 @@
 mod backend;
 mod emulated;
 mod manager;
+pub mod mellanox;
+pub mod nic_probe;
 
 pub use backend::{
     Entry, HwBackend, HwBackendError, HwBackendKind, MarkDelivery, NoHwBackend, SelectedBackend,
