@@ -180,7 +180,7 @@ fn rules_parse_back_with_netlink_packet_route() {
                 _ => None,
             })
             .collect();
-        let has = |want: &TcFilterFlowerOption| opts.iter().any(|o| *o == want);
+        let has = |want: &TcFilterFlowerOption| opts.contains(&want);
         assert!(has(&TcFilterFlowerOption::IpProto(m.proto)), "{opts:?}");
         assert!(has(&TcFilterFlowerOption::Flags(
             flower::TCA_CLS_FLAGS_SKIP_SW
