@@ -147,6 +147,10 @@ fn requests_are_byte_for_byte_what_iproute2_tc_sends() {
     let ours = flower::delete_rule(seq_of(&tc), &id(ifindex_of(&tc), 1, 1, false));
     assert_same("delete", &ours, &tc);
 
+    let tc = captured("flower_delete_prio");
+    let ours = flower::delete_priority(seq_of(&tc), ifindex_of(&tc), 0, 2, true);
+    assert_same("delete a priority", &ours, &tc);
+
     let tc = captured("qdisc_clsact");
     let ours = flower::qdisc_clsact(seq_of(&tc), ifindex_of(&tc));
     assert_same("clsact qdisc", &ours, &tc);

@@ -6,8 +6,10 @@
 //! `skb->mark`, where the TC balancer (`--mark-delivery skb-mark`) reads it.
 //!
 //! Rules live at chain 0, priority 1 (IPv4) or 2 (IPv6: one priority holds one protocol),
-//! each with its own handle; a rule is deleted by (priority, handle). Only rules this
-//! backend installed are ever touched.
+//! each with its own handle; a rule is deleted by (priority, handle). Those two priorities of
+//! the device's ingress flower filters are marklb's: a starting backend empties them (rules
+//! a previous agent left would carry marks the new one hands out again), and nothing else on
+//! the device is touched.
 
 use std::collections::HashMap;
 
@@ -71,6 +73,16 @@ impl Mellanox {
             Ok(()) => {}
             Err(TcError { errno, .. }) if errno == libc::EEXIST => {}
             Err(e) => return Err(format!("clsact qdisc on {iface}: {e}")),
+        }
+        for (prio, v6) in [(PRIO_V4, false), (PRIO_V6, true)] {
+            let seq = sock.next_seq();
+            match sock.request(seq, &flower::delete_priority(seq, ifindex, CHAIN, prio, v6)) {
+                Ok(()) => {
+                    tracing::info!(iface, prio, "removed the flow rules a previous agent left")
+                }
+                Err(TcError { errno, .. }) if errno == libc::ENOENT => {}
+                Err(e) => return Err(format!("clearing priority {prio} on {iface}: {e}")),
+            }
         }
         Ok(Self {
             ifindex,

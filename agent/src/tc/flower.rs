@@ -272,6 +272,21 @@ pub fn delete_rule(seq: u32, id: &RuleId) -> Vec<u8> {
     r.finish()
 }
 
+/// `tc filter del dev DEV ingress protocol ip|ipv6 prio P chain C flower`: every rule of
+/// the priority (handle 0).
+pub fn delete_priority(seq: u32, ifindex: i32, chain: u32, prio: u16, v6: bool) -> Vec<u8> {
+    delete_rule(
+        seq,
+        &RuleId {
+            ifindex,
+            chain,
+            prio,
+            handle: 0,
+            v6,
+        },
+    )
+}
+
 /// `tc filter show dev DEV ingress` (a dump, with each rule's action statistics).
 pub fn dump_rules(seq: u32, ifindex: i32) -> Vec<u8> {
     Request::new(
