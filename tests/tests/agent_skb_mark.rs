@@ -208,6 +208,19 @@ fn skb_mark_delivery_runs_the_whole_mark_loop_on_tcx() {
         "the emulated NIC marked {marked}, {hit} hits"
     );
     assert_eq!(drops(&after), 0.0);
+    // Bulk: 256 KB requests, IPv4 and IPv6. The client's TSO hands the balancer GSO skbs:
+    // they are encapsulated with their MSS shrunk, never answered with ICMP too big.
+    for vip in [v4, v6] {
+        let mut bulk = tcp_connect_many(&ns, vip, 1, T).expect("bulk connection");
+        let big = "x".repeat(256 * 1024);
+        for _ in 0..3 {
+            let real = bulk[0].request(&big).expect("256 KB echoed");
+            assert_eq!(real, bulk[0].real);
+        }
+    }
+    let bulk = env.agent().scrape();
+    assert_eq!(drops(&bulk), 0.0);
+    assert_eq!(path(&bulk, "icmp_too_big_sent"), 0.0);
     let status: serde_json::Value =
         serde_json::from_str(&env.agent().get("/status").unwrap().body).unwrap();
     assert_eq!(status["markDelivery"], "skb-mark", "{status}");
