@@ -376,3 +376,36 @@ impl Drop for NsGuard {
 fn scopeguard(ns: String) -> NsGuard {
     NsGuard(ns)
 }
+
+/// A rule as the kernel lists it in a filter dump (built with netlink-packet-route): the
+/// backend reads its priority, handle and the action's packet count (what aging uses).
+#[test]
+fn rule_statistics_are_read_from_a_filter_dump() {
+    use netlink_packet_route::tc::{TcAction, TcHandle, TcMessage, TcStats2, TcStatsBasic};
+    let mut tc = TcMessage::default();
+    tc.header.index = 3;
+    tc.header.handle = TcHandle::from(5u32);
+    tc.header.info = (2 << 16) | 0x86ddu16.to_be() as u32;
+    let mut basic = TcStatsBasic::default();
+    basic.bytes = 4200;
+    basic.packets = 42;
+    let mut action = TcAction::default();
+    action.tab = 1;
+    action.attributes = vec![
+        TcActionAttribute::Kind("skbedit".into()),
+        TcActionAttribute::Stats(vec![TcStats2::Basic(basic)]),
+    ];
+    tc.attributes = vec![
+        TcAttribute::Kind("flower".into()),
+        TcAttribute::Options(vec![TcOption::Flower(TcFilterFlowerOption::Actions(vec![
+            action,
+        ]))]),
+    ];
+    let mut msg = NetlinkMessage::from(RouteNetlinkMessage::NewTrafficFilter(tc));
+    msg.finalize();
+    let mut buf = vec![0u8; msg.buffer_len()];
+    msg.serialize(&mut buf);
+    assert_eq!(mellanox::rule_stats(&buf), Some((2, 5, 42)));
+    // Not a filter: ignored.
+    assert_eq!(mellanox::rule_stats(&flower::qdisc_clsact(1, 3)), None);
+}
