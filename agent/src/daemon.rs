@@ -161,5 +161,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
 /// `marklb-agent cleanup`: removes what the agent put on the node for an interface.
 pub fn cleanup(bpffs: &std::path::Path, iface: &str) -> Result<bool> {
-    attach::remove_pins(&PinLayout::new(bpffs, iface))
+    let pins = attach::remove_pins(&PinLayout::new(bpffs, iface))?;
+    let rules = crate::marks::mellanox::remove_rules(iface).map_err(anyhow::Error::msg)?;
+    Ok(pins || rules)
 }

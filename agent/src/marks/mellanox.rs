@@ -114,6 +114,35 @@ impl Mellanox {
     }
 }
 
+/// Deletes every rule of marklb's two priorities; returns how many priorities held some.
+fn clear_priorities(sock: &mut TcSocket, ifindex: i32) -> Result<usize, TcError> {
+    let mut cleared = 0;
+    for (prio, v6) in [(PRIO_V4, false), (PRIO_V6, true)] {
+        let seq = sock.next_seq();
+        match sock.request(seq, &flower::delete_priority(seq, ifindex, CHAIN, prio, v6)) {
+            Ok(()) => cleared += 1,
+            Err(TcError { errno, .. }) if errno == libc::ENOENT => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(cleared)
+}
+
+/// `marklb-agent cleanup`: on an mlx5 device, removes the flow rules of marklb's priorities
+/// (nothing on any other device). Returns whether there were any.
+pub fn remove_rules(iface: &str) -> Result<bool, String> {
+    let Ok(cap) = Capability::probe(iface) else {
+        return Ok(false);
+    };
+    if cap.driver != super::nic_probe::MLX5_DRIVER {
+        return Ok(false);
+    }
+    let ifindex = ifindex(iface).map_err(|e| format!("{iface}: {e}"))?;
+    let mut sock = TcSocket::open().map_err(|e| format!("netlink: {e}"))?;
+    let n = clear_priorities(&mut sock, ifindex).map_err(|e| format!("{iface}: {e}"))?;
+    Ok(n > 0)
+}
+
 fn ifindex(iface: &str) -> std::io::Result<i32> {
     let c = std::ffi::CString::new(iface)?;
     // SAFETY: a valid C string.
