@@ -234,6 +234,19 @@ fn not_ours_passes_untouched_and_malformed_is_never_forwarded() {
             fx.run_case(&c);
         }
     }
+    // What goes on to the stack leaves its flow tag behind (the stack's own mark bits, e.g.
+    // kube-proxy's 0x4000 masquerade bit, must not be set by a NIC's tag); the rest of
+    // skb->mark is kept.
+    for (frame, mark) in [
+        (arp.clone(), 0x5a5a_4007u32),
+        (arp.clone(), 0),
+        (with_frag(&udp(client4(), 1, other4(), 53), 0x2000), 0xc000),
+    ] {
+        let r = fx.dp.test_run_tc(TcProg::Balancer, &frame, mark).unwrap();
+        assert_eq!(r.action, TC_ACT_UNSPEC);
+        assert_eq!(r.mark, mark & 0xffff_0000, "mark {mark:#x} after a pass");
+        assert_eq!(r.frame, frame);
+    }
     // Every truncation of VIP frames, marked or not: pass or drop, never transmitted.
     for full in [
         tcp(client4(), 9, vip4(), 80, false),

@@ -69,7 +69,10 @@ pub fn marklb_balancer_tc(ctx: TcContext) -> i32 {
         return TC_ACT_UNSPEC;
     }
     match balance(&ctx) {
-        Action::Pass => TC_ACT_UNSPEC,
+        Action::Pass => {
+            pkt::clear_flow_tag(&ctx);
+            TC_ACT_UNSPEC
+        }
         Action::Drop => TC_ACT_SHOT,
         Action::Tx => unsafe { bpf_redirect((*ctx.skb.skb).ifindex, 0) as i32 },
     }

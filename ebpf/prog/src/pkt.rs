@@ -171,3 +171,14 @@ pub fn linear_headers(ctx: &TcContext) -> bool {
     let want = if len < TC_HEADERS { len } else { TC_HEADERS };
     (TcContext::data_end(ctx) - TcContext::data(ctx)) as u32 >= want || ctx.pull_data(want).is_ok()
 }
+
+/// A packet going on to the stack leaves its flow tag here: the low 16 bits of `skb->mark`
+/// are ours (the NIC set them for a rule the agent installed), and the stack gives mark bits
+/// meanings of its own (kube-proxy: 0x4000 masquerade, 0x8000 drop).
+#[inline(always)]
+pub fn clear_flow_tag(ctx: &TcContext) {
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    if mark & SKB_MARK_MASK != 0 {
+        ctx.set_mark(mark & !SKB_MARK_MASK);
+    }
+}
