@@ -244,12 +244,15 @@ fn skb_mark_delivery_runs_the_whole_mark_loop_on_tcx() {
 
 /// `--hw-backend mellanox` on veth: the capability check refuses the device, the agent says
 /// why in its status (`hwBackend: none`, `hwBackendReason` naming the driver) and serves on
-/// the software paths; with XDP metadata delivery it says that mlx5 needs skb-mark.
+/// the software paths; with XDP metadata delivery it also says that mlx5 needs skb-mark.
 #[test]
 fn mellanox_on_veth_falls_back_to_software_with_the_reason() {
     for (delivery, want) in [
         ("skb-mark", "\"veth\", not mlx5_core"),
-        ("xdp-metadata", "--mark-delivery skb-mark"),
+        (
+            "xdp-metadata",
+            "\"veth\", not mlx5_core (a Mellanox/NVIDIA ConnectX NIC); upstream mlx5 delivers the flow tag in skb->mark, not in XDP metadata: use --mark-delivery skb-mark",
+        ),
     ] {
         let mut env = Env::prepare(1);
         let mut opts = AgentOptions::for_topology(&env.topo, &env.work);

@@ -188,9 +188,16 @@ fn select_mellanox(kind: HwBackendKind, delivery: MarkDelivery, iface: &str) -> 
         }
     };
     if delivery != MarkDelivery::SkbMark {
-        return software(
-            "upstream mlx5 delivers the flow tag in skb->mark, not in XDP metadata: use --mark-delivery skb-mark".into(),
-        );
+        // Both reasons when both hold: the device first, then the delivery.
+        let device = super::nic_probe::Capability::probe(iface)
+            .map_err(|e| format!("probing {iface}: {e}"))
+            .and_then(|c| c.check(iface))
+            .err();
+        let delivery = "upstream mlx5 delivers the flow tag in skb->mark, not in XDP metadata: use --mark-delivery skb-mark";
+        return software(match device {
+            Some(d) => format!("{d}; {delivery}"),
+            None => delivery.into(),
+        });
     }
     match super::mellanox::Mellanox::open(iface) {
         Ok(nic) => SelectedBackend {
