@@ -11,7 +11,7 @@
 //! - nothing is programmed before a complete list of the states has been seen: an agent
 //!   started while the API server is away keeps serving what its pinned datapath serves;
 //! - losing the API server changes nothing on the node: the watch retries (with a short
-//!   back-off), writes are retried, and a re-list replaces the agent's copy whole (a state
+//!   back-off, [`retry`]), writes are retried, and a re-list replaces the agent's copy whole (a state
 //!   deleted meanwhile is removed from the datapath then);
 //! - the loop never waits on the API server: writes run as their own tasks;
 //! - one state that cannot be served (invalid, in conflict, refused by the engine) is
@@ -23,6 +23,7 @@
 
 mod book;
 mod program;
+mod retry;
 mod states;
 mod status;
 mod writer;
@@ -34,10 +35,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use futures::StreamExt;
-use kube::{
-    Api, Client,
-    runtime::{WatchStreamExt, utils::Backoff, watcher},
-};
+use kube::{Api, Client, runtime::watcher};
 use marklb_crds::{LoadBalancerNodeState, labels::node_selector};
 use tokio::sync::mpsc;
 
@@ -48,6 +46,7 @@ use crate::{
 };
 use book::{Decision, StatusBook};
 use program::Programmed;
+use retry::WatchRetry;
 use states::{NodeStates, Specs, StateKey, owner_of};
 use status::{NodeFacts, Outcome, now_seconds, status_for};
 use writer::{WriteResult, spawn_write};
@@ -59,31 +58,6 @@ const FIRST_LIST_WAIT: Duration = Duration::from_secs(5);
 const PROGRAM_RETRY: Duration = Duration::from_secs(5);
 /// At most one log line per this interval about a failing watch.
 const WATCH_ERROR_LOG: Duration = Duration::from_secs(30);
-
-/// The watch's back-off after an error: 250 ms doubling to 4 s (kube's default goes to 30 s,
-/// which would let an agent lag that long behind an API server that came back).
-struct QuickBackoff(Duration);
-
-impl Default for QuickBackoff {
-    fn default() -> Self {
-        Self(Duration::from_millis(250))
-    }
-}
-
-impl Iterator for QuickBackoff {
-    type Item = Duration;
-    fn next(&mut self) -> Option<Duration> {
-        let d = self.0;
-        self.0 = (self.0 * 2).min(Duration::from_secs(4));
-        Some(d)
-    }
-}
-
-impl Backoff for QuickBackoff {
-    fn reset(&mut self) {
-        *self = Self::default();
-    }
-}
 
 /// The Kubernetes source's state between loop turns.
 struct KubeSource {
@@ -152,6 +126,7 @@ impl KubeSource {
 
     async fn program(&mut self, node: &mut Node) {
         let specs = self.states.specs();
+        let started = Instant::now();
         let (programmed, summary) =
             program::program(node, &self.states, &self.node_name, &self.programmed).await;
         let failed = programmed
@@ -193,6 +168,7 @@ impl KubeSource {
             rejected,
             conflicts,
             failed,
+            took_ms = started.elapsed().as_millis() as u64,
             %summary,
             "node states programmed"
         );
@@ -307,9 +283,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
         watch_error_logged: None,
     };
     let api: Api<LoadBalancerNodeState> = Api::all(client);
-    let mut watch = watcher(api, watcher::Config::default().labels(&selector))
-        .backoff(QuickBackoff::default())
-        .boxed();
+    let mut watch = watcher(api, watcher::Config::default().labels(&selector)).boxed();
+    let mut retry = WatchRetry::default();
+    // After an error the watch is not polled until then (polling it retries at once).
+    let mut watch_paused_until: Option<tokio::time::Instant> = None;
 
     let mut stop = Stop::new()?;
     let mut upkeep = tokio::time::interval(Duration::from_secs(1));
@@ -320,12 +297,23 @@ pub async fn run(args: RunArgs) -> Result<()> {
             .wake_at
             .map(tokio::time::Instant::from_std)
             .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        let resume = watch_paused_until.unwrap_or_else(tokio::time::Instant::now);
         tokio::select! {
-            event = watch.next() => match event {
-                Some(Ok(e)) => source.on_event(e),
-                Some(Err(e)) => source.on_watch_error(e),
+            event = watch.next(), if watch_paused_until.is_none() => match event {
+                Some(Ok(e)) => {
+                    retry.reset();
+                    source.on_event(e)
+                }
+                Some(Err(e)) => {
+                    let delay = retry.after(&e, retry::jitter());
+                    source.on_watch_error(e);
+                    watch_paused_until = Some(tokio::time::Instant::now() + delay);
+                }
                 None => bail!("the node-state watch ended"),
             },
+            _ = tokio::time::sleep_until(resume), if watch_paused_until.is_some() => {
+                watch_paused_until = None;
+            }
             Some((key, result)) = done_rx.recv() => source.on_write_done(key, result),
             _ = upkeep.tick() => node.tick(),
             _ = tokio::time::sleep_until(wake) => {}
