@@ -37,6 +37,8 @@ pub enum Decision {
 
 #[derive(Clone, Debug, Default)]
 struct Entry {
+    /// The object written to (a state deleted and created again under its name is another).
+    uid: Option<String>,
     /// The status the API returned for this agent's last write, until the watch shows it.
     written: Option<LoadBalancerNodeStateStatus>,
     last_write: Option<Instant>,
@@ -138,9 +140,15 @@ impl StatusBook {
         e.last_write = Some(now);
     }
 
-    /// The write of `key` succeeded; the API now holds `returned`.
-    pub fn succeeded(&mut self, key: &StateKey, returned: LoadBalancerNodeStateStatus) {
+    /// The write of `key` succeeded; the API now holds `returned` for object `uid`.
+    pub fn succeeded(
+        &mut self,
+        key: &StateKey,
+        uid: Option<&str>,
+        returned: LoadBalancerNodeStateStatus,
+    ) {
         let e = self.entries.entry(key.clone()).or_default();
+        e.uid = uid.map(str::to_string);
         e.in_flight = false;
         e.failures = 0;
         e.retry_at = None;
@@ -160,11 +168,22 @@ impl StatusBook {
         delay
     }
 
-    /// The watch shows `observed` for `key`: once it shows what was written, the watch is
-    /// the reference again.
-    pub fn observed(&mut self, key: &StateKey, observed: Option<&LoadBalancerNodeStateStatus>) {
-        if let Some(e) = self.entries.get_mut(key)
-            && let (Some(w), Some(o)) = (&e.written, observed)
+    /// The watch shows `observed` for object `uid` at `key`: once it shows what was written,
+    /// the watch is the reference again; another object under the same name starts afresh.
+    pub fn observed(
+        &mut self,
+        key: &StateKey,
+        uid: Option<&str>,
+        observed: Option<&LoadBalancerNodeStateStatus>,
+    ) {
+        let Some(e) = self.entries.get_mut(key) else {
+            return;
+        };
+        if e.uid.is_some() && e.uid.as_deref() != uid {
+            self.entries.remove(key);
+            return;
+        }
+        if let (Some(w), Some(o)) = (&e.written, observed)
             && same(w, o)
         {
             e.written = None;
@@ -206,10 +225,10 @@ mod tests {
         assert_eq!(book.decide(&k, &status(1, 0), None, t0), Decision::Write);
         book.started(&k, t0);
         assert_eq!(book.decide(&k, &status(1, 0), None, t0), Decision::Nothing);
-        book.succeeded(&k, status(1, 0));
+        book.succeeded(&k, Some("u1"), status(1, 0));
         // The watch has not shown the write yet: the written status is the reference.
         assert_eq!(book.decide(&k, &status(1, 0), None, t0), Decision::Nothing);
-        book.observed(&k, Some(&status(1, 0)));
+        book.observed(&k, Some("u1"), Some(&status(1, 0)));
         let later = t0 + Duration::from_secs(60);
         assert_eq!(
             book.decide(&k, &status(1, 0), Some(&status(1, 0)), later),
@@ -238,7 +257,7 @@ mod tests {
                 Decision::Write => {
                     writes += 1;
                     book.started(&k, now);
-                    book.succeeded(&k, wanted);
+                    book.succeeded(&k, Some("u1"), wanted);
                     next_write = None;
                 }
                 Decision::WaitUntil(at) => {
@@ -258,7 +277,7 @@ mod tests {
         let t0 = Instant::now();
         let k = key("a");
         book.started(&k, t0);
-        book.succeeded(&k, status(1, 5));
+        book.succeeded(&k, Some("u1"), status(1, 5));
         let t2 = t0 + Duration::from_secs(2);
         assert_eq!(
             book.decide(&k, &status(1, 9), None, t2),
@@ -287,7 +306,7 @@ mod tests {
         assert_eq!(delays, [1, 2, 4, 8, 8, 8]);
         assert_eq!(book.decide(&k, &status(1, 0), None, now), Decision::Write);
         book.started(&k, now);
-        book.succeeded(&k, status(1, 0));
+        book.succeeded(&k, Some("u1"), status(1, 0));
         book.started(&k, now);
         assert_eq!(book.failed(&k, now), Duration::from_secs(1));
     }
@@ -298,8 +317,8 @@ mod tests {
         let t0 = Instant::now();
         let k = key("a");
         book.started(&k, t0);
-        book.succeeded(&k, status(1, 0));
-        book.observed(&k, Some(&status(1, 0)));
+        book.succeeded(&k, Some("u1"), status(1, 0));
+        book.observed(&k, Some("u1"), Some(&status(1, 0)));
         // Somebody wiped the status.
         let wiped = LoadBalancerNodeStateStatus::default();
         let later = t0 + Duration::from_secs(5);
@@ -307,6 +326,19 @@ mod tests {
             book.decide(&k, &status(1, 0), Some(&wiped), later),
             Decision::Write
         );
+    }
+
+    #[test]
+    fn a_state_created_again_under_its_name_gets_its_status() {
+        let mut book = StatusBook::default();
+        let t0 = Instant::now();
+        let k = key("a");
+        book.started(&k, t0);
+        book.succeeded(&k, Some("u1"), status(1, 0));
+        // Deleted and created again with the same spec: the watch shows the new object
+        // without a status; what was written to the old one must not count.
+        book.observed(&k, Some("u2"), None);
+        assert_eq!(book.decide(&k, &status(1, 0), None, t0), Decision::Write);
     }
 
     #[test]

@@ -35,7 +35,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use futures::StreamExt;
-use kube::{Api, Client, runtime::watcher};
+use kube::{Api, Client, ResourceExt, runtime::watcher};
 use marklb_crds::{LoadBalancerNodeState, labels::node_selector};
 use tokio::sync::mpsc;
 
@@ -80,15 +80,24 @@ struct KubeSource {
 impl KubeSource {
     fn on_event(&mut self, event: watcher::Event<LoadBalancerNodeState>) {
         let relisted = matches!(event, watcher::Event::InitDone);
-        if let watcher::Event::Apply(obj) = &event {
-            self.book.observed(&StateKey::of(obj), obj.status.as_ref());
+        match &event {
+            watcher::Event::Apply(obj) => self.book.observed(
+                &StateKey::of(obj),
+                obj.uid().as_deref(),
+                obj.status.as_ref(),
+            ),
+            watcher::Event::Delete(obj) => {
+                let key = StateKey::of(obj);
+                self.book.retain(|k| *k != key);
+            }
+            _ => {}
         }
         self.states.on_event(event);
         if relisted {
             let states = &self.states;
             self.book.retain(|k| states.get(k).is_some());
             for (k, s) in states.iter() {
-                self.book.observed(k, s.status.as_ref());
+                self.book.observed(k, s.uid().as_deref(), s.status.as_ref());
             }
             if self.watch_errors > 0 {
                 tracing::info!(
@@ -226,8 +235,11 @@ impl KubeSource {
         match result {
             WriteResult::Written(obj) => {
                 writes.with_label_values(&["success"]).inc();
-                self.book
-                    .succeeded(&key, obj.status.clone().unwrap_or_default());
+                self.book.succeeded(
+                    &key,
+                    obj.uid().as_deref(),
+                    obj.status.clone().unwrap_or_default(),
+                );
                 self.states.observe(*obj);
             }
             WriteResult::Gone => {

@@ -273,4 +273,127 @@ mod tests {
             "{summary}"
         );
     }
+
+    /// A tiny deterministic generator (the agent has no RNG dependency).
+    struct Lcg(u64);
+
+    impl Lcg {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (self.0 >> 33) % n
+        }
+        fn num(&mut self, items: &[u64]) -> u64 {
+            items[self.below(items.len() as u64) as usize]
+        }
+        fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+            items[self.below(items.len() as u64) as usize]
+        }
+    }
+
+    /// A node state as the API could hold it on 1.20 (no CEL): often wrong somewhere.
+    fn hostile(rng: &mut Lcg, i: usize) -> serde_json::Value {
+        let addresses = [
+            "10.0.0.1",
+            "10.0.0.2",
+            "2001:db8::1",
+            "",
+            "nope",
+            "999.1.1.1",
+            "10.0.0.1/32",
+            "fe80::1%eth0",
+            "::ffff:10.0.0.1",
+        ];
+        let vips: Vec<serde_json::Value> = (0..rng.below(4))
+            .map(|_| {
+                let backends: Vec<serde_json::Value> = (0..rng.below(4))
+                    .map(|_| {
+                        serde_json::json!({
+                            "address": rng.pick(&addresses),
+                            "weight": rng.num(&[0, 1, 7, 100_000, u64::from(u32::MAX)]),
+                        })
+                    })
+                    .collect();
+                serde_json::json!({
+                    "address": rng.pick(&addresses),
+                    "port": rng.num(&[0, 80, 443, 65_535]),
+                    "protocol": rng.pick(&["TCP", "UDP"]),
+                    "backends": backends,
+                })
+            })
+            .collect();
+        let mut lb = serde_json::json!({ "vips": vips });
+        if rng.below(4) == 0 {
+            lb["interface"] = serde_json::json!(rng.pick(&["eth0", "eth1", "", "a/b"]));
+        }
+        if rng.below(4) == 0 {
+            lb["mtu"] = serde_json::json!({"size": rng.num(&[68, 1500, 9000, 100_000])});
+        }
+        if rng.below(4) == 0 {
+            lb["hashing"] =
+                serde_json::json!({"maglevTableSize": rng.num(&[4, 4099, 65_537, 65_536])});
+        }
+        if rng.below(4) == 0 {
+            lb["flowMarks"] = serde_json::json!({"scope": rng.pick(&["PerFlow", "PerReal", "Disabled"]), "capacity": rng.num(&[0, 10, 65_535])});
+        }
+        serde_json::json!({
+            "apiVersion": "marklb.io/v1alpha1",
+            "kind": "LoadBalancerNodeState",
+            "metadata": {"name": format!("s{i}"), "namespace": rng.pick(&["shop", "infra"]), "generation": 1},
+            "spec": {
+                "nodeName": rng.pick(&["n", "n", "n", "m", ""]),
+                "loadBalancer": rng.pick(&["web", "api", "dns", ""]),
+                "lb": lb,
+                "loadBalancerCreated": rng.pick(&["2024-01-01T00:00:00Z", "2024-01-02T00:00:00Z"]),
+            },
+        })
+    }
+
+    #[test]
+    fn thousands_of_hostile_states_never_panic_and_each_gets_an_outcome() {
+        let mut rng = Lcg(7);
+        let facts = crate::kubernetes::status::tests::facts();
+        let (mut parsed, mut outcomes) = (0, 0);
+        for round in 0..300 {
+            let states: Vec<marklb_crds::LoadBalancerNodeState> = (0..8)
+                .filter_map(|i| serde_json::from_value(hostile(&mut rng, round * 8 + i)).ok())
+                .collect();
+            parsed += states.len();
+            let s = store(&states);
+            let mut e = Fake {
+                refuse: vec!["10.0.0.2".parse().unwrap()],
+                serving: vec![],
+                applies: 0,
+            };
+            let (p, _) = block_on(program(&mut e, &s, "n", &Programmed::default()));
+            for (k, state) in s.iter() {
+                let o = p
+                    .outcomes
+                    .get(k)
+                    .unwrap_or_else(|| panic!("{k} has no outcome"));
+                outcomes += 1;
+                let st = crate::kubernetes::status::status_for(
+                    None,
+                    state.metadata.generation,
+                    state.spec.lb.flow_marks.scope,
+                    o,
+                    None,
+                    &facts,
+                    crate::kubernetes::status::now_seconds(),
+                );
+                assert_eq!(st.observed_generation, Some(1));
+                let ready =
+                    marklb_crds::conditions::find_condition(&st.conditions, "Ready").unwrap();
+                assert_eq!(
+                    ready.status == "True",
+                    matches!(o, Outcome::Merged(v) if v.is_serving()),
+                    "{k}: {o:?}"
+                );
+            }
+        }
+        assert!(parsed > 1_000, "only {parsed} of 2,400 parsed");
+        assert_eq!(outcomes, parsed);
+    }
 }

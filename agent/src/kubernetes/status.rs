@@ -209,7 +209,7 @@ pub fn status_for(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::desired::Owner;
     use marklb_crds::conditions::find_condition;
