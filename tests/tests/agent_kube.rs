@@ -1,8 +1,9 @@
 //! The agent's Kubernetes mode end to end: `marklb-agent run --kubernetes` as a real process
 //! in the load balancer's network namespace (emulated NIC, reals decapsulating and answering
-//! the client directly, as in `agent_e2e`), against the real Kubernetes 1.20.2 API server of
-//! the test harness with the legacy CRDs (no CEL: the agent's own validation is what rejects a
-//! bad state) and the agent's install RBAC (through impersonation of its ServiceAccount).
+//! the client directly, as in `agent_e2e`), against real API servers of the test harness:
+//! Kubernetes 1.20.2 with the legacy CRDs (no CEL: the agent's own validation is what rejects a
+//! bad state) and the agent's install RBAC (through impersonation of its ServiceAccount), and
+//! the current apiextensions-apiserver with the current CRDs (CEL refuses that state first).
 //! The API server listens on the host's loopback; a forwarder puts it at the same address
 //! inside the namespace ([`NsForward`]), so the agent's kubeconfig is the harness's own.
 //!
@@ -11,9 +12,10 @@
 //! 1. states for this node are programmed (traffic reaches every real) and their status says
 //!    Ready with the right counts, as the operator's roll-up reads it; another node's state is
 //!    left alone;
-//! 2. a conflicting and an invalid state each get their own error status while the others
-//!    keep serving;
-//! 3. a deleted state's VIP leaves the datapath;
+//! 2. a conflicting, an invalid and a mislabelled state each get their own error status while
+//!    the others keep serving;
+//! 3. an emptied state is acknowledged with `vips: 0`; a deleted state's VIP leaves the
+//!    datapath;
 //! 4. status writes are coalesced under a churn of spec updates, and nothing is written when
 //!    nothing changes;
 //! 5. the API server stopped: traffic keeps flowing; restarted on the same port and data: the
@@ -48,7 +50,7 @@ use marklb_crds::{
 };
 use marklb_tests::{
     agent_proc::{Agent, AgentOptions, Manifest, Workdir, attach_decaps, xdp_prog_id},
-    kube_harness::{Flavor, KubeServer, apply_value, report},
+    kube_harness::{Flavor, KubeServer, apply_value, install_crds, report},
     netns::{
         Servers, TcpConn, Topology, TopologyOptions, in_netns, require_root, tally,
         tcp_connect_many,
@@ -304,14 +306,55 @@ impl Drop for StatusChanges {
     }
 }
 
+/// Kubernetes 1.20.2: legacy CRDs (no CEL), namespaces, the agent's RBAC by impersonation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_kubernetes_mode_on_kube120() {
+    story(Flavor::Kube120).await;
+}
+
+/// The current apiextensions-apiserver: current CRDs with CEL (every request is an
+/// administrator there, so no RBAC).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_kubernetes_mode_on_current_crds() {
+    story(Flavor::Current).await;
+}
+
+fn current_crds() -> String {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds/yaml");
+    [
+        "loadbalancers.marklb.io.yaml",
+        "loadbalancernodestates.marklb.io.yaml",
+    ]
+    .iter()
+    .map(|f| format!("---\n{}", std::fs::read_to_string(dir.join(f)).unwrap()))
+    .collect()
+}
+
+/// A line of the report, tagged with the server (the two stories run in parallel).
+fn say(flavor: Flavor, line: &str) {
+    let tag = match flavor {
+        Flavor::Kube120 => "1.20",
+        Flavor::Current => "current",
+    };
+    report(&format!("[{tag}] {line}"));
+}
+
+async fn story(flavor: Flavor) {
     require_root("the agent's Kubernetes-mode test");
-    let Some(mut server) = KubeServer::start_or_skip(Flavor::Kube120, "agent_kube").await else {
+    let Some(mut server) = KubeServer::start_or_skip(flavor, "agent_kube").await else {
         return;
     };
+    say(
+        flavor,
+        &format!("{flavor}, {} s to start", server.startup().as_secs()),
+    );
+    let legacy = flavor == Flavor::Kube120;
     let client = server.client().await.unwrap();
-    prepare(&client, &[NS]).await.unwrap();
+    if legacy {
+        prepare(&client, &[NS]).await.unwrap();
+    } else {
+        install_crds(&client, &current_crds()).await.unwrap();
+    }
     let port: u16 = server.url().rsplit(':').next().unwrap().parse().unwrap();
 
     let topo = Topology::build(TopologyOptions {
@@ -325,7 +368,11 @@ async fn agent_kubernetes_mode_on_kube120() {
     let decaps = attach_decaps(&topo).expect("decapsulation on the reals");
     let servers = Servers::start(&topo, TCP_PORT, UDP_PORT).expect("servers on the reals");
     let work = Workdir::new("marklb-kube-").expect("working directory");
-    let kubeconfig = agent_kubeconfig(&server, &client, work.path()).await;
+    let kubeconfig = if legacy {
+        agent_kubeconfig(&server, &client, work.path()).await
+    } else {
+        server.kubeconfig().display().to_string()
+    };
     let forward = NsForward::start(&topo.lb.ns, port).expect("forwarding the API server");
 
     let mut opts = AgentOptions::for_topology(&topo, &work);
@@ -356,7 +403,10 @@ async fn agent_kubernetes_mode_on_kube120() {
     let names: Vec<String> = env.topo.reals.iter().map(|r| r.name.clone()).collect();
 
     // ---- 1. programmed, Ready, counts; another node's state left alone ----
-    report("1. a node state for this node: programmed and Ready");
+    say(
+        flavor,
+        "1. a node state for this node: programmed and Ready",
+    );
     let t0 = env
         .create(&node_state(
             "web-node-a",
@@ -376,12 +426,15 @@ async fn agent_kubernetes_mode_on_kube120() {
     .await;
     let (st, ready_after) = env.wait_ready("web-node-a", t0, true, "Programmed").await;
     let reach_after = env.wait_reachable(VIP_WEB, true, t0);
-    report(&format!(
-        "   created -> status Ready: {ready_after:?}; created -> VIP reachable: {reach_after:?}"
-    ));
+    say(
+        flavor,
+        &format!(
+            "   created -> status Ready: {ready_after:?}; created -> VIP reachable: {reach_after:?}"
+        ),
+    );
     let conns = env.connect(VIP_WEB, 30);
     let t = tally(conns.iter().map(|c| c.real.as_str()));
-    report(&format!("   30 connections to {VIP_WEB}: {t:?}"));
+    say(flavor, &format!("   30 connections to {VIP_WEB}: {t:?}"));
     assert_eq!(
         t.keys().cloned().collect::<Vec<_>>(),
         names,
@@ -420,10 +473,10 @@ async fn agent_kubernetes_mode_on_kube120() {
             st.marks_in_use > 0
         })
         .await;
-    report(&format!(
-        "   marksInUse {} after 30 connections",
-        st.marks_in_use
-    ));
+    say(
+        flavor,
+        &format!("   marksInUse {} after 30 connections", st.marks_in_use),
+    );
     drop(conns);
     // The operator's roll-up counts this node as ready and offloaded.
     let web = env.get("web-node-a").await;
@@ -461,7 +514,10 @@ async fn agent_kubernetes_mode_on_kube120() {
     );
 
     // ---- 2. a conflicting and an invalid state, each in its own status ----
-    report("2. conflicting and invalid states are reported alone; the others serve");
+    say(
+        flavor,
+        "2. conflicting and invalid states are reported alone; the others serve",
+    );
     let t0 = env
         .create(&node_state(
             "api-node-a",
@@ -481,8 +537,29 @@ async fn agent_kubernetes_mode_on_kube120() {
     .await;
     let mut bad_spec = lb_spec(&env.topo, VIP_LATE);
     bad_spec.vips[0].address = "10.99.0.300".into();
-    env.create(&node_state("bad-node-a", "bad", NODE, 400, bad_spec))
-        .await;
+    let bad = node_state("bad-node-a", "bad", NODE, 400, bad_spec);
+    if legacy {
+        env.create(&bad).await;
+    } else {
+        // The CEL rules of the current CRD refuse it before any agent sees it.
+        let e = env.states.create(&PostParams::default(), &bad).await;
+        assert!(
+            matches!(&e, Err(kube::Error::Api(s)) if s.code == 422),
+            "{e:?}"
+        );
+    }
+    // Labelled for this node, written for another: refused by the agent on any server.
+    let mut stray = node_state(
+        "stray-node-a",
+        "stray",
+        "node-z",
+        450,
+        lb_spec(&env.topo, VIP_LATE),
+    );
+    stray.metadata.labels = node_state("-", "stray", NODE, 0, LoadBalancerSpec::default())
+        .metadata
+        .labels;
+    env.create(&stray).await;
     let (thief, _) = env
         .wait_ready("thief-node-a", t0, false, "VipConflict")
         .await;
@@ -495,19 +572,31 @@ async fn agent_kubernetes_mode_on_kube120() {
         c.message
     );
     assert_eq!(thief.vips, 0);
-    let (bad, _) = env.wait_ready("bad-node-a", t0, false, "InvalidSpec").await;
+    if legacy {
+        let (bad, _) = env.wait_ready("bad-node-a", t0, false, "InvalidSpec").await;
+        assert!(
+            bad.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("spec.lb.vips[0].address")),
+            "{:?}",
+            bad.last_error
+        );
+    }
+    let (stray, _) = env
+        .wait_ready("stray-node-a", t0, false, "InvalidSpec")
+        .await;
     assert!(
-        bad.last_error
-            .as_deref()
-            .is_some_and(|e| e.contains("spec.lb.vips[0].address")),
+        stray.last_error.as_deref().is_some_and(
+            |e| e.contains("spec.nodeName is node-z but this agent serves node node-a")
+        ),
         "{:?}",
-        bad.last_error
+        stray.last_error
     );
     let (_, api_ready) = env.wait_ready("api-node-a", t0, true, "Programmed").await;
-    report(&format!(
-        "   api Ready after {api_ready:?}; thief: {}",
-        c.message
-    ));
+    say(
+        flavor,
+        &format!("   api Ready after {api_ready:?}; thief: {}", c.message),
+    );
     let web = env.get("web-node-a").await;
     assert!(
         find_condition(&web.status.unwrap().conditions, "Ready")
@@ -519,7 +608,10 @@ async fn agent_kubernetes_mode_on_kube120() {
     }
 
     // ---- 3. emptied (the operator's deletion protocol), then deleted ----
-    report("3. a state emptied is acknowledged with vips 0; a deleted state's VIP goes");
+    say(
+        flavor,
+        "3. a state emptied is acknowledged with vips 0; a deleted state's VIP goes",
+    );
     let t0 = Instant::now();
     let body = json!({"spec": {"lb": {"vips": []}}});
     env.states
@@ -536,9 +628,12 @@ async fn agent_kubernetes_mode_on_kube120() {
             |s, st| st.observed_generation == s.metadata.generation && st.vips == 0,
         )
         .await;
-    report(&format!(
-        "   emptied -> acknowledged (vips 0): {acked:?}; emptied -> VIP unreachable: {emptied:?}"
-    ));
+    say(
+        flavor,
+        &format!(
+            "   emptied -> acknowledged (vips 0): {acked:?}; emptied -> VIP unreachable: {emptied:?}"
+        ),
+    );
     let t0 = env
         .create(&node_state(
             "late-node-a",
@@ -556,7 +651,7 @@ async fn agent_kubernetes_mode_on_kube120() {
         .unwrap();
     let gone = env.wait_reachable(VIP_LATE, false, t0);
     assert!(!env.owners().contains_key("shop/late"));
-    report(&format!("   deleted -> VIP unreachable: {gone:?}"));
+    say(flavor, &format!("   deleted -> VIP unreachable: {gone:?}"));
     env.states
         .delete("api-node-a", &DeleteParams::default())
         .await
@@ -564,7 +659,10 @@ async fn agent_kubernetes_mode_on_kube120() {
     assert!(env.reachable(VIP_WEB, T), "the others keep serving");
 
     // ---- 4. coalesced status writes ----
-    report("4. a churn of spec updates: status writes coalesced");
+    say(
+        flavor,
+        "4. a churn of spec updates: status writes coalesced",
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let quiet0 = env.status_writes();
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -594,10 +692,13 @@ async fn agent_kubernetes_mode_on_kube120() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let writes = env.status_writes() - writes0;
     let seen = changes.count();
-    report(&format!(
-        "   {UPDATES} spec updates in {churn:?}: {seen} status changes of that state seen by a watch, \
+    say(
+        flavor,
+        &format!(
+            "   {UPDATES} spec updates in {churn:?}: {seen} status changes of that state seen by a watch, \
          {writes} status writes in all; last generation reported {caught:?} after the churn"
-    ));
+        ),
+    );
     let bound = churn.as_secs_f64().ceil() as u64 + 2;
     assert!(
         seen >= 2 && seen <= bound,
@@ -606,7 +707,10 @@ async fn agent_kubernetes_mode_on_kube120() {
     assert!(env.reachable(VIP_WEB, T));
 
     // ---- 5. the API server stops and comes back ----
-    report("5. the API server stopped: traffic flows; restarted: the agent catches up");
+    say(
+        flavor,
+        "5. the API server stopped: traffic flows; restarted: the agent catches up",
+    );
     let mut held = env.connect(VIP_WEB, 10);
     let writes_before = env.status_writes();
     let lines_before = env.agent.log().lines().count();
@@ -627,11 +731,14 @@ async fn agent_kubernetes_mode_on_kube120() {
         200,
         "still ready: the datapath serves"
     );
-    report(&format!(
-        "   {} new and {} held connections served with the API server down",
-        during.len(),
-        held.len()
-    ));
+    say(
+        flavor,
+        &format!(
+            "   {} new and {} held connections served with the API server down",
+            during.len(),
+            held.len()
+        ),
+    );
     server
         .restart_server()
         .await
@@ -648,14 +755,17 @@ async fn agent_kubernetes_mode_on_kube120() {
         .await;
     let (_, late_ready) = env.wait_ready("late-node-a", t0, true, "Programmed").await;
     env.wait_reachable(VIP_LATE, true, t0);
-    report(&format!(
-        "   down for {restarted:?}; a state created right after the restart Ready after {late_ready:?}; \
+    say(
+        flavor,
+        &format!(
+            "   down for {restarted:?}; a state created right after the restart Ready after {late_ready:?}; \
          {} status writes failed meanwhile",
-        env.agent.scrape().get(
-            "marklb_node_state_status_writes_total",
-            &[("result", "failure")]
-        )
-    ));
+            env.agent.scrape().get(
+                "marklb_node_state_status_writes_total",
+                &[("result", "failure")]
+            )
+        ),
+    );
     // The agent counts a write once it has the answer, which can be after the test saw it.
     let deadline = Instant::now() + Duration::from_secs(5);
     while env.status_writes() <= writes_before {
@@ -666,14 +776,20 @@ async fn agent_kubernetes_mode_on_kube120() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     if late_ready > Duration::from_secs(5) {
-        report("   slow catch-up; the agent's log since the API server stopped:");
+        say(
+            flavor,
+            "   slow catch-up; the agent's log since the API server stopped:",
+        );
         for l in env.agent.log().lines().skip(lines_before) {
-            report(&format!("   | {l}"));
+            say(flavor, &format!("   | {l}"));
         }
     }
 
     // ---- 6. cut off while states change: the datapath keeps what it had, then catches up ----
-    report("6. the agent cut off while states change; it catches up when it reaches the API");
+    say(
+        flavor,
+        "6. the agent cut off while states change; it catches up when it reaches the API",
+    );
     env.forward.cut();
     tokio::time::sleep(Duration::from_millis(500)).await;
     env.states
@@ -703,20 +819,26 @@ async fn agent_kubernetes_mode_on_kube120() {
     let (_, thief_ready) = env.wait_ready("thief-node-a", t0, true, "Programmed").await;
     let late_gone = env.wait_reachable(VIP_LATE, false, t0);
     env.wait_reachable(VIP_API, true, t0);
-    report(&format!(
-        "   reconnected: the moved state Ready after {thief_ready:?}, the deleted one's VIP gone after {late_gone:?}"
-    ));
+    say(
+        flavor,
+        &format!(
+            "   reconnected: the moved state Ready after {thief_ready:?}, the deleted one's VIP gone after {late_gone:?}"
+        ),
+    );
     assert!(env.reachable(VIP_WEB, T));
-    let bad = env.get("bad-node-a").await.status.unwrap();
-    assert!(find_condition(&bad.conditions, "Ready").is_some_and(|c| c.reason == "InvalidSpec"));
+    let stray = env.get("stray-node-a").await.status.unwrap();
+    assert!(find_condition(&stray.conditions, "Ready").is_some_and(|c| c.reason == "InvalidSpec"));
     let errors = env
         .agent
         .scrape()
         .get("marklb_node_state_watch_errors_total", &[]);
-    report(&format!(
-        "   watch errors over the whole run: {errors}; forwarded API connections: {}",
-        env.forward.accepted()
-    ));
+    say(
+        flavor,
+        &format!(
+            "   watch errors over the whole run: {errors}; forwarded API connections: {}",
+            env.forward.accepted()
+        ),
+    );
     assert!(errors > 0.0);
     assert!(env.agent.is_running());
     let took: Vec<u64> = env
@@ -732,15 +854,21 @@ async fn agent_kubernetes_mode_on_kube120() {
                 .ok()
         })
         .collect();
-    report(&format!(
-        "   {} programming runs, each {}-{} ms (debug build)",
-        took.len(),
-        took.iter().min().unwrap_or(&0),
-        took.iter().max().unwrap_or(&0)
-    ));
-    report(&format!(
-        "   agent RSS {} KiB (peak {} KiB)",
-        env.agent.rss_kib().unwrap_or(0),
-        env.agent.peak_rss_kib().unwrap_or(0)
-    ));
+    say(
+        flavor,
+        &format!(
+            "   {} programming runs, each {}-{} ms (debug build)",
+            took.len(),
+            took.iter().min().unwrap_or(&0),
+            took.iter().max().unwrap_or(&0)
+        ),
+    );
+    say(
+        flavor,
+        &format!(
+            "   agent RSS {} KiB (peak {} KiB)",
+            env.agent.rss_kib().unwrap_or(0),
+            env.agent.peak_rss_kib().unwrap_or(0)
+        ),
+    );
 }

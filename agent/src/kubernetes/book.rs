@@ -155,8 +155,9 @@ impl StatusBook {
         e.written = Some(returned);
     }
 
-    /// The write of `key` failed; returns the delay before the next attempt.
-    pub fn failed(&mut self, key: &StateKey, now: Instant) -> Duration {
+    /// The write of `key` failed; returns the delay before the next attempt and how many
+    /// attempts in a row failed.
+    pub fn failed(&mut self, key: &StateKey, now: Instant) -> (Duration, u32) {
         let e = self.entries.entry(key.clone()).or_default();
         e.in_flight = false;
         e.failures = e.failures.saturating_add(1);
@@ -165,7 +166,7 @@ impl StatusBook {
             .saturating_mul(1 << e.failures.min(5).saturating_sub(1))
             .min(MAX_RETRY);
         e.retry_at = Some(now + delay);
-        delay
+        (delay, e.failures)
     }
 
     /// The watch shows `observed` for object `uid` at `key`: once it shows what was written,
@@ -295,7 +296,7 @@ mod tests {
         let mut now = t0;
         for _ in 0..6 {
             book.started(&k, now);
-            let d = book.failed(&k, now);
+            let (d, _) = book.failed(&k, now);
             delays.push(d.as_secs());
             assert_eq!(
                 book.decide(&k, &status(1, 0), None, now),
@@ -308,7 +309,7 @@ mod tests {
         book.started(&k, now);
         book.succeeded(&k, Some("u1"), status(1, 0));
         book.started(&k, now);
-        assert_eq!(book.failed(&k, now), Duration::from_secs(1));
+        assert_eq!(book.failed(&k, now), (Duration::from_secs(1), 1));
     }
 
     #[test]

@@ -248,8 +248,13 @@ impl KubeSource {
             }
             WriteResult::Failed(e) => {
                 writes.with_label_values(&["failure"]).inc();
-                let retry = self.book.failed(&key, Instant::now());
-                tracing::warn!(node_state = %key, error = %e, ?retry, "writing the status failed");
+                let (retry, failures) = self.book.failed(&key, Instant::now());
+                // Once per streak: an API server away for an hour must not fill the log.
+                if failures == 1 {
+                    tracing::warn!(node_state = %key, error = %e, ?retry, "writing the status failed; retrying");
+                } else {
+                    tracing::debug!(node_state = %key, error = %e, failures, ?retry, "writing the status failed again");
+                }
             }
         }
     }
