@@ -841,6 +841,14 @@ async fn story(flavor: Flavor) {
     );
     assert!(errors > 0.0);
     assert!(env.agent.is_running());
+    let warnings = env.agent.log_lines(" WARN ");
+    say(flavor, &format!("   agent warnings: {}", warnings.len()));
+    for w in warnings.iter().take(12) {
+        say(
+            flavor,
+            &format!("   | {}", w.chars().take(220).collect::<String>()),
+        );
+    }
     let took: Vec<u64> = env
         .agent
         .log_lines("node states programmed")
