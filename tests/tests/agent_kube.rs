@@ -21,7 +21,9 @@
 //! 5. the API server stopped: traffic keeps flowing; restarted on the same port and data: the
 //!    agent serves a state created right after;
 //! 6. the agent cut off from the API server while states change: the datapath keeps what it
-//!    had, and catches up when it reaches the server again.
+//!    had, and catches up when it reaches the server again;
+//! 7. the agent killed and started again: established connections keep their real, the states
+//!    stay Ready (their `lastTransitionTime` unchanged) and carry the new program id.
 //!
 //! Needs root and the agent binary of the same profile (`cargo build -p marklb-agent`).
 
@@ -877,6 +879,47 @@ async fn story(flavor: Flavor) {
             "   agent RSS {} KiB (peak {} KiB)",
             env.agent.rss_kib().unwrap_or(0),
             env.agent.peak_rss_kib().unwrap_or(0)
+        ),
+    );
+
+    // ---- 7. the agent killed and started again: nothing lost, states stay Ready ----
+    say(flavor, "7. the agent killed (-9) and started again");
+    let web_before = env.get("web-node-a").await.status.unwrap();
+    let ready_since = find_condition(&web_before.conditions, "Ready")
+        .unwrap()
+        .last_transition_time
+        .clone();
+    let mut held = env.connect(VIP_WEB, 10);
+    let opts = env.agent.opts.clone();
+    env.agent.kill9();
+    let t0 = Instant::now();
+    env.agent = Agent::spawn(opts).expect("starting marklb-agent again");
+    env.agent.wait_log("datapath attached", 1, WAIT);
+    let prog_id = xdp_prog_id(&env.topo.lb.ns, &env.topo.lb.port.iface).unwrap();
+    let (after, rewritten) = env
+        .wait_status("web-node-a", t0, "the new program id", |_, st| {
+            st.program_id == prog_id
+        })
+        .await;
+    for (i, c) in held.iter_mut().enumerate() {
+        assert_eq!(
+            c.request(&format!("after restart {i}")).unwrap(),
+            c.real,
+            "established flows keep their real across an agent restart"
+        );
+    }
+    let ready = find_condition(&after.conditions, "Ready").unwrap();
+    assert_eq!(
+        (ready.status.as_str(), &ready.last_transition_time),
+        ("True", &ready_since),
+        "Ready never flipped"
+    );
+    say(
+        flavor,
+        &format!(
+            "   restarted: status carries the new program id after {rewritten:?}; {} held connections kept their real; Ready since {:?} unchanged",
+            held.len(),
+            ready_since.0
         ),
     );
 }
