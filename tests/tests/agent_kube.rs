@@ -953,3 +953,32 @@ async fn story(flavor: Flavor) {
         ),
     );
 }
+
+/// The agent accepts exactly the command line the operator's DaemonSet gives it (every
+/// optional flag set): it gets past parsing to its first check, the node name.
+#[test]
+fn the_agent_accepts_the_daemonsets_command_line() {
+    let settings = marklb_operator::AgentSettings {
+        mark_delivery: Some("xdp-metadata".into()),
+        xdp_mode: Some("generic".into()),
+        ..Default::default()
+    };
+    let args: Vec<String> = marklb_operator::desired::agent_args(&settings)
+        .into_iter()
+        // The kubelet expands the downward-API variable.
+        .map(|a| a.replace("$(HOST_IP)", "127.0.0.1"))
+        .collect();
+    let out = std::process::Command::new(marklb_tests::agent_proc::agent_binary())
+        .args(&args)
+        .env_remove("NODE_NAME")
+        .env_remove("HOST_IP")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("running marklb-agent");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+    assert!(
+        stderr.contains("--kubernetes needs this node's name"),
+        "{args:?}: {stderr}"
+    );
+}
