@@ -22,8 +22,9 @@
 //!    agent serves a state created right after;
 //! 6. the agent cut off from the API server while states change: the datapath keeps what it
 //!    had, and catches up when it reaches the server again;
-//! 7. the agent killed and started again: established connections keep their real, the states
-//!    stay Ready (their `lastTransitionTime` unchanged) and carry the new program id.
+//! 7. the agent killed and started again while the API server cannot be reached: the adopted
+//!    datapath serves (new and established connections), and once the server is reachable the
+//!    states stay Ready (their `lastTransitionTime` unchanged) and carry the new program id.
 //!
 //! Needs root and the agent binary of the same profile (`cargo build -p marklb-agent`).
 
@@ -922,9 +923,20 @@ async fn story(flavor: Flavor) {
     let mut held = env.connect(VIP_WEB, 10);
     let opts = env.agent.opts.clone();
     env.agent.kill9();
-    let t0 = Instant::now();
+    // And it starts while the API server cannot be reached: it must serve what the pinned
+    // datapath serves, not an empty list.
+    env.forward.cut();
     env.agent = Agent::spawn(opts).expect("starting marklb-agent again");
     env.agent.wait_log("datapath attached", 1, WAIT);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        env.connect(VIP_WEB, 5).len(),
+        5,
+        "started without the API server, the adopted datapath serves"
+    );
+    assert!(env.reachable(VIP_API, T), "every VIP it served");
+    let t0 = Instant::now();
+    env.forward.restore();
     let prog_id = xdp_prog_id(&env.topo.lb.ns, &env.topo.lb.port.iface).unwrap();
     let (after, rewritten) = env
         .wait_status("web-node-a", t0, "the new program id", |_, st| {
@@ -947,7 +959,7 @@ async fn story(flavor: Flavor) {
     say(
         flavor,
         &format!(
-            "   restarted: status carries the new program id after {rewritten:?}; {} held connections kept their real; Ready since {:?} unchanged",
+            "   restarted cut off, served; reconnected: status carries the new program id after {rewritten:?}; {} held connections kept their real; Ready since {:?} unchanged",
             held.len(),
             ready_since.0
         ),
