@@ -76,6 +76,9 @@ pub enum HwBackendKind {
     Emulated,
     /// No NIC acceleration: every packet takes the normal path.
     None,
+    /// The interface's NIC if a backend for it exists (the operator's default); this build
+    /// has no hardware backend yet, so it is `none`, and the status says why.
+    Auto,
 }
 
 /// A backend chosen for an interface, with what the datapath must attach in front of it.
@@ -92,7 +95,7 @@ pub struct SelectedBackend {
 pub fn select(
     kind: HwBackendKind,
     dp: &mut Datapath,
-    _iface: &str,
+    iface: &str,
 ) -> Result<SelectedBackend, HwBackendError> {
     match kind {
         HwBackendKind::Emulated => {
@@ -107,6 +110,14 @@ pub fn select(
         HwBackendKind::None => Ok(SelectedBackend {
             backend: Box::new(NoHwBackend),
             reason: "--hw-backend none: no flow marks, every packet takes the normal path".into(),
+            entry: Prog::Balancer,
+        }),
+        HwBackendKind::Auto => Ok(SelectedBackend {
+            backend: Box::new(NoHwBackend),
+            reason: format!(
+                "--hw-backend auto: no flow-mark NIC backend for {iface} in this build; every \
+                 packet takes the normal path"
+            ),
             entry: Prog::Balancer,
         }),
     }
