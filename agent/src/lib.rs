@@ -7,8 +7,8 @@
 //! - `desired` (what to program, several LoadBalancers merged), `plan` (the pure diff),
 //!   `apply` (carrying a plan out);
 //! - `node` (the engine: attach or adopt, apply, events, aging, readiness, report);
-//! - sources of desired state on top: `file_source` (standalone), and `daemon` (the command
-//!   line), `http`, `metrics`.
+//! - sources of desired state on top: `file_source` (standalone), `kubernetes` (this node's
+//!   LoadBalancerNodeStates, their status), and `daemon` (the command line), `http`, `metrics`.
 
 pub mod apply;
 mod attach;
@@ -18,6 +18,7 @@ pub mod decap;
 pub mod desired;
 mod file_source;
 mod http;
+mod kubernetes;
 pub mod maglev;
 pub mod marks;
 mod metrics;

@@ -8,8 +8,8 @@
 //! it. Concurrent scrapes are serialised among themselves (they rewrite the same vectors).
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use std::sync::Mutex;
@@ -46,6 +46,10 @@ pub struct Metrics {
     pub event_to_mark: HistogramVec,
     pub reloads: IntCounterVec,
     pub config_valid: IntGauge,
+    /// Kubernetes mode: node-state status writes by result (success, failure, gone).
+    pub status_writes: IntCounterVec,
+    /// Kubernetes mode: errors of the node-state watch (API server away, refused...).
+    pub watch_errors: IntCounter,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -182,6 +186,21 @@ impl Metrics {
                 "marklb_config_valid",
                 "1 if the last configuration read was applied",
             ),
+            status_writes: counter(
+                &r,
+                "marklb_node_state_status_writes_total",
+                "Kubernetes mode: node-state status writes, by result",
+                &["result"],
+            ),
+            watch_errors: {
+                let c = IntCounter::new(
+                    "marklb_node_state_watch_errors_total",
+                    "Kubernetes mode: errors of the node-state watch (each is retried)",
+                )
+                .expect("metric");
+                r.register(Box::new(c.clone())).expect("register");
+                c
+            },
             info,
             loadbalancers,
             scrape: Mutex::new(()),

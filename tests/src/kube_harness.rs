@@ -150,6 +150,8 @@ pub struct KubeServer {
     kubeconfig: PathBuf,
     startup: Duration,
     procs: Supervisor,
+    /// The API server's binary and arguments, to start it again ([`KubeServer::restart_server`]).
+    server_cmd: (PathBuf, Vec<String>),
     // Last: removed after the processes are gone.
     dir: Option<tempfile::TempDir>,
 }
@@ -247,6 +249,7 @@ impl KubeServer {
             kubeconfig: d.join("kubeconfig"),
             startup: Duration::ZERO,
             procs: Supervisor::new(&d)?,
+            server_cmd: (server_bin.to_path_buf(), Vec::new()),
             dir: Some(dir),
         };
         let spawn = SpawnOptions {
@@ -308,6 +311,7 @@ impl KubeServer {
             Command::new(server_bin).args(&args),
             &spawn,
         )?;
+        me.server_cmd.1 = args;
         me.url = format!("https://127.0.0.1:{api_port}");
 
         // The self-signed serving certificate (server certificate, then its CA) is written before
@@ -430,6 +434,36 @@ impl KubeServer {
             .args(args)
             .output()
             .ok()
+    }
+
+    /// Stops the API server only (etcd keeps the data): clients see connections refused.
+    pub fn stop_server(&self) {
+        self.procs
+            .stop_one(self.flavor.binary(), Duration::from_secs(5));
+    }
+
+    /// Starts the API server again after [`stop_server`](Self::stop_server): same port, same
+    /// certificates, same etcd; returns once `/readyz` is ok.
+    pub async fn restart_server(&mut self) -> Result<()> {
+        let (bin, args) = self.server_cmd.clone();
+        let spawn = SpawnOptions {
+            cwd: Some(self.dir().to_path_buf()),
+            ..Default::default()
+        };
+        self.procs
+            .spawn(self.flavor.binary(), Command::new(bin).args(&args), &spawn)?;
+        let client = self.client().await?;
+        self.wait_for("/readyz after a restart", || {
+            let client = client.clone();
+            async move {
+                let req = http::Request::get("/readyz").body(Vec::new())?;
+                Ok(client
+                    .request_text(req)
+                    .await
+                    .is_ok_and(|t| t.trim() == "ok"))
+            }
+        })
+        .await
     }
 
     /// Stops the processes (SIGTERM to their groups, SIGKILL after 5 s) and removes the directory.

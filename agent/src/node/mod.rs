@@ -28,7 +28,7 @@ use anyhow::{Context, Result, bail};
 
 pub use events::consume_events;
 pub use readiness::readiness;
-pub use report::NodeReport;
+pub use report::{NodeReport, OwnerReport};
 pub use view::{MarkSnapshot, NodeView, Published, ViewVip};
 
 use crate::{

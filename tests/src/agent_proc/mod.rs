@@ -192,6 +192,11 @@ pub struct AgentOptions {
     pub remove_on_exit: bool,
     /// More arguments for `run`.
     pub extra_args: Vec<String>,
+    /// Kubernetes mode (`--kubernetes` instead of `--config`; no `--interface` when
+    /// `interface` is empty: the agent finds it from `HOST_IP`).
+    pub kubernetes: bool,
+    /// More environment variables (`KUBECONFIG`, `NODE_NAME`, `HOST_IP`).
+    pub env: Vec<(String, String)>,
 }
 
 impl AgentOptions {
@@ -210,17 +215,23 @@ impl AgentOptions {
             reload_interval: "200ms".into(),
             remove_on_exit: false,
             extra_args: Vec::new(),
+            kubernetes: false,
+            env: Vec::new(),
         }
     }
 
     /// The command line (after the binary).
     pub fn args(&self) -> Vec<String> {
-        let mut a: Vec<String> = vec![
-            "run".into(),
-            "--config".into(),
-            self.config.display().to_string(),
-            "--interface".into(),
-            self.interface.clone(),
+        let mut a: Vec<String> = vec!["run".into()];
+        if self.kubernetes {
+            a.push("--kubernetes".into());
+        } else {
+            a.extend(["--config".into(), self.config.display().to_string()]);
+        }
+        if !self.interface.is_empty() {
+            a.extend(["--interface".into(), self.interface.clone()]);
+        }
+        a.extend([
             "--hw-backend".into(),
             self.hw_backend.clone(),
             "--metrics-addr".into(),
@@ -229,7 +240,7 @@ impl AgentOptions {
             self.bpffs.display().to_string(),
             "--reload-interval".into(),
             self.reload_interval.clone(),
-        ];
+        ]);
         if self.remove_on_exit {
             a.push("--remove-on-exit".into());
         }
@@ -292,6 +303,7 @@ impl Agent {
         cmd.args(opts.args())
             .env_remove("NO_COLOR")
             .env("RUST_LOG", "info")
+            .envs(opts.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
