@@ -21,7 +21,7 @@ use aya::programs::{
 };
 
 use crate::{
-    datapath::{Datapath, Prog, TcProg},
+    datapath::{Datapath, Prog},
     xdp_link::{self, KeptLink},
 };
 
@@ -144,7 +144,8 @@ pub fn attach(
         let link = xdp.take_link(id)?;
         let fd_link = FdLink::try_from(link).context("XDP link without fd")?;
         let prog_id = prog_id_of(&fd_link)?;
-        let kept = KeptLink::keep(&fd_link).context("keeping the XDP link")?;
+        let link_id = fd_link.info().context("reading link info")?.id();
+        let kept = KeptLink::open_pinned(&pins.link(), link_id).context("keeping the XDP link")?;
         drop(fd_link);
         // bpffs holds no plain files; the caller asks the kernel for the mode.
         let attached = Attached {
@@ -167,9 +168,9 @@ pub fn attach(
                 let fd_link = FdLink::try_from(link)
                     .context("the kernel attached XDP without a bpf_link; cannot pin it")?;
                 let prog_id = prog_id_of(&fd_link)?;
-                let kept = KeptLink::keep(&fd_link).context("keeping the XDP link")?;
                 fs::create_dir_all(&pins.dir)?;
-                fd_link.pin(pins.link()).context("pinning the XDP link")?;
+                let kept =
+                    KeptLink::pin_new(fd_link, &pins.link()).context("pinning the XDP link")?;
                 let attached = Attached {
                     mode: (*name).to_string(),
                     prog_id,
@@ -220,40 +221,19 @@ pub fn remove_links(paths: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
-/// The maps `progs` use, by name, each with a descriptor of its own: what must stay pinned
-/// for a restarted agent to adopt the datapath.
-pub fn maps_of(dp: &mut Datapath, progs: &[Prog]) -> Result<Vec<(String, MapData)>> {
-    let mut infos = Vec::new();
-    for prog in progs {
-        infos.push(dp.program(*prog)?.info().context("program info")?);
-    }
-    maps_of_infos(&infos)
-}
-
-/// [`maps_of`] for the TC programs.
-pub fn maps_of_tc(dp: &mut Datapath, progs: &[TcProg]) -> Result<Vec<(String, MapData)>> {
-    let mut infos = Vec::new();
-    for prog in progs {
-        infos.push(dp.tc_program(*prog)?.info().context("program info")?);
-    }
-    maps_of_infos(&infos)
-}
-
-fn maps_of_infos(infos: &[aya::programs::ProgramInfo]) -> Result<Vec<(String, MapData)>> {
-    let mut maps: Vec<(String, MapData)> = Vec::new();
-    for info in infos {
-        for id in info
-            .map_ids()
-            .context("program map ids")?
-            .unwrap_or_default()
-        {
-            let data = MapData::from_id(id).context("map by id")?;
-            let info = data.info().context("map info")?;
-            let name = info.name_as_str().unwrap_or_default().to_string();
-            if !name.is_empty() && !maps.iter().any(|(n, _)| *n == name) {
-                maps.push((name, data));
-            }
+/// The datapath's maps, each opened from its pin under `pins.maps()` with a descriptor of
+/// its own, so they can be pinned again should their pins go. By pin, not by id: opening a
+/// map by id needs CAP_SYS_ADMIN, which the agent's pod does not have.
+pub fn pinned_maps(pins: &PinLayout) -> Result<Vec<(String, MapData)>> {
+    let mut maps = Vec::new();
+    for name in Datapath::PINNED_MAPS {
+        let path = pins.maps().join(name);
+        if !path.exists() {
+            continue;
         }
+        let data = MapData::from_pin(&path)
+            .with_context(|| format!("opening pinned map {}", path.display()))?;
+        maps.push((name.to_string(), data));
     }
     Ok(maps)
 }

@@ -109,11 +109,12 @@ fn attach_one(
     let link = tc.take_link(id)?;
     let fd_link = FdLink::try_from(link).context("tcx link without fd")?;
     let prog_id = fd_link.info().context("reading link info")?.program_id();
-    let kept = KeptLink::keep(&fd_link).context("keeping the tcx link")?;
-    if !adopted {
-        fd_link
-            .pin(pin)
-            .with_context(|| format!("pinning the tcx link at {}", pin.display()))?;
-    }
+    let kept = if adopted {
+        let link_id = fd_link.info().context("reading link info")?.id();
+        KeptLink::open_pinned(pin, link_id).context("keeping the tcx link")?
+    } else {
+        KeptLink::pin_new(fd_link, pin)
+            .with_context(|| format!("pinning the tcx link at {}", pin.display()))?
+    };
     Ok(((kept, prog_id), adopted))
 }

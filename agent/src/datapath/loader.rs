@@ -110,6 +110,11 @@ pub struct Datapath {
     _rings_map: MapData,
 }
 
+impl Datapath {
+    /// Every map of the object, by name: pinned under the pin directory when there is one.
+    pub const PINNED_MAPS: &'static [&'static str] = ALL_MAPS;
+}
+
 const ALL_MAPS: &[&str] = &[
     n::CONFIG,
     n::VIPS,

@@ -34,7 +34,7 @@ pub use view::{MarkSnapshot, NodeView, Published, ViewVip};
 use crate::{
     apply::{self, ApplyReport},
     attach::{self, ModePref, PinLayout},
-    datapath::{Datapath, EventReader, LoadOptions, Prog, TcProg},
+    datapath::{Datapath, EventReader, LoadOptions},
     desired::{Desired, MarkPolicy, Merged},
     marks::{self, Entry, HwBackendKind, MarkDelivery, MarkManager},
     model::DatapathModel,
@@ -309,22 +309,12 @@ impl Node {
                 Entry::Xdp(entry) => {
                     let (attached, link) =
                         attach::attach(dp, entry, iface, &self.pins, self.opts.xdp_mode)?;
-                    let progs: &[Prog] = if entry == Prog::Balancer {
-                        &[Prog::Balancer]
-                    } else {
-                        &[entry, Prog::Balancer]
-                    };
                     let links = vec![(self.pins.link(), link)];
-                    (attached, links, attach::maps_of(dp, progs)?)
+                    (attached, links, attach::pinned_maps(&self.pins)?)
                 }
                 Entry::Tc { nic } => {
                     let (attached, links) = tc_attach::attach_tc(dp, nic, iface, &self.pins)?;
-                    let progs: &[TcProg] = if nic {
-                        &[TcProg::EmulatedNic, TcProg::Balancer]
-                    } else {
-                        &[TcProg::Balancer]
-                    };
-                    (attached, links, attach::maps_of_tc(dp, progs)?)
+                    (attached, links, attach::pinned_maps(&self.pins)?)
                 }
             }
         };
