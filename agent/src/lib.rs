@@ -16,6 +16,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod decap;
 pub mod desired;
+mod ethtool;
 mod file_source;
 mod http;
 mod kubernetes;

@@ -6,52 +6,13 @@
 
 use std::io;
 
-const SIOCETHTOOL: libc::c_ulong = 0x8946;
+use crate::ethtool::value as ethtool;
+
 const ETHTOOL_GFLAGS: u32 = 0x25;
 const ETHTOOL_SFLAGS: u32 = 0x26;
 const ETHTOOL_GGRO: u32 = 0x2b;
 const ETHTOOL_SGRO: u32 = 0x2c;
 const ETH_FLAG_LRO: u32 = 1 << 15;
-
-#[repr(C)]
-struct EthtoolValue {
-    cmd: u32,
-    data: u32,
-}
-
-#[repr(C)]
-struct IfReq {
-    name: [u8; libc::IFNAMSIZ],
-    data: *mut EthtoolValue,
-    _pad: [u8; 16],
-}
-
-fn ethtool(iface: &str, cmd: u32, data: u32) -> io::Result<u32> {
-    if iface.len() >= libc::IFNAMSIZ {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "interface name too long",
-        ));
-    }
-    let mut value = EthtoolValue { cmd, data };
-    let mut req = IfReq {
-        name: [0; libc::IFNAMSIZ],
-        data: &mut value,
-        _pad: [0; 16],
-    };
-    req.name[..iface.len()].copy_from_slice(iface.as_bytes());
-    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if sock < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let rc = unsafe { libc::ioctl(sock, SIOCETHTOOL as _, &mut req) };
-    let err = io::Error::last_os_error();
-    unsafe { libc::close(sock) };
-    if rc < 0 {
-        return Err(err);
-    }
-    Ok(value.data)
-}
 
 /// Receive offloads of an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

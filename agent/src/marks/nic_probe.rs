@@ -6,7 +6,8 @@
 
 use std::io;
 
-const SIOCETHTOOL: libc::c_ulong = 0x8946;
+use crate::ethtool::call as ethtool;
+
 const ETHTOOL_GDRVINFO: u32 = 0x03;
 const ETHTOOL_GSTRINGS: u32 = 0x1b;
 const ETHTOOL_GSSET_INFO: u32 = 0x37;
@@ -18,42 +19,6 @@ const ETH_GSTRING_LEN: usize = 32;
 pub const MLX5_DRIVER: &str = "mlx5_core";
 /// The feature `ethtool -K DEV hw-tc-offload on` turns on.
 pub const HW_TC_OFFLOAD: &str = "hw-tc-offload";
-
-#[repr(C)]
-struct IfReq {
-    name: [u8; libc::IFNAMSIZ],
-    data: *mut u8,
-    _pad: [u8; 16],
-}
-
-/// One SIOCETHTOOL call with `buf` (starting with the command) as its data.
-fn ethtool(iface: &str, buf: &mut [u8]) -> io::Result<()> {
-    if iface.len() >= libc::IFNAMSIZ {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "interface name too long",
-        ));
-    }
-    let mut req = IfReq {
-        name: [0; libc::IFNAMSIZ],
-        data: buf.as_mut_ptr(),
-        _pad: [0; 16],
-    };
-    req.name[..iface.len()].copy_from_slice(iface.as_bytes());
-    // SAFETY: a plain datagram socket for the ioctl, closed below.
-    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if sock < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `req` points at `buf`, which is as large as the command's structure.
-    let rc = unsafe { libc::ioctl(sock, SIOCETHTOOL as _, &mut req) };
-    let err = io::Error::last_os_error();
-    unsafe { libc::close(sock) };
-    if rc < 0 {
-        return Err(err);
-    }
-    Ok(())
-}
 
 fn u32_at(b: &[u8], off: usize) -> u32 {
     u32::from_ne_bytes(b[off..off + 4].try_into().expect("4"))
