@@ -134,4 +134,3 @@ pub async fn wait_operator(cluster: &Cluster, replicas: i32, want_arg: Option<&s
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
-

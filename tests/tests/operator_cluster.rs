@@ -52,7 +52,7 @@ use marklb_tests::{
     cluster::{Cluster, NodeInfo, NodeTopology},
     cluster_or_skip,
     kube_harness::report,
-    netns::{Servers, TcpConn, TopologyOptions, tcp_connect_many, tally},
+    netns::{Servers, TcpConn, TopologyOptions, tally, tcp_connect_many},
     operator_install::{NS, import_operator_image, pod_ready, user, wait_operator},
 };
 
@@ -385,7 +385,9 @@ async fn loadbalancers_become_programmed_nodes_and_conditions() {
     let n1 = Side::build(nodes[0].clone());
     let n2 = Side::build(nodes[1].clone());
 
-    report("1. install: kubectl apply -k deploy/legacy-1.20/ (CRDs, RBAC, the operator from its image)");
+    report(
+        "1. install: kubectl apply -k deploy/legacy-1.20/ (CRDs, RBAC, the operator from its image)",
+    );
     import_operator_image(cluster);
     let t0 = Instant::now();
     user(cluster, "kubectl apply -k deploy/legacy-1.20/");
@@ -405,7 +407,9 @@ async fn loadbalancers_become_programmed_nodes_and_conditions() {
         secs(t0.elapsed())
     ));
 
-    report("2. web selects node 1: its agent only there, traffic, Ready 1/1, the node state filled");
+    report(
+        "2. web selects node 1: its agent only there, traffic, Ready 1/1, the node state filled",
+    );
     user(
         cluster,
         &format!("kubectl label node {} {NODE_LABEL}=true", n1.node.name),
@@ -452,7 +456,10 @@ async fn loadbalancers_become_programmed_nodes_and_conditions() {
     report(&format!(
         "$ kubectl get mlb -n shop\n{get_mlb}$ kubectl get mlbns -n shop\n{get_mlbns}$ kubectl describe mlb web -n shop\n{describe}"
     ));
-    assert!(get_mlb.contains("web") && get_mlb.contains("1/1"), "{get_mlb}");
+    assert!(
+        get_mlb.contains("web") && get_mlb.contains("1/1"),
+        "{get_mlb}"
+    );
     assert!(describe.contains("AllNodesReady"), "{describe}");
     assert!(get_mlbns.contains(&node_state_name("web", &n1.node.name)));
 
@@ -481,7 +488,9 @@ async fn loadbalancers_become_programmed_nodes_and_conditions() {
         secs(moved)
     ));
 
-    report("4. a newer LoadBalancer with web's VIP: Conflict naming shop/web; no node: NoNodesSelected");
+    report(
+        "4. a newer LoadBalancer with web's VIP: Conflict naming shop/web; no node: NoNodesSelected",
+    );
     tokio::time::sleep(Duration::from_millis(1100)).await; // creation times: 1 s resolution
     let copy = loadbalancer_yaml(
         "web-copy",
@@ -525,7 +534,10 @@ async fn loadbalancers_become_programmed_nodes_and_conditions() {
     let takeover = t0.elapsed();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (ok, failed, errors) = probe.stop();
-    assert_eq!(failed, 0, "connections failed while the operator changed: {errors:?}");
+    assert_eq!(
+        failed, 0,
+        "connections failed while the operator changed: {errors:?}"
+    );
     report(&format!(
         "  {standby} holds the Lease {} after the delete; {ok} connections meanwhile, none failed",
         secs(takeover)
@@ -566,7 +578,9 @@ async fn loadbalancers_become_programmed_nodes_and_conditions() {
         secs(moved_both)
     ));
 
-    report("7. node 1's agent pod deleted: established connections keep their real, state stays Ready");
+    report(
+        "7. node 1's agent pod deleted: established connections keep their real, state stays Ready",
+    );
     let before = node_state(&client, "web", &n1.node.name)
         .await
         .and_then(|s| s.status)
@@ -594,7 +608,9 @@ async fn loadbalancers_become_programmed_nodes_and_conditions() {
     let mut requests = 0;
     loop {
         for c in &mut held {
-            let r = c.request("still there").expect("an established connection broke");
+            let r = c
+                .request("still there")
+                .expect("an established connection broke");
             assert_eq!(r, c.real, "an established connection changed real");
             requests += 1;
         }
@@ -610,7 +626,9 @@ async fn loadbalancers_become_programmed_nodes_and_conditions() {
     }
     let replaced = t0.elapsed();
     for c in &mut held {
-        let r = c.request("after").expect("a connection broke after the new pod");
+        let r = c
+            .request("after")
+            .expect("a connection broke after the new pod");
         assert_eq!(r, c.real);
         requests += 1;
     }
@@ -620,7 +638,10 @@ async fn loadbalancers_become_programmed_nodes_and_conditions() {
         .unwrap();
     let cond = find_condition(&after.conditions, conditions::NODE_READY).unwrap();
     assert_eq!(cond.status, "True", "{after:?}");
-    assert_eq!(cond.last_transition_time, ready_since, "Ready never flipped");
+    assert_eq!(
+        cond.last_transition_time, ready_since,
+        "Ready never flipped"
+    );
     report(&format!(
         "  new agent pod Ready {} after the delete; 10 held connections answered {requests} requests, none failed; node state Ready since {:?}",
         secs(replaced),
@@ -646,7 +667,9 @@ async fn loadbalancers_become_programmed_nodes_and_conditions() {
         );
         assert_eq!(side.agent_scrape().sum("marklb_vips", &[]), 1.0);
         assert_eq!(
-            side.reals(WEB_VIP, 4).map(|t| t.values().sum::<usize>()).ok(),
+            side.reals(WEB_VIP, 4)
+                .map(|t| t.values().sum::<usize>())
+                .ok(),
             Some(4)
         );
     }
