@@ -135,14 +135,15 @@ impl KubeSource {
 
     async fn program(&mut self, node: &mut Node) {
         let specs = self.states.specs();
+        let specs_changed = self.programmed_specs.as_ref() != Some(&specs);
         let started = Instant::now();
         let (programmed, summary) =
             program::program(node, &self.states, &self.node_name, &self.programmed).await;
-        let failed = programmed
-            .outcomes
-            .values()
-            .filter(|o| matches!(o, Outcome::Failed(_)))
-            .count();
+        let took_ms = started.elapsed().as_millis() as u64;
+        let count = |f: fn(&Outcome) -> bool| programmed.outcomes.values().filter(|o| f(o)).count();
+        let failed = count(|o| matches!(o, Outcome::Failed(_)));
+        let rejected = count(|o| matches!(o, Outcome::Rejected(_)));
+        let conflicts = count(|o| matches!(o, Outcome::Merged(v) if !v.is_serving()));
         if failed == 0 {
             self.metrics.reloads.with_label_values(&["success"]).inc();
             self.metrics.config_valid.set(1);
@@ -152,35 +153,35 @@ impl KubeSource {
             self.metrics.config_valid.set(0);
             self.retry_program_at = Some(Instant::now() + PROGRAM_RETRY);
         }
-        let (rejected, conflicts) =
-            programmed
-                .outcomes
-                .values()
-                .fold((0, 0), |(r, c), o| match o {
-                    Outcome::Rejected(_) => (r + 1, c),
-                    Outcome::Merged(v) if !v.is_serving() => (r, c + 1),
-                    _ => (r, c),
-                });
+        let mut news = 0;
         for (key, outcome) in &programmed.outcomes {
+            if self.programmed.outcomes.get(key) == Some(outcome) {
+                continue;
+            }
+            news += 1;
             let problem = match outcome {
                 Outcome::Rejected(e) | Outcome::Failed(e) => Some(e.clone()),
                 Outcome::Merged(v) => v.problem(),
             };
-            if let Some(p) = problem
-                && self.programmed.outcomes.get(key) != Some(outcome)
-            {
+            if let Some(p) = problem {
                 tracing::warn!(node_state = %key, "not served: {p}");
             }
         }
-        tracing::info!(
-            node_states = self.states.len(),
-            rejected,
-            conflicts,
-            failed,
-            took_ms = started.elapsed().as_millis() as u64,
-            %summary,
-            "node states programmed"
-        );
+        let states = self.states.len();
+        // A retry that changes nothing (a state the engine keeps refusing) is not news.
+        if news > 0 || specs_changed {
+            tracing::info!(
+                node_states = states,
+                rejected,
+                conflicts,
+                failed,
+                took_ms,
+                %summary,
+                "node states programmed"
+            );
+        } else {
+            tracing::debug!(node_states = states, failed, took_ms, %summary, "node states programmed again");
+        }
         self.programmed = programmed;
         self.programmed_specs = Some(specs);
     }
