@@ -258,12 +258,19 @@ impl Context {
                     .states_of(&lb.namespace().unwrap_or_default(), &lb.name_any())
                     .is_empty()
         };
-        let selectors = lbs
+        let served: Vec<&LoadBalancer> = lbs
             .iter()
+            .map(|lb| lb.as_ref())
             .filter(|lb| leaving.is_none_or(|l| l.uid() != lb.uid()) && needs_agents(lb))
-            .map(|lb| lb.spec.node_selector.as_ref());
-        let ds =
-            desired::agent_daemonset(&self.settings.namespace, &self.settings.agent, selectors);
+            .collect();
+        let interface =
+            desired::agent_interface(served.iter().map(|lb| lb.spec.interface.as_deref()));
+        let ds = desired::agent_daemonset_on(
+            &self.settings.namespace,
+            &self.settings.agent,
+            served.iter().map(|lb| lb.spec.node_selector.as_ref()),
+            interface.as_deref(),
+        );
         let mut last = self.last_daemonset.lock().await;
         if !apply::daemonset_needs_write(&ds, last.as_ref())? {
             return Ok(());
