@@ -196,8 +196,28 @@ async fn wait_condition(
     }
 }
 
+/// The last lines of the agents' and the operators' logs (for failure messages).
+fn logs(cluster: &Cluster) -> String {
+    let mut out = String::new();
+    for (what, selector, previous) in [
+        ("agents", AGENT_SELECTOR, "--previous=false"),
+        ("agents, the containers before", AGENT_SELECTOR, "--previous=true"),
+        ("operators", "app.kubernetes.io/name=marklb-operator", "--previous=false"),
+    ] {
+        let text = cluster
+            .kubectl(&["logs", "-n", NS, "-l", selector, "--tail=15", "--prefix", previous])
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout).into_owned()
+                    + &String::from_utf8_lossy(&o.stderr)
+            })
+            .unwrap_or_default();
+        out += &format!("--- {what}:\n{text}");
+    }
+    out
+}
+
 /// Waits for `shop/name` to be Ready with `nodes` ("1/1", "2/2").
-async fn wait_ready(client: &Client, name: &str, nodes: &str) -> Duration {
+async fn wait_ready(cluster: &Cluster, client: &Client, name: &str, nodes: &str) -> Duration {
     let t0 = Instant::now();
     loop {
         let st = lb(client, name).await.and_then(|l| l.status);
@@ -209,7 +229,8 @@ async fn wait_ready(client: &Client, name: &str, nodes: &str) -> Duration {
         }
         assert!(
             t0.elapsed() < WAIT,
-            "{name}: not Ready {nodes} after {WAIT:?}: {st:#?}"
+            "{name}: not Ready {nodes} after {WAIT:?}: {st:#?}\n{}",
+            logs(cluster)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -423,7 +444,7 @@ async fn loadbalancers_become_programmed_nodes_and_conditions() {
     );
     let t0 = Instant::now();
     apply_file(cluster, dir.path(), "web.yaml", &web);
-    wait_ready(&client, "web", "1/1").await;
+    wait_ready(cluster, &client, "web", "1/1").await;
     let ready_1 = t0.elapsed();
     let pods = agent_pods(cluster, &client).await;
     assert_eq!(
@@ -469,7 +490,7 @@ async fn loadbalancers_become_programmed_nodes_and_conditions() {
         cluster,
         &format!("kubectl label node {} {NODE_LABEL}=true", n2.node.name),
     );
-    wait_ready(&client, "web", "2/2").await;
+    wait_ready(cluster, &client, "web", "2/2").await;
     let ready_2 = t0.elapsed();
     let pods = agent_pods(cluster, &client).await;
     assert_eq!(
@@ -558,7 +579,7 @@ async fn loadbalancers_become_programmed_nodes_and_conditions() {
     );
     let t0 = Instant::now();
     apply_file(cluster, dir.path(), "api.yaml", &api);
-    wait_ready(&client, "api", "2/2").await;
+    wait_ready(cluster, &client, "api", "2/2").await;
     let api_ready = t0.elapsed();
     n1.wait_reals(API_VIP, &["real1", "real2"]).await;
     let t0 = Instant::now();
