@@ -46,9 +46,21 @@ impl PinLayout {
     pub fn link(&self) -> PathBuf {
         self.dir.join("xdp_link")
     }
+    /// The tcx link of the TC balancer (`--mark-delivery skb-mark`).
+    pub fn tc_link(&self) -> PathBuf {
+        self.dir.join("tc_link")
+    }
+    /// The tcx link of the emulated NIC's TC program, in front of the TC balancer.
+    pub fn tc_nic_link(&self) -> PathBuf {
+        self.dir.join("tc_nic_link")
+    }
+    /// Every link a datapath may have pinned here.
+    pub fn links(&self) -> [PathBuf; 3] {
+        [self.link(), self.tc_link(), self.tc_nic_link()]
+    }
     /// Whether a previous agent left a datapath here.
     pub fn exists(&self) -> bool {
-        self.link().exists()
+        self.link().exists() || self.tc_link().exists()
     }
 }
 
@@ -118,7 +130,9 @@ pub fn attach(
     pref: ModePref,
 ) -> Result<(Attached, KeptLink)> {
     let xdp = dp.program(prog)?;
-    if pins.exists() {
+    // A datapath left at TC by an agent with the other mark delivery makes way first.
+    remove_links(&[pins.tc_nic_link(), pins.tc_link()])?;
+    if pins.link().exists() {
         let pinned = PinnedLink::from_pin(pins.link())
             .with_context(|| format!("opening pinned link {}", pins.link().display()))?;
         let fd_link: FdLink = pinned.into();
@@ -130,7 +144,8 @@ pub fn attach(
         let link = xdp.take_link(id)?;
         let fd_link = FdLink::try_from(link).context("XDP link without fd")?;
         let prog_id = prog_id_of(&fd_link)?;
-        let kept = KeptLink::keep(&fd_link).context("keeping the XDP link")?;
+        let link_id = fd_link.info().context("reading link info")?.id();
+        let kept = KeptLink::open_pinned(&pins.link(), link_id).context("keeping the XDP link")?;
         drop(fd_link);
         // bpffs holds no plain files; the caller asks the kernel for the mode.
         let attached = Attached {
@@ -153,9 +168,9 @@ pub fn attach(
                 let fd_link = FdLink::try_from(link)
                     .context("the kernel attached XDP without a bpf_link; cannot pin it")?;
                 let prog_id = prog_id_of(&fd_link)?;
-                let kept = KeptLink::keep(&fd_link).context("keeping the XDP link")?;
                 fs::create_dir_all(&pins.dir)?;
-                fd_link.pin(pins.link()).context("pinning the XDP link")?;
+                let kept =
+                    KeptLink::pin_new(fd_link, &pins.link()).context("pinning the XDP link")?;
                 let attached = Attached {
                     mode: (*name).to_string(),
                     prog_id,
@@ -185,53 +200,53 @@ pub fn remove_pins(pins: &PinLayout) -> Result<bool> {
     if !pins.dir.exists() {
         return Ok(false);
     }
-    if pins.link().exists() {
-        match xdp_link::detach_pinned(&pins.link()) {
-            // EINVAL: the link was detached already (defunct), nothing left to undo.
-            Err(e) if e.raw_os_error() != Some(libc::EINVAL) => {
-                return Err(e).with_context(|| {
-                    format!("detaching the link pinned at {}", pins.link().display())
-                });
-            }
-            _ => {}
-        }
-        fs::remove_file(pins.link())?;
-    }
+    remove_links(&pins.links())?;
     fs::remove_dir_all(&pins.dir).with_context(|| format!("removing {}", pins.dir.display()))?;
     Ok(true)
 }
 
-/// The maps `progs` use, by name, each with a descriptor of its own: what must stay pinned
-/// for a restarted agent to adopt the datapath.
-pub fn maps_of(dp: &mut Datapath, progs: &[Prog]) -> Result<Vec<(String, MapData)>> {
-    let mut maps: Vec<(String, MapData)> = Vec::new();
-    for prog in progs {
-        let info = dp.program(*prog)?.info().context("program info")?;
-        for id in info
-            .map_ids()
-            .context("program map ids")?
-            .unwrap_or_default()
-        {
-            let data = MapData::from_id(id).context("map by id")?;
-            let info = data.info().context("map info")?;
-            let name = info.name_as_str().unwrap_or_default().to_string();
-            if !name.is_empty() && !maps.iter().any(|(n, _)| *n == name) {
-                maps.push((name, data));
+/// Detaches the links pinned at `paths` (those present) and removes their pins.
+pub fn remove_links(paths: &[PathBuf]) -> Result<()> {
+    for path in paths.iter().filter(|p| p.exists()) {
+        match xdp_link::detach_pinned(path) {
+            // EINVAL: the link was detached already (defunct), nothing left to undo.
+            Err(e) if e.raw_os_error() != Some(libc::EINVAL) => {
+                return Err(e)
+                    .with_context(|| format!("detaching the link pinned at {}", path.display()));
             }
+            _ => {}
         }
+        fs::remove_file(path)?;
+    }
+    Ok(())
+}
+
+/// The datapath's maps, each opened from its pin under `pins.maps()` with a descriptor of
+/// its own, so they can be pinned again should their pins go. By pin, not by id: opening a
+/// map by id needs CAP_SYS_ADMIN, which the agent's pod does not have.
+pub fn pinned_maps(pins: &PinLayout) -> Result<Vec<(String, MapData)>> {
+    let mut maps = Vec::new();
+    for name in Datapath::PINNED_MAPS {
+        let path = pins.maps().join(name);
+        if !path.exists() {
+            continue;
+        }
+        let data = MapData::from_pin(&path)
+            .with_context(|| format!("opening pinned map {}", path.display()))?;
+        maps.push((name.to_string(), data));
     }
     Ok(maps)
 }
 
 /// Whether every pin of the datapath is in place (a few `stat`s).
-pub fn pinned(pins: &PinLayout, maps: &[(String, MapData)]) -> bool {
-    pins.link().exists() && maps.iter().all(|(n, _)| pins.maps().join(n).exists())
+pub fn pinned(pins: &PinLayout, links: &[(PathBuf, KeptLink)], maps: &[(String, MapData)]) -> bool {
+    links.iter().all(|(p, _)| p.exists()) && maps.iter().all(|(n, _)| pins.maps().join(n).exists())
 }
 
 /// Pins that went missing under a running agent, pinned again: the XDP link and `maps`.
 /// Mounts a bpffs at `bpffs` first if it is not one any more. Returns what was pinned.
 pub fn repin(
-    link: &KeptLink,
+    links: &[(PathBuf, KeptLink)],
     maps: &[(String, MapData)],
     bpffs: &Path,
     pins: &PinLayout,
@@ -248,10 +263,12 @@ pub fn repin(
             pinned.push(format!("map {name}"));
         }
     }
-    if !pins.link().exists() {
-        link.pin(&pins.link())
-            .with_context(|| format!("pinning the XDP link at {}", pins.link().display()))?;
-        pinned.push("XDP link".into());
+    for (path, link) in links {
+        if !path.exists() {
+            link.pin(path)
+                .with_context(|| format!("pinning the link at {}", path.display()))?;
+            pinned.push(format!("link {}", path.display()));
+        }
     }
     Ok(pinned)
 }

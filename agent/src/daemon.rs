@@ -18,20 +18,11 @@ use crate::{
     attach::{self, ModePref, PinLayout},
     desired::MarkPolicy,
     file_source::{self, FileSource},
-    marks::HwBackendKind,
+    marks::{HwBackendKind, MarkDelivery},
     metrics::Metrics,
     node::{self, Node, NodeOptions},
 };
 use marklb_common::{DEFAULT_CONN_TABLE_SIZE, DEFAULT_RING_CAPACITY};
-
-/// How flow marks reach the datapath (`--mark-delivery`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum MarkDelivery {
-    /// In XDP metadata in front of the packet (the emulated NIC, a patched driver).
-    XdpMetadata,
-    /// As `skb->mark` (upstream mlx5 flow tags), read by a TC datapath.
-    SkbMark,
-}
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct RunArgs {
@@ -56,12 +47,14 @@ pub struct RunArgs {
     /// InternalIP; the DaemonSet sets HOST_IP from the downward API).
     #[arg(long, value_name = "ADDR", env = "HOST_IP")]
     pub interface_of: Option<IpAddr>,
-    /// How flow marks reach the datapath.
-    #[arg(long, value_enum, default_value = "xdp-metadata")]
-    pub mark_delivery: MarkDelivery,
     /// Hardware backend that marks packets of known flows.
     #[arg(long, value_enum, default_value = "emulated")]
     pub hw_backend: HwBackendKind,
+    /// How marks reach the datapath: `xdp-metadata` (XDP balancer) or `skb-mark` (TC ingress
+    /// balancer on tcx, the mark in the low 16 bits of skb->mark, as upstream mlx5 delivers
+    /// a flower rule's flow tag).
+    #[arg(long, value_enum, default_value = "xdp-metadata")]
+    pub mark_delivery: MarkDelivery,
     /// Address for /metrics, /healthz, /readyz and /status.
     #[arg(long, default_value = "0.0.0.0:9464")]
     pub metrics_addr: SocketAddr,
@@ -107,12 +100,6 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// Sets up the datapath and runs until SIGTERM/SIGINT.
 pub async fn run(args: RunArgs) -> Result<()> {
-    if args.mark_delivery == MarkDelivery::SkbMark {
-        bail!(
-            "--mark-delivery=skb-mark needs the TC datapath, which this build does not have; \
-             use xdp-metadata"
-        );
-    }
     match args.config.clone() {
         Some(config) => run_file(args, config).await,
         None => crate::kubernetes::run(args).await,
@@ -134,6 +121,7 @@ pub(crate) async fn open_node(
         ring_capacity: args.ring_capacity,
         conn_table_size: args.conn_table_size,
         hw_backend: args.hw_backend,
+        mark_delivery: args.mark_delivery,
         initial_marks,
         node_name: args.node_name.clone(),
     })
@@ -262,7 +250,9 @@ async fn run_file(args: RunArgs, config: PathBuf) -> Result<()> {
 
 /// `marklb-agent cleanup`: removes what the agent put on the node for an interface.
 pub fn cleanup(bpffs: &std::path::Path, iface: &str) -> Result<bool> {
-    attach::remove_pins(&PinLayout::new(bpffs, iface))
+    let pins = attach::remove_pins(&PinLayout::new(bpffs, iface))?;
+    let rules = crate::marks::mellanox::remove_rules(iface).map_err(anyhow::Error::msg)?;
+    Ok(pins || rules)
 }
 
 #[cfg(test)]

@@ -29,10 +29,14 @@ pub mod packet;
 pub mod plan;
 mod ring_alloc;
 mod rx_offloads;
+pub mod tc;
+mod tc_attach;
 pub mod vip;
 pub mod xdp_link;
 
 #[cfg(feature = "bench")]
 pub mod bench;
+#[cfg(feature = "bench")]
+pub mod bench_tc;
 #[cfg(feature = "bench")]
 pub mod control_bench;

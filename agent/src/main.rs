@@ -60,6 +60,10 @@ enum Command {
         /// Measure the control plane instead (programming, mark installs, latency, memory).
         #[arg(long)]
         control_plane: bool,
+        /// Measure the XDP and the TC (skb-mark) balancer side by side instead, path by path
+        /// (median of this many single runs per figure).
+        #[arg(long, value_name = "SAMPLES")]
+        hooks: Option<u32>,
     },
 }
 
@@ -107,6 +111,19 @@ fn main() -> Result<()> {
         #[cfg(feature = "bench")]
         Command::Bench {
             json,
+            hooks: Some(samples),
+            ..
+        } => {
+            let report = marklb_agent::bench_tc::run(samples)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", marklb_agent::bench_tc::render(&report));
+            }
+        }
+        #[cfg(feature = "bench")]
+        Command::Bench {
+            json,
             control_plane: true,
             ..
         } => {
@@ -124,6 +141,7 @@ fn main() -> Result<()> {
             flows,
             json,
             control_plane: false,
+            hooks: None,
         } => {
             let opts = marklb_agent::bench::BenchOptions {
                 repeat,

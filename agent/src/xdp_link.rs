@@ -6,8 +6,11 @@
 //! the pin (bpffs unmounted, files removed). With its own descriptor the agent can also pin
 //! the link again, and detach it for good on `--remove-on-exit`.
 //!
-//! aya's `FdLink` neither lends its descriptor nor pins without being consumed (and a failed
-//! pin would then close it), so the three link commands used here are issued directly.
+//! aya's `FdLink` neither lends its descriptor nor pins without being consumed, and opening a
+//! link by id (`BPF_LINK_GET_FD_BY_ID`) needs CAP_SYS_ADMIN, which the agent's pod does not
+//! have (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON only). So the descriptor is taken from the pin
+//! (`BPF_OBJ_GET`: bpffs file permissions only) right after aya pinned the link, and the pin
+//! and detach commands used here are issued directly.
 
 use std::{
     ffi::CString,
@@ -21,7 +24,6 @@ use aya::programs::links::FdLink;
 /// `enum bpf_cmd` values (include/uapi/linux/bpf.h).
 const BPF_OBJ_PIN: libc::c_int = 6;
 const BPF_OBJ_GET: libc::c_int = 7;
-const BPF_LINK_GET_FD_BY_ID: libc::c_int = 30;
 const BPF_LINK_DETACH: libc::c_int = 34;
 
 /// `union bpf_attr` for `BPF_OBJ_PIN` and `BPF_OBJ_GET`. Every byte passed must be
@@ -35,15 +37,6 @@ struct ObjPinAttr {
     file_flags: u32,
     path_fd: i32,
     _zero: u32,
-}
-
-/// `union bpf_attr` for `BPF_LINK_GET_FD_BY_ID`.
-#[repr(C)]
-#[derive(Default)]
-struct GetFdByIdAttr {
-    link_id: u32,
-    next_id: u32,
-    open_flags: u32,
 }
 
 /// `union bpf_attr` for `BPF_LINK_DETACH`.
@@ -123,19 +116,24 @@ pub struct KeptLink {
 }
 
 impl KeptLink {
-    /// A descriptor of its own for the link `link` refers to (`link` may be dropped then).
-    pub fn keep(link: &FdLink) -> io::Result<Self> {
-        let info = link.info().map_err(io::Error::other)?;
-        let mut attr = GetFdByIdAttr {
-            link_id: info.id(),
-            ..Default::default()
-        };
-        let fd = bpf(BPF_LINK_GET_FD_BY_ID, &mut attr)?;
-        // SAFETY: the kernel returned a new descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
+    /// Pins the freshly attached `link` at `path` (the parent must exist on a bpffs) and keeps
+    /// a descriptor of its own, opened from that pin. Should pinning fail, `link` is closed
+    /// and the program detached: an agent that cannot pin could not be restarted without a
+    /// gap, so it reports the error instead of running unpinned.
+    pub fn pin_new(link: FdLink, path: &Path) -> io::Result<Self> {
+        let link_id = link.info().map_err(io::Error::other)?.id();
+        let pinned = link.pin(path).map_err(io::Error::other)?;
+        let kept = Self::open_pinned(path, link_id);
+        drop(pinned);
+        kept
+    }
+
+    /// A descriptor of its own for the link pinned at `path` (an adopted link), whose
+    /// kernel id is `link_id`.
+    pub fn open_pinned(path: &Path, link_id: u32) -> io::Result<Self> {
         Ok(Self {
-            fd,
-            link_id: info.id(),
+            fd: obj_get(path)?,
+            link_id,
         })
     }
 

@@ -21,8 +21,10 @@ use std::{
 use etherparse::PacketBuilder;
 use marklb_agent::{
     datapath::{
-        CounterSnapshot, Datapath, LoadOptions, Prog,
-        testrun::{RunResult, XDP_DROP, XDP_PASS, XDP_TX},
+        CounterSnapshot, Datapath, LoadOptions, Prog, TcProg,
+        testrun::{
+            RunResult, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC, XDP_DROP, XDP_PASS, XDP_TX,
+        },
     },
     maglev::{self, Backend},
     model::{DatapathModel, RetiringReal},
@@ -245,10 +247,44 @@ pub fn exits(delta: &CounterSnapshot) -> Vec<(Counter, u64)> {
         .collect()
 }
 
+/// Which balancer program a fixture runs: the same maps and paths behind either hook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// XDP, the mark in 4 bytes of metadata (`--mark-delivery xdp-metadata`).
+    Xdp,
+    /// TC ingress, the mark in `skb->mark` (`--mark-delivery skb-mark`).
+    Tc,
+}
+
+impl Hook {
+    /// `MARKLB_DATAPATH_HOOK=tc` runs the XDP tables against the TC program (every
+    /// expectation holds for both, except what only metadata can carry: marks above 16 bits).
+    pub fn from_env() -> Self {
+        match std::env::var("MARKLB_DATAPATH_HOOK").as_deref() {
+            Ok("tc") => Hook::Tc,
+            _ => Hook::Xdp,
+        }
+    }
+}
+
+/// A TC verdict in XDP terms, so one expectation serves both hooks: `TC_ACT_UNSPEC` (on to
+/// the stack) is `XDP_PASS`, `TC_ACT_SHOT` is `XDP_DROP`, `TC_ACT_REDIRECT` (out of the same
+/// device) is `XDP_TX`; anything else maps to 100 + the code, which no expectation accepts.
+pub fn tc_as_xdp(action: i32) -> u32 {
+    match action {
+        TC_ACT_UNSPEC => XDP_PASS,
+        TC_ACT_SHOT => XDP_DROP,
+        TC_ACT_REDIRECT => XDP_TX,
+        other => (100 + other) as u32,
+    }
+}
+
 pub struct Fixture {
     pub dp: Datapath,
     pub lb: DatapathModel,
     pub cfg: LbConfig,
+    /// The program `run`/`run_case` exercise.
+    pub hook: Hook,
 }
 
 impl Fixture {
@@ -269,9 +305,17 @@ impl Fixture {
         });
         dp.set_config(&cfg).expect("set config");
         let lb = DatapathModel::new(&dp);
-        let mut fx = Self { dp, lb, cfg };
-        // Verify the balancer now rather than inside the first case.
+        let mut fx = Self {
+            dp,
+            lb,
+            cfg,
+            hook: Hook::from_env(),
+        };
+        // Verify the balancers now rather than inside the first case.
         fx.dp.program(Prog::Balancer).expect("balancer verifies");
+        fx.dp
+            .tc_program(TcProg::Balancer)
+            .expect("TC balancer verifies");
         fx
     }
 
@@ -351,10 +395,24 @@ impl Fixture {
         self.lb.retire(&mut self.dp, &leaving).expect("retire");
     }
 
+    /// Runs the balancer of [`Fixture::hook`]; a TC run reports its verdict in XDP terms
+    /// ([`tc_as_xdp`]) and `mark` is `skb->mark` there.
     pub fn try_run(&mut self, frame: &[u8], mark: Option<u32>) -> Result<RunResult, String> {
-        self.dp
-            .test_run(Prog::Balancer, frame, mark)
-            .map_err(|e| format!("{e:#}"))
+        match self.hook {
+            Hook::Xdp => self
+                .dp
+                .test_run(Prog::Balancer, frame, mark)
+                .map_err(|e| format!("{e:#}")),
+            Hook::Tc => self
+                .dp
+                .test_run_tc(TcProg::Balancer, frame, mark.unwrap_or(0))
+                .map(|r| RunResult {
+                    action: tc_as_xdp(r.action),
+                    frame: r.frame,
+                    ns_per_run: r.ns_per_run,
+                })
+                .map_err(|e| format!("{e:?}")),
+        }
     }
 
     pub fn run(&mut self, frame: &[u8], mark: Option<u32>) -> RunResult {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, Map, MapData, PerCpuArray, ProgramArray, RingBuf},
-    programs::Xdp,
+    programs::{SchedClassifier, Xdp},
 };
 use marklb_common::{
     BenchFrame, ConnEntry, DEFAULT_CONN_TABLE_SIZE, DEFAULT_NIC_FLOWS, DEFAULT_RING_CAPACITY,
@@ -65,6 +65,28 @@ impl Prog {
     }
 }
 
+/// The TC programs in the object (`--mark-delivery skb-mark`): the same maps and paths as
+/// the XDP ones, the mark read from `skb->mark`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcProg {
+    /// The balancer at TC ingress.
+    Balancer,
+    /// The emulated NIC setting `skb->mark`, in front of the TC balancer.
+    EmulatedNic,
+    /// Benchmark floor: returns TC_ACT_UNSPEC.
+    BenchTrivial,
+}
+
+impl TcProg {
+    pub const fn name(self) -> &'static str {
+        match self {
+            TcProg::Balancer => prog_names::BALANCER_TC,
+            TcProg::EmulatedNic => prog_names::EMULATED_NIC_TC,
+            TcProg::BenchTrivial => prog_names::BENCH_TRIVIAL_TC,
+        }
+    }
+}
+
 /// Every map the agent uses, plus the object for its programs.
 pub struct Datapath {
     pub(crate) ebpf: Ebpf,
@@ -86,6 +108,11 @@ pub struct Datapath {
     pub(crate) events: Option<RingBuf<MapData>>,
     /// Keeps the ring storage map alive for the mapping.
     _rings_map: MapData,
+}
+
+impl Datapath {
+    /// Every map of the object, by name: pinned under the pin directory when there is one.
+    pub const PINNED_MAPS: &'static [&'static str] = ALL_MAPS;
 }
 
 const ALL_MAPS: &[&str] = &[
@@ -179,6 +206,21 @@ impl Datapath {
             xdp.load().map_err(prog_err(name))?;
         }
         Ok(xdp)
+    }
+
+    /// The TC program, loaded into the kernel (verified) on first use.
+    pub fn tc_program(&mut self, prog: TcProg) -> Result<&mut SchedClassifier> {
+        let name = prog.name();
+        let tc: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram(name))?
+            .try_into()
+            .map_err(prog_err(name))?;
+        if tc.fd().is_err() {
+            tc.load().map_err(prog_err(name))?;
+        }
+        Ok(tc)
     }
 
     /// Puts the balancer behind the emulated NIC (the NIC tail-calls it).

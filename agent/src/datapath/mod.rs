@@ -9,7 +9,7 @@ mod rings;
 pub mod testrun;
 
 pub use handles::{NicFlowTable, StatsReader};
-pub use loader::{Datapath, LoadOptions, Prog};
+pub use loader::{Datapath, LoadOptions, Prog, TcProg};
 pub use maps::{CounterSnapshot, EventReader};
 pub use rings::RingStore;
 

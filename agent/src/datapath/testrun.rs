@@ -1,9 +1,9 @@
 //! `BPF_PROG_TEST_RUN` of the datapath's programs on crafted frames, with the mark passed
 //! as XDP metadata the way a NIC (or the emulated one) leaves it.
 
-use aya::programs::{ProgramError, TestRun, TestRunOptions, Xdp};
+use aya::programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions, Xdp};
 
-use super::{Datapath, Prog, Result, prog_err};
+use super::{Datapath, Prog, Result, TcProg, prog_err};
 
 /// `struct xdp_md` as `ctx_in`/`ctx_out`: `data` is the metadata length in front of the
 /// frame in `data_in`.
@@ -92,4 +92,85 @@ pub fn run_xdp(
 
 fn as_bytes(md: &XdpMd) -> &[u8] {
     unsafe { std::slice::from_raw_parts((md as *const XdpMd).cast(), std::mem::size_of::<XdpMd>()) }
+}
+
+/// TC return codes (`TC_ACT_*`) the TC programs use.
+pub const TC_ACT_UNSPEC: i32 = -1;
+pub const TC_ACT_SHOT: i32 = 2;
+pub const TC_ACT_REDIRECT: i32 = 7;
+
+/// The leading fields of `struct __sk_buff` as `ctx_in`/`ctx_out` of a TC test run: the
+/// kernel takes `mark` (and a few later fields) from it and refuses non-zero `len` and
+/// `pkt_type`; the rest of the struct counts as zero.
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct SkBuffHead {
+    len: u32,
+    pkt_type: u32,
+    mark: u32,
+}
+
+/// Room for `struct __sk_buff` as any kernel writes it back.
+const SK_BUFF_MAX: usize = 512;
+
+/// The outcome of one TC run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TcRunResult {
+    /// `TC_ACT_*` (`TC_ACT_REDIRECT` for a packet sent out of the interface).
+    pub action: i32,
+    /// The frame as the program left it.
+    pub frame: Vec<u8>,
+    /// `skb->mark` as the program left it.
+    pub mark: u32,
+    /// Average nanoseconds per repetition, as the kernel measured it.
+    pub ns_per_run: u64,
+}
+
+impl Datapath {
+    /// Runs the TC program `prog` once on `frame` with `skb->mark = mark`.
+    pub fn test_run_tc(&mut self, prog: TcProg, frame: &[u8], mark: u32) -> Result<TcRunResult> {
+        let tc = self.tc_program(prog)?;
+        run_tc(tc, frame, mark, 1).map_err(prog_err(prog.name()))
+    }
+}
+
+/// `BPF_PROG_TEST_RUN` of any loaded TC program, with `skb->mark = mark`.
+pub fn run_tc(
+    tc: &SchedClassifier,
+    frame: &[u8],
+    mark: u32,
+    repeat: u32,
+) -> std::result::Result<TcRunResult, ProgramError> {
+    let head = SkBuffHead {
+        mark,
+        ..Default::default()
+    };
+    // SAFETY: plain old data, read as its bytes.
+    let ctx_in = unsafe {
+        std::slice::from_raw_parts(
+            (&head as *const SkBuffHead).cast::<u8>(),
+            std::mem::size_of::<SkBuffHead>(),
+        )
+    }
+    .to_vec();
+    // The kernel writes the whole `struct __sk_buff` back (192 bytes on 6.x) and fails with
+    // ENOSPC when it does not fit.
+    let mut ctx_out = vec![0u8; SK_BUFF_MAX];
+    let mut data_out = vec![0u8; frame.len() + 512];
+    let res = tc.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut data_out),
+        ctx_in: Some(&ctx_in),
+        ctx_out: Some(&mut ctx_out),
+        repeat,
+        ..TestRunOptions::new()
+    })?;
+    let out: SkBuffHead = unsafe { std::ptr::read_unaligned(ctx_out.as_ptr().cast()) };
+    let size = (res.data_size_out as usize).min(data_out.len());
+    Ok(TcRunResult {
+        action: res.return_value as i32,
+        frame: data_out[..size].to_vec(),
+        mark: out.mark,
+        ns_per_run: res.duration.as_nanos() as u64,
+    })
 }

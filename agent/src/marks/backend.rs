@@ -76,9 +76,42 @@ pub enum HwBackendKind {
     Emulated,
     /// No NIC acceleration: every packet takes the normal path.
     None,
-    /// The interface's NIC if a backend for it exists (the operator's default); this build
-    /// has no hardware backend yet, so it is `none`, and the status says why.
+    /// Mellanox/NVIDIA ConnectX (mlx5): tc flower rules with a mark action, offloaded
+    /// (`skip_sw`); needs `--mark-delivery skb-mark`. Falls back to `none`, with the reason
+    /// in the status, where the device cannot do it.
+    Mellanox,
+    /// `mellanox` where the device supports it, else `none` (with the reason).
     Auto,
+}
+
+/// How marks reach the datapath (`--mark-delivery`), and so which balancer program runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum MarkDelivery {
+    /// XDP balancer; the mark in 4 bytes of XDP metadata (a driver that puts it there, the
+    /// emulated NIC's XDP program).
+    XdpMetadata,
+    /// TC ingress (tcx) balancer; the mark in `skb->mark`, low 16 bits (upstream mlx5's
+    /// flow tag, the emulated NIC's TC program).
+    SkbMark,
+}
+
+impl MarkDelivery {
+    /// The name the CLI, the CRD status and the metrics use.
+    pub fn name(self) -> &'static str {
+        match self {
+            MarkDelivery::XdpMetadata => "xdp-metadata",
+            MarkDelivery::SkbMark => "skb-mark",
+        }
+    }
+}
+
+/// What goes on the interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Entry {
+    /// One XDP program: the balancer, or the emulated NIC that tail-calls it.
+    Xdp(Prog),
+    /// The TC balancer on a tcx link, behind the emulated NIC's TC program when `nic`.
+    Tc { nic: bool },
 }
 
 /// A backend chosen for an interface, with what the datapath must attach in front of it.
@@ -86,39 +119,94 @@ pub struct SelectedBackend {
     pub backend: Box<dyn HwBackend>,
     /// Why this backend (status `hwBackendReason`), e.g. why `auto` fell back.
     pub reason: String,
-    /// The XDP program to attach to the interface (the emulated NIC sits in front of the
-    /// balancer; with a real NIC or none the balancer is attached itself).
-    pub entry: Prog,
+    /// What to attach to the interface (the emulated NIC sits in front of the balancer;
+    /// with a real NIC or none the balancer is attached itself).
+    pub entry: Entry,
 }
 
 /// Builds the backend `kind` names for `iface`, preparing the datapath for it.
 pub fn select(
     kind: HwBackendKind,
+    delivery: MarkDelivery,
     dp: &mut Datapath,
     iface: &str,
 ) -> Result<SelectedBackend, HwBackendError> {
+    let xdp = delivery == MarkDelivery::XdpMetadata;
     match kind {
         HwBackendKind::Emulated => {
             let nic = EmulatedNic::new(dp)?;
-            dp.chain_nic_to_balancer()?;
+            let (reason, entry) = if xdp {
+                dp.chain_nic_to_balancer()?;
+                (
+                    "--hw-backend emulated: the emulated NIC (XDP) marks known flows in XDP metadata",
+                    Entry::Xdp(Prog::EmulatedNic),
+                )
+            } else {
+                (
+                    "--hw-backend emulated: the emulated NIC (tcx, in front of the TC balancer) marks known flows in skb->mark",
+                    Entry::Tc { nic: true },
+                )
+            };
             Ok(SelectedBackend {
                 backend: Box::new(nic),
-                reason: "--hw-backend emulated: the emulated NIC (XDP) marks known flows".into(),
-                entry: Prog::EmulatedNic,
+                reason: reason.into(),
+                entry,
             })
         }
+        HwBackendKind::Mellanox | HwBackendKind::Auto => Ok(select_mellanox(kind, delivery, iface)),
         HwBackendKind::None => Ok(SelectedBackend {
             backend: Box::new(NoHwBackend),
             reason: "--hw-backend none: no flow marks, every packet takes the normal path".into(),
-            entry: Prog::Balancer,
+            entry: if xdp {
+                Entry::Xdp(Prog::Balancer)
+            } else {
+                Entry::Tc { nic: false }
+            },
         }),
-        HwBackendKind::Auto => Ok(SelectedBackend {
+    }
+}
+
+/// The mellanox backend when the device and the mark delivery allow it; otherwise no marks
+/// (every packet on the software paths), saying why.
+fn select_mellanox(kind: HwBackendKind, delivery: MarkDelivery, iface: &str) -> SelectedBackend {
+    let asked = if kind == HwBackendKind::Auto {
+        "auto"
+    } else {
+        "mellanox"
+    };
+    let software = |why: String| {
+        tracing::warn!(iface, reason = %why, "hardware flow marks unavailable; software paths only");
+        SelectedBackend {
             backend: Box::new(NoHwBackend),
             reason: format!(
-                "--hw-backend auto: no flow-mark NIC backend for {iface} in this build; every \
-                 packet takes the normal path"
+                "--hw-backend {asked}: no hardware flow marks, software paths only: {why}"
             ),
-            entry: Prog::Balancer,
-        }),
+            entry: match delivery {
+                MarkDelivery::XdpMetadata => Entry::Xdp(Prog::Balancer),
+                MarkDelivery::SkbMark => Entry::Tc { nic: false },
+            },
+        }
+    };
+    if delivery != MarkDelivery::SkbMark {
+        // Both reasons when both hold: the device first, then the delivery.
+        let device = super::nic_probe::Capability::probe(iface)
+            .map_err(|e| format!("probing {iface}: {e}"))
+            .and_then(|c| c.check(iface))
+            .err();
+        let delivery = "upstream mlx5 delivers the flow tag in skb->mark, not in XDP metadata: use --mark-delivery skb-mark";
+        return software(match device {
+            Some(d) => format!("{d}; {delivery}"),
+            None => delivery.into(),
+        });
+    }
+    match super::mellanox::Mellanox::open(iface) {
+        Ok(nic) => SelectedBackend {
+            backend: Box::new(nic),
+            reason: format!(
+                "--hw-backend {asked}: mellanox, tc flower rules (skip_sw, skbedit mark -> mlx5 flow tag) on {iface}, marks read from skb->mark"
+            ),
+            entry: Entry::Tc { nic: false },
+        },
+        Err(why) => software(why),
     }
 }

@@ -10,7 +10,12 @@
 mod backend;
 mod emulated;
 mod manager;
+pub mod mellanox;
+pub mod nic_probe;
 
-pub use backend::{HwBackend, HwBackendError, HwBackendKind, NoHwBackend, SelectedBackend, select};
+pub use backend::{
+    Entry, HwBackend, HwBackendError, HwBackendKind, MarkDelivery, NoHwBackend, SelectedBackend,
+    select,
+};
 pub use emulated::EmulatedNic;
 pub use manager::{MarkManager, MarkStats};

@@ -34,12 +34,12 @@ pub use view::{MarkSnapshot, NodeView, Published, ViewVip};
 use crate::{
     apply::{self, ApplyReport},
     attach::{self, ModePref, PinLayout},
-    datapath::{Datapath, EventReader, LoadOptions, Prog},
+    datapath::{Datapath, EventReader, LoadOptions},
     desired::{Desired, MarkPolicy, Merged},
-    marks::{self, HwBackendKind, MarkManager},
+    marks::{self, Entry, HwBackendKind, MarkDelivery, MarkManager},
     model::DatapathModel,
     netlink::Netlink,
-    plan, rx_offloads,
+    plan, rx_offloads, tc_attach,
     xdp_link::KeptLink,
 };
 use marklb_common::DEFAULT_NIC_FLOWS;
@@ -59,6 +59,8 @@ pub struct NodeOptions {
     pub ring_capacity: u32,
     pub conn_table_size: u32,
     pub hw_backend: HwBackendKind,
+    /// XDP balancer (mark in metadata) or TC balancer (mark in `skb->mark`).
+    pub mark_delivery: MarkDelivery,
     /// Mark policy until a state says otherwise (adopted marks are kept under it).
     pub initial_marks: MarkPolicy,
     /// For logs.
@@ -139,9 +141,11 @@ pub struct Node {
     pins: PinLayout,
     handle: NodeHandle,
     events: Option<EventReader>,
-    /// The XDP program attached to the interface (the emulated NIC or the balancer).
-    entry: Prog,
-    link: Option<KeptLink>,
+    /// What is attached to the interface (XDP: the emulated NIC or the balancer; TC: the
+    /// balancer, behind the emulated NIC's TC program).
+    entry: Entry,
+    /// The agent's own hold on the attached links, with where each is pinned.
+    links: Vec<(PathBuf, KeptLink)>,
     /// The maps the attached programs use (what must stay pinned), with their own
     /// descriptors.
     pinned_maps: Vec<(String, aya::maps::MapData)>,
@@ -162,7 +166,11 @@ impl Node {
         attach::ensure_bpffs(&opts.bpffs)?;
         let pins = PinLayout::new(&opts.bpffs, &iface);
         let adopting = pins.exists();
-        if !adopting && let Some(foreign) = netlink.xdp_attachment(&iface).await? {
+        let xdp = opts.mark_delivery == MarkDelivery::XdpMetadata;
+        if xdp
+            && !adopting
+            && let Some(foreign) = netlink.xdp_attachment(&iface).await?
+        {
             if !opts.replace_foreign_xdp {
                 bail!(
                     "{iface} already carries an XDP program that is not marklb's (id {}, {} mode); \
@@ -188,7 +196,7 @@ impl Node {
         } else {
             DatapathModel::new(&dp)
         };
-        let selected = marks::select(opts.hw_backend, &mut dp, &iface)
+        let selected = marks::select(opts.hw_backend, opts.mark_delivery, &mut dp, &iface)
             .with_context(|| format!("hardware backend {:?}", opts.hw_backend))?;
         let mut marks = MarkManager::new(selected.backend, opts.initial_marks);
         if adopting {
@@ -205,6 +213,7 @@ impl Node {
             interface: iface.clone(),
             hw_backend: marks.backend(),
             hw_backend_reason: selected.reason,
+            mark_delivery: opts.mark_delivery.name(),
             offloaded: marks.offloaded(),
             ..NodeView::default()
         };
@@ -218,7 +227,7 @@ impl Node {
             handle,
             events: Some(events),
             entry: selected.entry,
-            link: None,
+            links: Vec::new(),
             pinned_maps: Vec::new(),
             next_hop_mac: None,
         })
@@ -292,24 +301,27 @@ impl Node {
     /// Attaches the datapath to the interface (or swaps the new program into a pinned
     /// link), keeping the agent's own hold on the link.
     pub async fn attach(&mut self) -> Result<()> {
-        let (mut attached, link, maps) = {
+        let (mut attached, links, maps) = {
             let mut core = self.handle.lock();
-            let (attached, link) = attach::attach(
-                &mut core.dp,
-                self.entry,
-                &self.opts.interface,
-                &self.pins,
-                self.opts.xdp_mode,
-            )?;
-            let progs: &[Prog] = if self.entry == Prog::Balancer {
-                &[Prog::Balancer]
-            } else {
-                &[self.entry, Prog::Balancer]
-            };
-            (attached, link, attach::maps_of(&mut core.dp, progs)?)
+            let dp = &mut core.dp;
+            let iface = &self.opts.interface;
+            match self.entry {
+                Entry::Xdp(entry) => {
+                    let (attached, link) =
+                        attach::attach(dp, entry, iface, &self.pins, self.opts.xdp_mode)?;
+                    let links = vec![(self.pins.link(), link)];
+                    (attached, links, attach::pinned_maps(&self.pins)?)
+                }
+                Entry::Tc { nic } => {
+                    let (attached, links) = tc_attach::attach_tc(dp, nic, iface, &self.pins)?;
+                    (attached, links, attach::pinned_maps(&self.pins)?)
+                }
+            }
         };
         self.pinned_maps = maps;
-        if let Ok(Some(x)) = self.netlink.xdp_attachment(&self.opts.interface).await {
+        if matches!(self.entry, Entry::Xdp(_))
+            && let Ok(Some(x)) = self.netlink.xdp_attachment(&self.opts.interface).await
+        {
             attached.mode = x.mode.to_string();
         }
         let view = self.handle.published().view();
@@ -322,7 +334,7 @@ impl Node {
             node = self.opts.node_name.as_deref().unwrap_or(""),
             "datapath attached"
         );
-        self.link = Some(link);
+        self.links = links;
         self.handle
             .published()
             .update(|v| v.attached = Some(attached));
@@ -352,13 +364,15 @@ impl Node {
     /// Puts back pins that vanished (bpffs unmounted, files removed), so a restarted agent
     /// can still adopt the datapath; says loudly, once per problem, when it cannot.
     fn keep_pinned(&mut self) {
-        let Some(link) = &self.link else {
-            return;
-        };
-        if attach::pinned(&self.pins, &self.pinned_maps) {
+        if self.links.is_empty() || attach::pinned(&self.pins, &self.links, &self.pinned_maps) {
             return;
         }
-        let problem = match attach::repin(link, &self.pinned_maps, &self.opts.bpffs, &self.pins) {
+        let problem = match attach::repin(
+            &self.links,
+            &self.pinned_maps,
+            &self.opts.bpffs,
+            &self.pins,
+        ) {
             Ok(again) => {
                 if again.is_empty() {
                     return;
@@ -390,8 +404,8 @@ impl Node {
     pub fn finish(mut self, remove: bool) -> Result<()> {
         let iface = self.opts.interface.clone();
         if remove {
-            if let Some(link) = self.link.take() {
-                link.detach().context("detaching the XDP link")?;
+            for (_, link) in self.links.drain(..) {
+                link.detach().context("detaching the datapath's link")?;
             }
             attach::remove_pins(&self.pins)?;
             tracing::info!(iface, "datapath removed");

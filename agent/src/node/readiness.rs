@@ -14,6 +14,9 @@ pub async fn readiness(view: &NodeView, netlink: &Netlink) -> Result<(), String>
         return Err("no valid configuration applied yet".into());
     }
     let iface = &view.interface;
+    if attached.mode == "tcx" {
+        return tcx_readiness(iface, attached.prog_id);
+    }
     match netlink.xdp_attachment(iface).await {
         Ok(Some(x)) if x.prog_id == attached.prog_id => Ok(()),
         Ok(Some(x)) => Err(format!(
@@ -25,5 +28,17 @@ pub async fn readiness(view: &NodeView, netlink: &Netlink) -> Result<(), String>
             attached.prog_id
         )),
         Err(e) => Err(format!("cannot read the XDP program of {iface}: {e:#}")),
+    }
+}
+
+/// The TC balancer (`skb-mark` delivery) must be among the interface's tcx ingress programs.
+fn tcx_readiness(iface: &str, prog_id: u32) -> Result<(), String> {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    match SchedClassifier::query_tcx(iface, TcAttachType::Ingress) {
+        Ok((_, progs)) if progs.iter().any(|p| p.id() == prog_id) => Ok(()),
+        Ok(_) => Err(format!(
+            "the TC balancer (program id {prog_id}) is not on {iface}'s tcx ingress: it was detached"
+        )),
+        Err(e) => Err(format!("cannot read the tcx programs of {iface}: {e}")),
     }
 }

@@ -93,7 +93,7 @@ pub(super) fn report(node: &NodeHandle) -> NodeReport {
         program_id: view.attached.as_ref().map(|a| a.prog_id),
         hw_backend: view.hw_backend.to_string(),
         hw_backend_reason: view.hw_backend_reason.clone(),
-        mark_delivery: "xdp-metadata".into(),
+        mark_delivery: view.mark_delivery.to_string(),
         offloaded: view.offloaded,
         applied: view.applied,
         last_error: view.last_error.clone(),

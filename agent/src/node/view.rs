@@ -41,6 +41,8 @@ pub struct NodeView {
     pub attached: Option<Attached>,
     pub hw_backend: &'static str,
     pub hw_backend_reason: String,
+    /// `xdp-metadata` or `skb-mark` (empty before the engine opens).
+    pub mark_delivery: &'static str,
     /// Whether marks really reach packets (a NIC or the emulated NIC).
     pub offloaded: bool,
     pub vips: Vec<ViewVip>,

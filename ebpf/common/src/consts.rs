@@ -51,10 +51,17 @@ pub mod prog_names {
     pub const BALANCER: &str = "marklb_balancer";
     /// Emulated NIC: sets the mark in XDP metadata for known flows, then tail-calls the balancer.
     pub const EMULATED_NIC: &str = "marklb_emulated_nic";
+    /// The balancer at TC ingress (tcx): the mark comes in `skb->mark` (mlx5's flow tag).
+    pub const BALANCER_TC: &str = "marklb_balancer_tc";
+    /// Emulated NIC for `skb-mark` delivery: sets `skb->mark` for known flows, in front of
+    /// the TC balancer (tcx order).
+    pub const EMULATED_NIC_TC: &str = "marklb_emulated_nic_tc";
     /// Benchmark wrapper: restores the frame before every repetition, then tail-calls.
     pub const BENCH_RESTORE: &str = "marklb_bench_restore";
     /// Benchmark calibration: grows the frame by 20 bytes and returns XDP_TX.
     pub const BENCH_GROW: &str = "marklb_bench_grow";
+    /// Benchmark floor of the TC programs: returns TC_ACT_UNSPEC and nothing else.
+    pub const BENCH_TRIVIAL_TC: &str = "marklb_bench_trivial_tc";
     /// Benchmark floor: returns XDP_PASS and nothing else.
     pub const BENCH_TRIVIAL: &str = "marklb_bench_trivial";
 }

@@ -2,13 +2,17 @@
 //! IP-in-IP encapsulation toward the chosen real (direct server return): IPv4-in-IPv4,
 //! IPv6-in-IPv6 and IPv4-in-IPv6. The inner packet is left byte for byte as received.
 
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_head, programs::XdpContext};
 use marklb_common::{
     Counter, IPPROTO_IPIP, IPPROTO_IPV6, LbConfig, REAL_F_IPV6, RealDef,
     hash::{encap_src_v4, encap_src_v6},
 };
 
-use crate::{csum, hdr::*, parse::ptr_at};
+use crate::{
+    csum,
+    hdr::*,
+    parse::ptr_at,
+    pkt::{Action, Packet},
+};
 
 /// What encapsulation needs to know about the inner packet (read before the headroom
 /// moves, since every packet pointer is invalid afterwards).
@@ -34,31 +38,32 @@ pub fn overhead(real: &RealDef) -> u32 {
 }
 
 /// Prepends the outer header, rewrites the MACs (source: our address the packet came to,
-/// destination: the next hop) and returns `XDP_TX`, or the drop reason.
+/// destination: the next hop) and returns `Action::Tx`, or the drop reason.
 #[inline(always)]
 pub fn encapsulate(
-    ctx: &XdpContext,
+    ctx: &impl Packet,
     cfg: &LbConfig,
     real: &RealDef,
     inner: &Inner,
-) -> Result<u32, Counter> {
+) -> Result<Action, Counter> {
     let outer_v6 = real.flags & REAL_F_IPV6 != 0;
     if inner.v6 && !outer_v6 {
         // IPv6-in-IPv4 is not offered; configuration validation refuses it.
         return Err(Counter::DropNoReal);
     }
     let grow = if outer_v6 { IPV6_HLEN } else { IPV4_HLEN };
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(grow as i32)) } != 0 {
+    let Some(old_eth) = ctx.open_outer(grow, outer_v6) else {
         return Err(Counter::DropEncap);
-    }
+    };
     // New Ethernet + the larger outer header; the original Ethernet header now starts at
-    // `grow` (past the new one) and its destination is our own MAC: the new source.
+    // `old_eth` (XDP: past the new one; TC: where it was) and its destination is our own
+    // MAC: the new source. It is read before anything is written.
     let Some(words) = ptr_at::<[u16; (ETH_HLEN + IPV6_HLEN) / 2]>(ctx, 0) else {
         return Err(Counter::DropEncap);
     };
     unsafe {
         let w = words.cast::<u16>();
-        let old = w.add(grow / 2);
+        let old = w.add(old_eth / 2);
         let ours = [*old, *old.add(1), *old.add(2)];
         let hop = cfg.next_hop_mac.as_ptr().cast::<u16>();
         *w = *hop;
@@ -84,6 +89,7 @@ pub fn encapsulate(
                 daddr_be: real.addr_be,
             };
         }
+        ctx.outer_written(ip.cast::<u8>(), IPV6_HLEN as u32);
     } else {
         let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN) else {
             return Err(Counter::DropEncap);
@@ -105,5 +111,5 @@ pub fn encapsulate(
         };
         unsafe { *ip = hdr };
     }
-    Ok(xdp_action::XDP_TX)
+    Ok(Action::Tx)
 }

@@ -3,11 +3,6 @@
 //! real that owns the quoted flow, and too-big errors for packets that would not fit after
 //! encapsulation.
 
-use aya_ebpf::{
-    bindings::xdp_action,
-    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
-    programs::XdpContext,
-};
 use marklb_common::{
     CFG_F_ICMP_ECHO, CFG_F_ICMP_TOO_BIG, Counter, FlowKey, IPPROTO_ICMP, IPPROTO_ICMPV6,
     IPPROTO_TCP, IPPROTO_UDP, LbConfig, RealDef,
@@ -19,12 +14,13 @@ use crate::{
     hdr::*,
     parse::{Parsed, frame_len, ptr_at},
     pick::{established, ring_pick, vip_lookup},
+    pkt::{Action, Packet},
     stats::{account, count, drop},
 };
 
 /// ICMP packet addressed to a VIP address.
 #[inline(always)]
-pub fn handle(ctx: &XdpContext, cfg: &LbConfig, p: &Parsed) -> u32 {
+pub fn handle(ctx: &impl Packet, cfg: &LbConfig, p: &Parsed) -> Action {
     let l4 = ETH_HLEN + if p.v6 { IPV6_HLEN } else { IPV4_HLEN };
     let Some(icmp) = ptr_at::<IcmpHdr>(ctx, l4) else {
         return drop(Counter::DropMalformed);
@@ -47,11 +43,11 @@ pub fn handle(ctx: &XdpContext, cfg: &LbConfig, p: &Parsed) -> u32 {
         }
     }
     count(Counter::PassNotVip);
-    xdp_action::XDP_PASS
+    Action::Pass
 }
 
 #[inline(always)]
-fn swap_macs(ctx: &XdpContext) -> bool {
+fn swap_macs(ctx: &impl Packet) -> bool {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return false;
     };
@@ -70,7 +66,7 @@ const ZERO_SCAN_MAX: usize = 4096;
 
 /// True if the bytes `from..to` of the frame are all zero (false beyond `ZERO_SCAN_MAX`).
 #[inline(always)]
-fn all_zero(ctx: &XdpContext, from: usize, to: usize) -> bool {
+fn all_zero(ctx: &impl Packet, from: usize, to: usize) -> bool {
     let mut off = from;
     let mut i = 0;
     while i < ZERO_SCAN_MAX / 8 {
@@ -101,7 +97,7 @@ fn all_zero(ctx: &XdpContext, from: usize, to: usize) -> bool {
 
 /// Turns an echo request into the reply in place and sends it back.
 #[inline(always)]
-fn echo_reply(ctx: &XdpContext, p: &Parsed) -> u32 {
+fn echo_reply(ctx: &impl Packet, p: &Parsed) -> Action {
     let v6 = p.v6;
     if !swap_macs(ctx) {
         return drop(Counter::DropMalformed);
@@ -158,14 +154,14 @@ fn echo_reply(ctx: &XdpContext, p: &Parsed) -> u32 {
         (*icmp).check = check;
     }
     count(Counter::IcmpEchoReply);
-    xdp_action::XDP_TX
+    Action::Tx
 }
 
 /// A router told a VIP that a packet was too big. The quoted packet is the VIP's reply
 /// (VIP -> client), so the flow it belongs to is the quoted one reversed: send the error to
 /// the real that serves that flow, so the real's TCP stack learns the path MTU.
 #[inline(always)]
-fn forward_too_big(ctx: &XdpContext, cfg: &LbConfig, p: &Parsed, quoted: usize) -> u32 {
+fn forward_too_big(ctx: &impl Packet, cfg: &LbConfig, p: &Parsed, quoted: usize) -> Action {
     let mut flow = FlowKey {
         proto: 0,
         ..FlowKey::default()
@@ -220,7 +216,7 @@ fn forward_too_big(ctx: &XdpContext, cfg: &LbConfig, p: &Parsed, quoted: usize) 
         None => {
             let Some(vip) = vip_lookup(&flow) else {
                 count(Counter::PassNotVip);
-                return xdp_action::XDP_PASS;
+                return Action::Pass;
             };
             match ring_pick(&flow, vip, false) {
                 Ok(pick) => pick,
@@ -257,7 +253,7 @@ const QUOTE_V6: usize = IPV6_HLEN + 8;
 /// The packet would exceed the MTU once encapsulated: answer with ICMP "fragmentation
 /// needed" / ICMPv6 "packet too big" (or drop, as configured).
 #[inline(always)]
-pub fn too_big(ctx: &XdpContext, cfg: &LbConfig, p: &Parsed, real: &RealDef) -> u32 {
+pub fn too_big(ctx: &impl Packet, cfg: &LbConfig, p: &Parsed, real: &RealDef) -> Action {
     if cfg.flags & CFG_F_ICMP_TOO_BIG == 0 {
         return drop(Counter::DropMtu);
     }
@@ -276,28 +272,15 @@ pub fn too_big(ctx: &XdpContext, cfg: &LbConfig, p: &Parsed, real: &RealDef) -> 
         return drop(Counter::DropMtu);
     }
     count(Counter::IcmpTooBigSent);
-    xdp_action::XDP_TX
-}
-
-/// Makes room for a new header of `grow` bytes in front and trims the frame to `total`.
-#[inline(always)]
-fn reshape(ctx: &XdpContext, grow: usize, total: usize) -> bool {
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(grow as i32)) } != 0 {
-        return false;
-    }
-    let len = ctx.data_end() - ctx.data();
-    if len < total {
-        return false;
-    }
-    unsafe { bpf_xdp_adjust_tail(ctx.ctx, total as i32 - len as i32) == 0 }
+    Action::Tx
 }
 
 #[inline(always)]
-fn too_big_v4(ctx: &XdpContext, flow: &FlowKey, peer: [u8; 6], ours: [u8; 6], mtu: u32) -> bool {
+fn too_big_v4(ctx: &impl Packet, flow: &FlowKey, peer: [u8; 6], ours: [u8; 6], mtu: u32) -> bool {
     const ICMP_OFF: usize = ETH_HLEN + IPV4_HLEN;
     const TOTAL: usize = ICMP_OFF + 8 + QUOTE_V4;
     // Quoted bytes start where the original IP header already is once 28 bytes are added.
-    if !reshape(ctx, IPV4_HLEN + 8, TOTAL) {
+    if !ctx.reshape(IPV4_HLEN + 8, TOTAL) {
         return false;
     }
     let (Some(eth), Some(ip), Some(icmp)) = (
@@ -341,11 +324,11 @@ fn too_big_v4(ctx: &XdpContext, flow: &FlowKey, peer: [u8; 6], ours: [u8; 6], mt
 }
 
 #[inline(always)]
-fn too_big_v6(ctx: &XdpContext, flow: &FlowKey, peer: [u8; 6], ours: [u8; 6], mtu: u32) -> bool {
+fn too_big_v6(ctx: &impl Packet, flow: &FlowKey, peer: [u8; 6], ours: [u8; 6], mtu: u32) -> bool {
     const ICMP_OFF: usize = ETH_HLEN + IPV6_HLEN;
     const TOTAL: usize = ICMP_OFF + 8 + QUOTE_V6;
     const ICMP_LEN: usize = 8 + QUOTE_V6;
-    if !reshape(ctx, IPV6_HLEN + 8, TOTAL) {
+    if !ctx.reshape(IPV6_HLEN + 8, TOTAL) {
         return false;
     }
     let (Some(eth), Some(ip), Some(icmp)) = (

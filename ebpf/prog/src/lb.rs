@@ -1,7 +1,6 @@
 // SPDX-License-Identifier: GPL-2.0 OR MIT
 //! The normal path: parse, pick the real (`pick`), encapsulate; ICMP goes to `icmp`.
 
-use aya_ebpf::programs::XdpContext;
 use marklb_common::{Counter, IPPROTO_TCP, LbConfig};
 
 use crate::hdr::{TCP_ACK, TCP_SYN};
@@ -11,12 +10,13 @@ use crate::{
     maps::VIP_ADDRS,
     parse::{self, Verdict, frame_len},
     pick::{established, ring_pick, vip_lookup},
+    pkt::{Action, Packet},
     stats::{account, count, drop, pass},
 };
 
 /// The whole normal path for one packet.
 #[inline(always)]
-pub fn process(ctx: &XdpContext, cfg: &LbConfig) -> u32 {
+pub fn process(ctx: &impl Packet, cfg: &LbConfig) -> Action {
     let verdict = parse::parse(ctx, |addr| unsafe { VIP_ADDRS.get(addr) }.is_some());
     let p = match verdict {
         Verdict::Flow(p) => p,
@@ -40,7 +40,7 @@ pub fn process(ctx: &XdpContext, cfg: &LbConfig) -> u32 {
             }
         }
     };
-    if p.ip_len + encap::overhead(pick.real) > cfg.mtu {
+    if p.ip_len + encap::overhead(pick.real) > cfg.mtu && !ctx.is_gso() {
         return icmp::too_big(ctx, cfg, &p, pick.real);
     }
     let inner = Inner {

@@ -4,7 +4,6 @@
 //! only the Ethernet type, the IP header's length fields, and the client address and port
 //! that choose the outer source (so the output equals what the normal path would send).
 
-use aya_ebpf::programs::XdpContext;
 use marklb_common::{Counter, IPPROTO_TCP, IPPROTO_UDP, LbConfig, MAX_MARKS};
 
 use crate::{
@@ -12,19 +11,9 @@ use crate::{
     hdr::*,
     maps::{MARKS, REALS},
     parse::{frame_len, ptr_at},
+    pkt::{Action, Packet},
     stats::{account, count},
 };
-
-/// The mark the NIC left in front of the packet (first 4 bytes of XDP metadata), or 0.
-#[inline(always)]
-pub fn read_mark(ctx: &XdpContext) -> u32 {
-    let meta = ctx.metadata();
-    if meta + 4 > ctx.data() {
-        return 0;
-    }
-    // Metadata is 4-byte aligned (adjust_meta only moves it in multiples of 4).
-    unsafe { *(meta as *const u32) }
-}
 
 /// Smallest transport header the normal path accepts for a protocol (the ports and, for
 /// TCP, the flags must be inside the IP packet); None: not TCP/UDP.
@@ -42,10 +31,10 @@ fn l4_min(proto: u8) -> Option<u32> {
 /// the IP header are looked at; a mark vouches for the 5-tuple, not for the packet being
 /// well formed, so the fast path accepts no packet the normal path would refuse.
 #[inline(always)]
-fn minimal_parse(ctx: &XdpContext) -> Option<Inner> {
+fn minimal_parse(ctx: &impl Packet) -> Option<Inner> {
     let eth = ptr_at::<EthHdr>(ctx, 0)?;
     let proto = unsafe { (*eth).proto_be };
-    let avail = (ctx.data_end() - ctx.data()) as u32;
+    let avail = ctx.len() as u32;
     if proto == ETH_P_IP.to_be() {
         let ip = unsafe { &*ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN)? };
         let ports = unsafe { &*ptr_at::<L4Ports>(ctx, ETH_HLEN + IPV4_HLEN)? };
@@ -90,8 +79,8 @@ fn minimal_parse(ctx: &XdpContext) -> Option<Inner> {
 /// Forwards a marked packet, or returns None when the mark is absent, unknown, stale, or the
 /// packet needs the normal path (which then handles it as if unmarked).
 #[inline(always)]
-pub fn fast_path(ctx: &XdpContext, cfg: &LbConfig) -> Option<u32> {
-    let mark = read_mark(ctx);
+pub fn fast_path(ctx: &impl Packet, cfg: &LbConfig) -> Option<Action> {
+    let mark = ctx.mark();
     if mark == 0 {
         return None;
     }
@@ -112,7 +101,7 @@ pub fn fast_path(ctx: &XdpContext, cfg: &LbConfig) -> Option<u32> {
         }
     };
     let inner = minimal_parse(ctx)?;
-    if inner.ip_len + encap::overhead(real) > cfg.mtu {
+    if inner.ip_len + encap::overhead(real) > cfg.mtu && !ctx.is_gso() {
         return None; // the normal path answers with ICMP too big
     }
     let bytes = frame_len(ctx);
@@ -124,7 +113,7 @@ pub fn fast_path(ctx: &XdpContext, cfg: &LbConfig) -> Option<u32> {
         }
         Err(c) => {
             count(c);
-            Some(aya_ebpf::bindings::xdp_action::XDP_DROP)
+            Some(Action::Drop)
         }
     }
 }

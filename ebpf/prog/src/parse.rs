@@ -1,14 +1,13 @@
 // SPDX-License-Identifier: GPL-2.0 OR MIT
 //! Bounds-checked packet access and the parse of a VIP packet into a flow.
 
-use aya_ebpf::programs::XdpContext;
 use marklb_common::{Counter, FlowKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 
-use crate::hdr::*;
+use crate::{hdr::*, pkt::Packet};
 
 /// A pointer to a `T` at `off` bytes into the packet, if the packet is long enough.
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
+pub fn ptr_at<T>(ctx: &impl Packet, off: usize) -> Option<*mut T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + off + core::mem::size_of::<T>() > end {
@@ -19,8 +18,8 @@ pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
 
 /// Frame length (bytes from the Ethernet header to the end).
 #[inline(always)]
-pub fn frame_len(ctx: &XdpContext) -> u64 {
-    (ctx.data_end() - ctx.data()) as u64
+pub fn frame_len<P: Packet>(ctx: &P) -> u64 {
+    ctx.len() as u64
 }
 
 /// What the normal path knows after parsing a packet for a VIP address.
@@ -52,12 +51,12 @@ pub enum Verdict {
 /// destination is known, so packets for other addresses cost one lookup and are passed
 /// untouched even when malformed further in.
 #[inline(always)]
-pub fn parse(ctx: &XdpContext, is_vip_addr: impl Fn(&[u32; 4]) -> bool) -> Verdict {
+pub fn parse<P: Packet>(ctx: &P, is_vip_addr: impl Fn(&[u32; 4]) -> bool) -> Verdict {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return Verdict::Pass(Counter::PassMalformed);
     };
     let proto = u16::from_be(unsafe { (*eth).proto_be });
-    let avail = ctx.data_end() - ctx.data();
+    let avail = ctx.len();
     let mut p = Parsed {
         flow: FlowKey::default(),
         v6: false,

@@ -1,10 +1,12 @@
 // SPDX-License-Identifier: GPL-2.0 OR MIT
 //! Counter updates. Per-CPU arrays: no atomics needed, user space sums at read time.
 
-use aya_ebpf::bindings::xdp_action;
 use marklb_common::Counter;
 
-use crate::maps::{COUNTERS, REAL_STATS, VIP_STATS};
+use crate::{
+    maps::{COUNTERS, REAL_STATS, VIP_STATS},
+    pkt::Action,
+};
 
 #[inline(always)]
 pub fn count(c: Counter) {
@@ -32,14 +34,14 @@ pub fn account(vip_id: u32, real_id: u32, bytes: u64) {
 
 /// Counts `c` and passes the packet to the stack.
 #[inline(always)]
-pub fn pass(c: Counter) -> u32 {
+pub fn pass(c: Counter) -> Action {
     count(c);
-    xdp_action::XDP_PASS
+    Action::Pass
 }
 
 /// Counts `c` and drops the packet.
 #[inline(always)]
-pub fn drop(c: Counter) -> u32 {
+pub fn drop(c: Counter) -> Action {
     count(c);
-    xdp_action::XDP_DROP
+    Action::Drop
 }

@@ -261,6 +261,21 @@ impl Ctx {
                 format!("route add {SERVICE_CIDR} via {BRIDGE_IP}"),
             ],
         )?;
+        // The host reaches the node's pods (Prometheus scraping pod addresses, tests talking
+        // to pods) through the node. The host does not forward: pods of different nodes do
+        // not reach each other (no test needs it, and the host's ip_forward stays as it was).
+        ip(
+            None,
+            &[
+                "route",
+                "replace",
+                &pod_cidr(n.index),
+                "via",
+                &ip4.to_string(),
+                "dev",
+                NODES_BRIDGE,
+            ],
+        )?;
         Ok(())
     }
 

@@ -160,6 +160,19 @@ pub fn teardown_node(rec: &Record, n: &NodeRecord) -> Vec<String> {
     if !n.host_veth.is_empty() && link_exists(&n.host_veth) {
         let _ = ip(None, &["link", "del", &n.host_veth]);
     }
+    // The host's route to the node's pods (gone with the bridge too; not when one node goes).
+    if let Some(ip4) = n.ip {
+        let _ = ip(
+            None,
+            &[
+                "route",
+                "del",
+                &super::node::pod_cidr(n.index),
+                "via",
+                &ip4.to_string(),
+            ],
+        );
+    }
     for cg in &n.cgroups {
         remove_cgroup_tree(cg, &mut problems);
     }

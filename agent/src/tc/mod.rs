@@ -1,0 +1,201 @@
+//! tc over rtnetlink for the mellanox backend: the requests ([`flower`]) and a small
+//! synchronous NETLINK_ROUTE socket that sends one and waits for its acknowledgement, with
+//! the kernel's extended-ack message (what a driver says when it refuses a rule).
+
+pub mod flower;
+
+use std::{
+    io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+};
+
+/// `NLMSG_ERROR` (also the acknowledgement, with error 0).
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const SOL_NETLINK: libc::c_int = 270;
+const NETLINK_EXT_ACK: libc::c_int = 11;
+/// `NLMSGERR_ATTR_MSG`: the extended ack's text.
+const NLMSGERR_ATTR_MSG: u16 = 1;
+
+/// A refused request: errno and the kernel's message, if it gave one.
+#[derive(Debug, thiserror::Error)]
+#[error("{}{}", io::Error::from_raw_os_error(*errno), message.as_deref().map(|m| format!(": {m}")).unwrap_or_default())]
+pub struct TcError {
+    pub errno: i32,
+    pub message: Option<String>,
+}
+
+impl From<io::Error> for TcError {
+    fn from(e: io::Error) -> Self {
+        Self {
+            errno: e.raw_os_error().unwrap_or(libc::EIO),
+            message: Some(e.to_string()),
+        }
+    }
+}
+
+/// A NETLINK_ROUTE socket in the calling thread's network namespace.
+pub struct TcSocket {
+    fd: OwnedFd,
+    seq: u32,
+}
+
+impl TcSocket {
+    pub fn open() -> io::Result<Self> {
+        // SAFETY: plain socket(2); the descriptor is owned right away.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a new descriptor nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let one: libc::c_int = 1;
+        // SAFETY: a valid int option; failure only loses the error texts.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                SOL_NETLINK,
+                NETLINK_EXT_ACK,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            );
+        }
+        Ok(Self { fd, seq: 1 })
+    }
+
+    /// The next sequence number for a request.
+    pub fn next_seq(&mut self) -> u32 {
+        self.seq = self.seq.wrapping_add(1);
+        self.seq
+    }
+
+    /// Sends one request (built with the sequence number `seq`) and waits for its ack.
+    pub fn request(&mut self, seq: u32, msg: &[u8]) -> Result<(), TcError> {
+        self.send(msg)?;
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = self.recv(&mut buf)?;
+            let mut off = 0;
+            while off + 16 <= n {
+                let len = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4")) as usize;
+                let kind = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().expect("2"));
+                let mseq = u32::from_ne_bytes(buf[off + 8..off + 12].try_into().expect("4"));
+                if len < 16 || off + len > n {
+                    break;
+                }
+                if mseq == seq && kind == NLMSG_ERROR {
+                    return ack_result(&buf[off..off + len]);
+                }
+                off += (len + 3) & !3;
+            }
+        }
+    }
+
+    /// Sends a dump request and returns every message of the answer (without `NLMSG_DONE`).
+    pub fn dump(&mut self, seq: u32, msg: &[u8]) -> Result<Vec<Vec<u8>>, TcError> {
+        self.send(msg)?;
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = self.recv(&mut buf)?;
+            let mut off = 0;
+            while off + 16 <= n {
+                let len = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4")) as usize;
+                let kind = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().expect("2"));
+                let mseq = u32::from_ne_bytes(buf[off + 8..off + 12].try_into().expect("4"));
+                if len < 16 || off + len > n {
+                    break;
+                }
+                if mseq == seq {
+                    match kind {
+                        NLMSG_DONE => return Ok(out),
+                        NLMSG_ERROR => {
+                            ack_result(&buf[off..off + len])?;
+                            return Ok(out);
+                        }
+                        _ => out.push(buf[off..off + len].to_vec()),
+                    }
+                }
+                off += (len + 3) & !3;
+            }
+        }
+    }
+
+    fn send(&self, msg: &[u8]) -> io::Result<()> {
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as u16;
+        // SAFETY: `msg` and `addr` are valid for the lengths given.
+        let rc = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                msg.as_ptr().cast(),
+                msg.len(),
+                0,
+                (&addr as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as u32,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: `buf` is valid for its length.
+        let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+}
+
+/// The outcome in an `NLMSG_ERROR` message: error 0 is the ack; otherwise errno and the
+/// extended ack's text (attributes after the echoed request header).
+fn ack_result(m: &[u8]) -> Result<(), TcError> {
+    if m.len() < 20 {
+        return Err(TcError {
+            errno: libc::EIO,
+            message: Some("short netlink error message".into()),
+        });
+    }
+    let err = i32::from_ne_bytes(m[16..20].try_into().expect("4"));
+    if err == 0 {
+        return Ok(());
+    }
+    // Without NLM_F_CAPPED the whole request is echoed; with it (ext ack on), only its
+    // header: the TLVs start after the echoed header (16 bytes) or the echoed message.
+    let flags = u16::from_ne_bytes(m[6..8].try_into().expect("2"));
+    let capped = flags & 0x100 != 0;
+    let echoed = if capped || m.len() < 24 {
+        16
+    } else {
+        u32::from_ne_bytes(m[20..24].try_into().expect("4")) as usize
+    };
+    let mut off = 20 + echoed;
+    let mut message = None;
+    while off + 4 <= m.len() {
+        let len = u16::from_ne_bytes(m[off..off + 2].try_into().expect("2")) as usize;
+        let kind = u16::from_ne_bytes(m[off + 2..off + 4].try_into().expect("2")) & 0x3fff;
+        if len < 4 || off + len > m.len() {
+            break;
+        }
+        if kind == NLMSGERR_ATTR_MSG {
+            let text = &m[off + 4..off + len];
+            let text = text.split(|b| *b == 0).next().unwrap_or_default();
+            message = Some(String::from_utf8_lossy(text).into_owned());
+        }
+        off += (len + 3) & !3;
+    }
+    Err(TcError {
+        errno: -err,
+        message,
+    })
+}
