@@ -16,7 +16,8 @@
 //!    client reaches the reals through node 2;
 //! 4. a conflicting LoadBalancer (web's VIP, newer) shows `Conflict` naming `shop/web`; web
 //!    keeps serving; a selector matching no node shows `NoNodesSelected`;
-//! 5. the leading operator pod deleted: traffic flows throughout, the standby takes the Lease;
+//! 5. the leading operator pod deleted: traffic flows throughout, another replica takes the
+//!    Lease (the standby, or the replacement when it asks first);
 //! 6. `api` takes its reals from a Service without selector and a hand-written v1beta1
 //!    EndpointSlice (the new leader acts): traffic reaches both reals, then follows the slice
 //!    down to one real;
@@ -51,6 +52,7 @@ use marklb_tests::{
     agent_proc::{Scrape, attach_decaps, http_get},
     cluster::{Cluster, NodeInfo, NodeTopology},
     cluster_or_skip,
+    install::repo_root,
     kube_harness::report,
     netns::{Servers, TcpConn, TopologyOptions, tally, tcp_connect_many},
     operator_install::{NS, import_operator_image, pod_ready, user, wait_operator},
@@ -402,11 +404,27 @@ endpoints:
     )
 }
 
-/// Writes `text` to `dir/file` and runs `kubectl apply -f` on it (as the user does).
+/// Writes `text` to `dir/file` and runs `kubectl apply -f <file>` in `dir` (as the user does).
 fn apply_file(cluster: &Cluster, dir: &std::path::Path, file: &str, text: &str) -> String {
-    let path = dir.join(file);
-    std::fs::write(&path, text).unwrap();
-    user(cluster, &format!("kubectl apply -f {}", path.display()))
+    std::fs::write(dir.join(file), text).unwrap();
+    let command = format!("kubectl apply -f {file}");
+    assert_readme_shows(&command);
+    user(cluster, &format!("cd {} && {command}", dir.display()))
+}
+
+/// The README's user's path shows every command this story runs as the user.
+fn assert_readme_shows(command: &str) {
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    let shown = readme
+        .lines()
+        .any(|l| l.split('#').next().unwrap_or_default().trim() == command);
+    assert!(shown, "README.md does not show `{command}` (user's path)");
+}
+
+/// Runs a command of the user's path (shown in the README).
+fn step(cluster: &Cluster, command: &str) -> String {
+    assert_readme_shows(command);
+    user(cluster, command)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -428,7 +446,7 @@ async fn loadbalancers_become_programmed_nodes_and_conditions() {
     );
     import_operator_image(cluster);
     let t0 = Instant::now();
-    user(cluster, "kubectl apply -k deploy/legacy-1.20/");
+    step(cluster, "kubectl apply -k deploy/legacy-1.20/");
     let operators = wait_operator(cluster, 2, None).await;
     let names: Vec<String> = operators
         .iter()
@@ -448,11 +466,11 @@ async fn loadbalancers_become_programmed_nodes_and_conditions() {
     report(
         "2. web selects node 1: its agent only there, traffic, Ready 1/1, the node state filled",
     );
-    user(
+    step(
         cluster,
         &format!("kubectl label node {} {NODE_LABEL}=true", n1.node.name),
     );
-    user(cluster, "kubectl create namespace shop");
+    step(cluster, "kubectl create namespace shop");
     let web = loadbalancer_yaml(
         "web",
         WEB_VIP,
@@ -488,9 +506,9 @@ async fn loadbalancers_become_programmed_nodes_and_conditions() {
     );
     assert!(conditions::is_true(&st.conditions, conditions::NODE_READY));
     assert!(node_state(&client, "web", &n2.node.name).await.is_none());
-    let get_mlb = user(cluster, "kubectl get mlb -n shop");
-    let describe = user(cluster, "kubectl describe mlb web -n shop");
-    let get_mlbns = user(cluster, "kubectl get mlbns -n shop");
+    let get_mlb = step(cluster, "kubectl get mlb -n shop");
+    let describe = step(cluster, "kubectl describe mlb web -n shop");
+    let get_mlbns = step(cluster, "kubectl get mlbns -n shop");
     report(&format!(
         "$ kubectl get mlb -n shop\n{get_mlb}$ kubectl get mlbns -n shop\n{get_mlbns}$ kubectl describe mlb web -n shop\n{describe}"
     ));
@@ -503,7 +521,7 @@ async fn loadbalancers_become_programmed_nodes_and_conditions() {
 
     report("3. node 2 labelled into the selector: its agent, its node state, 2/2");
     let t0 = Instant::now();
-    user(
+    step(
         cluster,
         &format!("kubectl label node {} {NODE_LABEL}=true", n2.node.name),
     );
@@ -551,9 +569,9 @@ async fn loadbalancers_become_programmed_nodes_and_conditions() {
     apply_file(cluster, dir.path(), "nowhere.yaml", &nowhere);
     let (m, _) = wait_condition(&client, "nowhere", "Ready", "False", "NoNodesSelected").await;
     report(&format!("  nowhere: {m}"));
-    user(cluster, "kubectl delete mlb web-copy nowhere -n shop");
+    step(cluster, "kubectl delete mlb web-copy nowhere -n shop");
 
-    report("5. the leading operator pod deleted: traffic flows, the standby takes the Lease");
+    report("5. the leading operator pod deleted: traffic flows, another replica takes the Lease");
     let probe = Prober::start(&n1, WEB_VIP);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let t0 = Instant::now();
@@ -705,7 +723,7 @@ async fn loadbalancers_become_programmed_nodes_and_conditions() {
 
     report("8. api deleted: its VIP leaves the datapath before it goes; web stays");
     let t0 = Instant::now();
-    user(cluster, "kubectl delete mlb api -n shop --wait=false");
+    step(cluster, "kubectl delete mlb api -n shop");
     while lb(&client, "api").await.is_some() {
         assert!(t0.elapsed() < WAIT, "api not gone");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -731,9 +749,9 @@ async fn loadbalancers_become_programmed_nodes_and_conditions() {
     ));
 
     report("9. kubectl delete everything");
-    user(cluster, "kubectl delete mlb web -n shop");
-    user(cluster, "kubectl delete namespace shop");
-    user(cluster, "kubectl delete -k deploy/legacy-1.20/");
+    step(cluster, "kubectl delete mlb web -n shop");
+    step(cluster, "kubectl delete namespace shop");
+    step(cluster, "kubectl delete -k deploy/legacy-1.20/");
     user(
         cluster,
         &format!(
