@@ -27,6 +27,9 @@
 //!    web's still does;
 //! 9. `kubectl delete` of everything.
 //!
+//! Every command run as the user is in `README_USER_PATH`, which the README's user's guide
+//! shows (checked by `install_manifests`).
+//!
 //! SKIP with the reason when the machine cannot run the cluster; needs two nodes.
 
 use std::{
@@ -52,7 +55,7 @@ use marklb_tests::{
     agent_proc::{Scrape, attach_decaps, http_get},
     cluster::{Cluster, NodeInfo, NodeTopology},
     cluster_or_skip,
-    install::repo_root,
+    install::README_USER_PATH,
     kube_harness::report,
     netns::{Servers, TcpConn, TopologyOptions, tally, tcp_connect_many},
     operator_install::{NS, import_operator_image, pod_ready, user, wait_operator},
@@ -412,13 +415,13 @@ fn apply_file(cluster: &Cluster, dir: &std::path::Path, file: &str, text: &str) 
     user(cluster, &format!("cd {} && {command}", dir.display()))
 }
 
-/// The README's user's path shows every command this story runs as the user.
+/// Every command this story runs as the user is one of the README's user's path
+/// (`install_manifests` checks the README shows exactly those).
 fn assert_readme_shows(command: &str) {
-    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
-    let shown = readme
-        .lines()
-        .any(|l| l.split('#').next().unwrap_or_default().trim() == command);
-    assert!(shown, "README.md does not show `{command}` (user's path)");
+    assert!(
+        README_USER_PATH.contains(&command),
+        "`{command}` is not in README_USER_PATH (the README's user's path)"
+    );
 }
 
 /// Runs a command of the user's path (shown in the README).
