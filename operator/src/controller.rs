@@ -78,8 +78,11 @@ pub struct Context {
     recorder: Recorder,
     /// Consecutive failures per LoadBalancer (for the backoff).
     failures: Mutex<HashMap<ObjectRef<LoadBalancer>, u32>>,
-    /// The DaemonSet as last applied by this process (skips identical applies).
-    last_daemonset: Mutex<Option<DaemonSet>>,
+    /// The DaemonSet as last applied by this process (skips identical applies). An async
+    /// mutex held from the comparison to the stored answer: reconciles run concurrently (all
+    /// LoadBalancers at once after a restart), and checking then applying without holding it
+    /// let each of them apply the same DaemonSet.
+    last_daemonset: tokio::sync::Mutex<Option<DaemonSet>>,
     /// True once every cache was filled.
     caches_filled: tokio::sync::watch::Receiver<bool>,
 }
@@ -105,7 +108,7 @@ impl Context {
             metrics,
             caches,
             failures: Mutex::default(),
-            last_daemonset: Mutex::default(),
+            last_daemonset: tokio::sync::Mutex::default(),
             caches_filled,
         }
     }
@@ -255,19 +258,26 @@ impl Context {
                     .states_of(&lb.namespace().unwrap_or_default(), &lb.name_any())
                     .is_empty()
         };
-        let selectors = lbs
+        let served: Vec<&LoadBalancer> = lbs
             .iter()
+            .map(|lb| lb.as_ref())
             .filter(|lb| leaving.is_none_or(|l| l.uid() != lb.uid()) && needs_agents(lb))
-            .map(|lb| lb.spec.node_selector.as_ref());
-        let ds =
-            desired::agent_daemonset(&self.settings.namespace, &self.settings.agent, selectors);
-        let last = self.last_daemonset.lock().unwrap().clone();
+            .collect();
+        let interface =
+            desired::agent_interface(served.iter().map(|lb| lb.spec.interface.as_deref()));
+        let ds = desired::agent_daemonset_on(
+            &self.settings.namespace,
+            &self.settings.agent,
+            served.iter().map(|lb| lb.spec.node_selector.as_ref()),
+            interface.as_deref(),
+        );
+        let mut last = self.last_daemonset.lock().await;
         if !apply::daemonset_needs_write(&ds, last.as_ref())? {
             return Ok(());
         }
         let stored = apply::apply_daemonset(&self.client, &self.metrics, &ds).await?;
         info!(namespace = %self.settings.namespace, "applied the agent DaemonSet");
-        *self.last_daemonset.lock().unwrap() = Some(stored);
+        *last = Some(stored);
         Ok(())
     }
 }

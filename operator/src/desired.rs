@@ -239,13 +239,28 @@ pub fn agent_affinity<'a>(
     })
 }
 
-/// The agent's command line: Kubernetes mode, node name from `NODE_NAME`, hardware settings
-/// from the operator's flags, metrics on the host IP (or every address, when asked).
+/// The agent's command line for LoadBalancers that name no interface (see [`agent_args_on`]).
 pub fn agent_args(agent: &AgentSettings) -> Vec<String> {
+    agent_args_on(agent, None)
+}
+
+/// The agent's command line: Kubernetes mode, node name from `NODE_NAME`, the interface to
+/// attach to, hardware settings from the operator's flags, metrics on the host IP (or every
+/// address, when asked).
+///
+/// The agent attaches to one interface when it starts (one XDP program per interface serves
+/// every LoadBalancer of the node): `interface` when the LoadBalancers name one
+/// ([`agent_interface`]), else the interface holding the node's address (`$(HOST_IP)`). A node
+/// state naming another interface is reported by its agent (`Ready=False`), never served.
+pub fn agent_args_on(agent: &AgentSettings, interface: Option<&str>) -> Vec<String> {
     let mut args = vec![
         "--log-format=json".to_string(),
         "run".to_string(),
         "--kubernetes".to_string(),
+        match interface {
+            Some(i) => format!("--interface={i}"),
+            None => "--interface-of=$(HOST_IP)".to_string(),
+        },
         format!("--hw-backend={}", agent.hw_backend),
     ];
     if let Some(delivery) = &agent.mark_delivery {
@@ -299,6 +314,33 @@ pub fn agent_daemonset<'a>(
     agent: &AgentSettings,
     selectors: impl IntoIterator<Item = Option<&'a BTreeMap<String, String>>>,
 ) -> DaemonSet {
+    agent_daemonset_on(namespace, agent, selectors, None)
+}
+
+/// The interface the agents attach to: the one the LoadBalancers name (`spec.interface`), when
+/// exactly one distinct name is given; `None` (the interface of the node's address) when none
+/// is, or when they name several (the agents then report the states they cannot serve).
+pub fn agent_interface<'a>(
+    interfaces: impl IntoIterator<Item = Option<&'a str>>,
+) -> Option<String> {
+    let named: std::collections::BTreeSet<&str> = interfaces
+        .into_iter()
+        .flatten()
+        .filter(|i| !i.is_empty())
+        .collect();
+    match named.len() {
+        1 => named.into_iter().next().map(str::to_string),
+        _ => None,
+    }
+}
+
+/// [`agent_daemonset`] with the agents attaching to `interface` ([`agent_args_on`]).
+pub fn agent_daemonset_on<'a>(
+    namespace: &str,
+    agent: &AgentSettings,
+    selectors: impl IntoIterator<Item = Option<&'a BTreeMap<String, String>>>,
+    interface: Option<&str>,
+) -> DaemonSet {
     let labels = BTreeMap::from([(AGENT_APP_LABEL.to_string(), AGENT_NAME.to_string())]);
     let mut meta_labels = labels.clone();
     meta_labels.insert(MANAGED_BY_LABEL.into(), OPERATOR_FIELD_MANAGER.into());
@@ -306,7 +348,7 @@ pub fn agent_daemonset<'a>(
         name: "agent".into(),
         image: Some(agent.image.clone()),
         image_pull_policy: Some(agent.image_pull_policy.clone()),
-        args: Some(agent_args(agent)),
+        args: Some(agent_args_on(agent, interface)),
         env: Some(vec![
             env_from_field("NODE_NAME", "spec.nodeName"),
             env_from_field("HOST_IP", "status.hostIP"),

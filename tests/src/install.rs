@@ -46,6 +46,29 @@ pub const README_ON_CLUSTER: &[&str] = &[
     "helm uninstall marklb --namespace marklb-system",
 ];
 
+/// The README user's guide's user's path that `operator_cluster` runs on the real two-node
+/// cluster (every command it runs as the user is one of these; `install_manifests` checks the
+/// README shows exactly the commands of these lists).
+pub const README_USER_PATH: &[&str] = &[
+    "kubectl apply -k deploy/legacy-1.20/",
+    "kubectl label node marklb-node-1 marklb.io/loadbalancer-node=true",
+    "kubectl create namespace shop",
+    "kubectl apply -f web.yaml",
+    "kubectl get mlb -n shop",
+    "kubectl describe mlb web -n shop",
+    "kubectl get mlbns -n shop",
+    "kubectl label node marklb-node-2 marklb.io/loadbalancer-node=true",
+    "kubectl apply -f web-copy.yaml",
+    "kubectl apply -f nowhere.yaml",
+    "kubectl delete mlb web-copy nowhere -n shop",
+    "kubectl apply -f api-service.yaml",
+    "kubectl apply -f api.yaml",
+    "kubectl delete mlb api -n shop",
+    "kubectl delete mlb web -n shop",
+    "kubectl delete namespace shop",
+    "kubectl delete -k deploy/legacy-1.20/",
+];
+
 /// The repository root.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -7,5 +7,6 @@ pub mod kube_harness;
 pub mod netns;
 pub mod ns_forward;
 pub mod operator_harness;
+pub mod operator_install;
 pub mod prometheus;
 pub mod supervise;

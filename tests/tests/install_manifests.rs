@@ -664,6 +664,7 @@ async fn rbac_is_least_privilege_under_the_real_1_20_authorizer() {
     let tested: BTreeSet<String> = README_ON_API_SERVER
         .iter()
         .chain(README_ON_CLUSTER)
+        .chain(README_USER_PATH)
         .map(|c| c.to_string())
         .collect();
     let documented: BTreeSet<String> = commands.iter().cloned().collect();

@@ -527,3 +527,52 @@ async fn api_errors_are_recorded_in_the_status_and_back_off() {
         "{text}"
     );
 }
+
+/// After a restart (a fresh process: no DaemonSet applied yet) every LoadBalancer is reconciled
+/// at once; the agent DaemonSet is one object for all of them and must be applied once, not
+/// once per LoadBalancer racing the others (seen on the real cluster).
+#[tokio::test]
+async fn concurrent_reconciles_after_a_restart_apply_the_daemonset_once() {
+    let lbs: Vec<LoadBalancer> = (0..4)
+        .map(|i| {
+            let spec = format!(
+                "nodeSelector: {{zone: a}}\nvips: [{{address: 10.0.0.{}, port: 80, backends: [{{address: 10.1.0.1}}]}}]",
+                i + 1
+            );
+            finalized(lb("prod", &format!("web{i}"), 100 + i, &spec))
+        })
+        .collect();
+    let (client, sent) = mock_client(Some(lbs[0].clone()), None);
+    let ctx = context(
+        client,
+        World {
+            lbs: lbs.clone(),
+            nodes: zone_nodes(),
+            ..World::default()
+        },
+        Settings::default(),
+    );
+    let runs = lbs
+        .iter()
+        .map(|lb| reconcile(Arc::new(lb.clone()), ctx.clone()));
+    for r in futures::future::join_all(runs).await {
+        r.unwrap();
+    }
+    let daemonset_applies = sent
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| s.line() == format!("PATCH {DS_PATH}"))
+        .count();
+    assert_eq!(daemonset_applies, 1);
+    // Unchanged afterwards: a second round writes no DaemonSet.
+    let before = sent.lock().unwrap().len();
+    for lb in &lbs {
+        reconcile(Arc::new(lb.clone()), ctx.clone()).await.unwrap();
+    }
+    let again = sent.lock().unwrap()[before..]
+        .iter()
+        .filter(|s| s.uri.contains("/daemonsets/"))
+        .count();
+    assert_eq!(again, 0);
+}

@@ -200,6 +200,7 @@ fn the_agent_daemonset_has_only_what_the_agent_needs() {
             "--log-format=json",
             "run",
             "--kubernetes",
+            "--interface-of=$(HOST_IP)",
             "--hw-backend=emulated",
             "--mark-delivery=xdp-metadata",
             "--metrics-addr=$(HOST_IP):9464",
@@ -291,4 +292,34 @@ fn agent_xdp_mode_metrics_bind_and_tolerations_come_from_the_settings() {
         "{plain:?}"
     );
     assert!(plain.contains(&"--metrics-addr=$(HOST_IP):9464".to_string()));
+}
+
+#[test]
+fn the_agents_attach_to_the_interface_the_loadbalancers_name() {
+    let plain = agent_args(&AgentSettings::default());
+    assert!(
+        plain.contains(&"--interface-of=$(HOST_IP)".to_string()),
+        "{plain:?}"
+    );
+    assert_eq!(
+        agent_interface([None, Some("eth1"), Some("eth1")]),
+        Some("eth1".into())
+    );
+    assert_eq!(agent_interface([None, Some("")]), None);
+    assert_eq!(agent_interface([Some("eth1"), Some("eth2")]), None);
+    let ds = serde_json::to_value(agent_daemonset_on(
+        "ns",
+        &AgentSettings::default(),
+        [None],
+        Some("eth1"),
+    ))
+    .unwrap();
+    let args = ds["spec"]["template"]["spec"]["containers"][0]["args"].clone();
+    assert!(
+        args.as_array()
+            .unwrap()
+            .contains(&json!("--interface=eth1")),
+        "{args}"
+    );
+    assert!(!args.to_string().contains("--interface-of"), "{args}");
 }

@@ -27,12 +27,21 @@ pub struct NodeTopology {
 impl NodeTopology {
     /// Builds the topology with its load balancer's end on `node`.
     pub fn build(node: &NodeInfo, opts: TopologyOptions) -> io::Result<Self> {
-        let topo = Topology::build(opts)?;
         let iface = format!(
             "mlbk{}x{}",
             std::process::id() % 100_000,
             NODE_TOPO_SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
         );
+        Self::build_named(node, opts, &iface)
+    }
+
+    /// Builds the topology with the node's end named `iface`: one LoadBalancer (one interface
+    /// name) served by several nodes needs the same name on each (every node is its own
+    /// network namespace; the reals' addresses and the gateway's MAC are the same in every
+    /// topology, so one spec fits all of them).
+    pub fn build_named(node: &NodeInfo, opts: TopologyOptions, iface: &str) -> io::Result<Self> {
+        let topo = Topology::build(opts)?;
+        let iface = iface.to_string();
         let lb_ns = topo.lb.ns.clone();
         let old = topo.lb.port.iface.clone();
         ip(Some(&lb_ns), &["link", "set", &old, "down"])?;
