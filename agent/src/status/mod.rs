@@ -285,7 +285,8 @@ pub async fn read(bpffs: &Path, iface: &str) -> Result<Status> {
         marks: MarkStatus {
             in_use,
             stale,
-            capacity: maps.marks_capacity(),
+            // Mark 0 means "no mark".
+            capacity: maps.marks_capacity().saturating_sub(1),
         },
         nic_rules: NicRuleStatus {
             emulated: rules.len(),
