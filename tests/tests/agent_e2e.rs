@@ -19,11 +19,12 @@ use std::{
 use marklb_agent::decap::Decap;
 use marklb_tests::{
     agent_proc::{
-        Agent, AgentOptions, Manifest, Scrape, Workdir, agent_binary, attach_decaps, is_mounted,
-        manifest::multi_document, promtool_check, run_agent_command, write_atomic, xdp_prog_id,
+        Agent, AgentOptions, Manifest, Scrape, Workdir, agent_binary, attach_decaps, http_get_in,
+        is_mounted, manifest::multi_document, promtool_check, run_agent_command, write_atomic,
+        xdp_prog_id,
     },
     netns::{
-        Servers, TcpConn, Topology, TopologyOptions, UdpFlow, in_netns, require_root, tally,
+        Servers, TcpConn, Topology, TopologyOptions, UdpFlow, in_netns, ip, require_root, tally,
         tcp_connect_many, udp_flows,
     },
 };
@@ -1477,4 +1478,60 @@ fn status_reads_what_the_node_serves_from_the_pins_without_the_agent() {
         "{out}"
     );
     assert!(!env.work.bpffs().join("marklb").join("nosuch0").exists());
+}
+
+// ---------------------------------------------------------------------------------------
+// 12. Network exposure of the agent's endpoints
+// ---------------------------------------------------------------------------------------
+
+/// Whether a client in `ns` gets an HTTP answer from `addr` (`/metrics`).
+fn metrics_answer(ns: &str, addr: SocketAddr) -> Option<u16> {
+    http_get_in(ns, addr, "/metrics").ok().map(|r| r.status)
+}
+
+/// The DaemonSet binds the agent's `/metrics` and probes to the node's address
+/// (`--metrics-addr=$(HOST_IP):9464`, chart value `agent.metricsBind: host-ip`). With the VIP
+/// also a local address of the node (so the kernel accepts what XDP passes on other ports),
+/// an agent bound to the node address answers a remote client on the node address and not on
+/// the VIP; bound to 0.0.0.0 (`metricsBind: all`) the same client scrapes it through the VIP,
+/// which is what the default prevents.
+#[test]
+fn metrics_bound_to_the_node_address_do_not_answer_on_the_vip() {
+    let mut env = Env::prepare(2);
+    let lb_ns = env.topo.lb.ns.clone();
+    let client_ns = env.topo.client.ns.clone();
+    ip(
+        Some(&lb_ns),
+        &["addr", "add", &format!("{VIP4}/32"), "dev", "lo"],
+    )
+    .expect("VIP on the node's lo");
+    let node = SocketAddr::new(IpAddr::V4(env.topo.lb.port.v4), 9464);
+    let on_vip = SocketAddr::new(IpAddr::V4(VIP4), 9464);
+
+    let mut opts = env.options();
+    opts.metrics_addr = node;
+    env.start(opts);
+    assert_eq!(metrics_answer(&client_ns, node), Some(200), "node address");
+    assert_eq!(metrics_answer(&client_ns, on_vip), None, "VIP answered");
+    assert_eq!(metrics_answer(&lb_ns, on_vip), None, "VIP answered locally");
+    // The VIP itself still serves.
+    assert!(env.reachable(tcp4(), T));
+    let st = env.agent().terminate(WAIT).expect("exit on SIGTERM");
+    assert!(st.success(), "{st}");
+
+    // Control: bound to every address, the client scrapes it through the VIP.
+    let mut opts = env.options();
+    opts.metrics_addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 9464);
+    let mut a = Agent::spawn(opts).expect("starting marklb-agent");
+    let deadline = Instant::now() + WAIT;
+    while metrics_answer(&client_ns, on_vip).is_none() && Instant::now() < deadline {
+        assert!(a.is_running(), "agent exited:\n{}", a.log_tail(30));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        metrics_answer(&client_ns, on_vip),
+        Some(200),
+        "0.0.0.0 on the VIP"
+    );
+    env.agent = Some(a);
 }
