@@ -54,6 +54,10 @@ impl PinLayout {
     pub fn tc_nic_link(&self) -> PathBuf {
         self.dir.join("tc_nic_link")
     }
+    /// Which LoadBalancer owns each VIP ([`crate::owner_record`]).
+    pub fn owners(&self) -> PathBuf {
+        self.dir.join("owners")
+    }
     /// Every link a datapath may have pinned here.
     pub fn links(&self) -> [PathBuf; 3] {
         [self.link(), self.tc_link(), self.tc_nic_link()]

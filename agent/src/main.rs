@@ -38,6 +38,9 @@ enum Command {
         #[arg(long, default_value = "/sys/fs/bpf")]
         bpffs: std::path::PathBuf,
     },
+    /// Print what a node serves on an interface (VIPs, owners, reals, marks, NIC rules,
+    /// path counters, attachment), read from the pinned datapath; works without the agent.
+    Status(marklb_agent::status::StatusArgs),
     /// Decapsulate marklb's IP-in-IP traffic on a real server (for kernels without
     /// ipip/ip6tnl devices); runs until SIGTERM/SIGINT.
     Decap(marklb_agent::decap::DecapArgs),
@@ -100,6 +103,12 @@ fn main() -> Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(marklb_agent::decap::run(args))?;
+        }
+        Command::Status(args) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(marklb_agent::status::run(args))?;
         }
         Command::Cleanup { interface, bpffs } => {
             if marklb_agent::daemon::cleanup(&bpffs, &interface)? {

@@ -24,6 +24,7 @@ use aya::programs::links::FdLink;
 /// `enum bpf_cmd` values (include/uapi/linux/bpf.h).
 const BPF_OBJ_PIN: libc::c_int = 6;
 const BPF_OBJ_GET: libc::c_int = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_int = 15;
 const BPF_LINK_DETACH: libc::c_int = 34;
 
 /// `union bpf_attr` for `BPF_OBJ_PIN` and `BPF_OBJ_GET`. Every byte passed must be
@@ -39,6 +40,38 @@ struct ObjPinAttr {
     _zero: u32,
 }
 
+/// `union bpf_attr` for `BPF_OBJ_GET_INFO_BY_FD`.
+#[repr(C)]
+#[derive(Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// The head of `struct bpf_link_info`, with room for the per-type union the kernel fills.
+#[repr(C)]
+#[derive(Default)]
+struct LinkInfo {
+    link_type: u32,
+    id: u32,
+    prog_id: u32,
+    _rest: [u32; 13],
+}
+
+/// Kernel ids of the link pinned at `path` and of its program (0: detached). Reads only.
+pub fn pinned_link_ids(path: &Path) -> io::Result<(u32, u32)> {
+    let fd = obj_get(path)?;
+    let mut info = LinkInfo::default();
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of::<LinkInfo>() as u32,
+        info: (&mut info as *mut LinkInfo) as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok((info.id, info.prog_id))
+}
+
 /// `union bpf_attr` for `BPF_LINK_DETACH`.
 #[repr(C)]
 #[derive(Default)]
@@ -46,7 +79,7 @@ struct LinkDetachAttr {
     link_fd: u32,
 }
 
-fn bpf<T>(cmd: libc::c_int, attr: &mut T) -> io::Result<libc::c_long> {
+pub(crate) fn bpf<T>(cmd: libc::c_int, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a live, initialised `bpf_attr` prefix of the size passed; the kernel
     // reads (and zero-extends) at most that many bytes.
     let rc = unsafe {
@@ -64,13 +97,13 @@ fn bpf<T>(cmd: libc::c_int, attr: &mut T) -> io::Result<libc::c_long> {
     }
 }
 
-fn c_path(path: &Path) -> io::Result<CString> {
+pub(crate) fn c_path(path: &Path) -> io::Result<CString> {
     CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
 }
 
 /// Pins a BPF object (here: the link) at `path` on a bpffs.
-fn pin_object(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+pub(crate) fn pin_object(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
     let c = c_path(path)?;
     let mut attr = ObjPinAttr {
         pathname: c.as_ptr() as u64,
@@ -81,7 +114,7 @@ fn pin_object(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
 }
 
 /// Opens the BPF object pinned at `path`.
-fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+pub(crate) fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     let c = c_path(path)?;
     let mut attr = ObjPinAttr {
         pathname: c.as_ptr() as u64,

@@ -19,11 +19,12 @@ use std::{
 use marklb_agent::decap::Decap;
 use marklb_tests::{
     agent_proc::{
-        Agent, AgentOptions, Manifest, Scrape, Workdir, agent_binary, attach_decaps, is_mounted,
-        manifest::multi_document, promtool_check, run_agent_command, write_atomic, xdp_prog_id,
+        Agent, AgentOptions, Manifest, Scrape, Workdir, agent_binary, attach_decaps, http_get_in,
+        is_mounted, manifest::multi_document, promtool_check, run_agent_command, write_atomic,
+        xdp_prog_id,
     },
     netns::{
-        Servers, TcpConn, Topology, TopologyOptions, UdpFlow, in_netns, require_root, tally,
+        Servers, TcpConn, Topology, TopologyOptions, UdpFlow, in_netns, ip, require_root, tally,
         tcp_connect_many, udp_flows,
     },
 };
@@ -1290,4 +1291,247 @@ fn a_multi_document_file_serves_every_loadbalancer_in_it() {
             && problem.contains("node-wide setting mtu 1500/Icmp (asked: 9000/Icmp)"),
         "{problem}"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// 11. Inspecting a node: `marklb-agent status`
+// ---------------------------------------------------------------------------------------
+
+/// Every file under `dir`, for "status changed nothing".
+fn listing(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            if e.path().is_dir() {
+                stack.push(e.path());
+            }
+            out.push(e.path().display().to_string());
+        }
+    }
+    out.sort();
+    out
+}
+
+/// After the agent served traffic and exited (SIGTERM: the datapath keeps serving, pinned),
+/// `marklb-agent status --json` shows from the pins alone every VIP with the owner the agent
+/// reported, its ring and both reals, the marks and NIC rules the flows got, and path and
+/// VIP counters equal to the agent's last scrape; the text form says the same; nothing under
+/// the pins changes; an interface with nothing pinned is a clear error.
+#[test]
+fn status_reads_what_the_node_serves_from_the_pins_without_the_agent() {
+    let mut env = Env::up(2);
+    let (_, after) = established_traffic(&mut env, 20, 20, 3, true);
+    let report = status(&mut env);
+    let owner_name = report["owners"][0]["owner"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no owner in {report}"))
+        .to_string();
+    std::thread::sleep(Duration::from_millis(300));
+    let last = env.scrape();
+    let st = env.agent().terminate(WAIT).expect("exit on SIGTERM");
+    assert!(st.success(), "{st}");
+    env.agent().wait_log("the datapath keeps serving", 1, WAIT);
+
+    let iface = env.topo.lb.port.iface.clone();
+    let lb_ns = env.topo.lb.ns.clone();
+    let bpffs = env.work.bpffs().display().to_string();
+    let pins = env.work.bpffs().join("marklb").join(&iface);
+    let files = listing(&pins);
+    let bin = agent_binary();
+    // The exact command of the README's troubleshooting section.
+    let args = ["status", "--interface", &iface, "--bpffs", &bpffs, "--json"];
+    let (code, out) = run_agent_command(&bin, &lb_ns, &args, WAIT).unwrap();
+    assert!(code.success(), "status: {code}: {out}");
+    let s: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+
+    // Attachment: the program on the interface, through its pinned link.
+    let prog = xdp_prog_id(&lb_ns, &iface).unwrap().expect("XDP attached");
+    assert_eq!(s["attach"]["hook"], "xdp", "{s}");
+    assert_eq!(s["attach"]["prog_id"], prog, "{s}");
+    assert!(
+        ["native", "generic"].contains(&s["attach"]["mode"].as_str().unwrap()),
+        "{s}"
+    );
+
+    // VIPs: the four of the manifest, each owned by the LoadBalancer, both reals in its ring.
+    let vips = s["vips"].as_array().unwrap();
+    let names: BTreeSet<&str> = vips.iter().map(|v| v["vip"].as_str().unwrap()).collect();
+    let want: BTreeSet<String> = [
+        "10.99.0.1:80/TCP",
+        "10.99.0.1:53/UDP",
+        "[fd00:99::1]:80/TCP",
+        "[fd00:99::1]:53/UDP",
+    ]
+    .map(String::from)
+    .into();
+    assert_eq!(
+        names,
+        want.iter().map(String::as_str).collect::<BTreeSet<_>>(),
+        "{s}"
+    );
+    for v in vips {
+        assert_eq!(v["owner"], owner_name.as_str(), "{v}");
+        let ring = v["ring_size"].as_u64().unwrap();
+        assert!(ring > 0, "{v}");
+        let v6 = v["address"].as_str().unwrap().contains(':');
+        let reals: BTreeSet<String> = v["reals"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["address"].as_str().unwrap().to_string())
+            .collect();
+        let expected: BTreeSet<String> =
+            [1, 2].map(|n| env.topo.real(n).addr(v6).to_string()).into();
+        assert_eq!(reals, expected, "{v}");
+        let slots: u64 = v["reals"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["slots"].as_u64().unwrap())
+            .sum();
+        assert_eq!(slots, ring, "every ring slot names a real: {v}");
+    }
+    let tcp4 = vips
+        .iter()
+        .find(|v| v["vip"] == "10.99.0.1:80/TCP")
+        .unwrap();
+    let udp4 = vips
+        .iter()
+        .find(|v| v["vip"] == "10.99.0.1:53/UDP")
+        .unwrap();
+    assert!(tcp4["marks"].as_u64().unwrap() >= 20, "{tcp4}");
+    assert!(udp4["marks"].as_u64().unwrap() >= 20, "{udp4}");
+    assert_eq!(s["reals"].as_array().unwrap().len(), 4, "{s}");
+
+    // Marks, NIC rules and counters agree with the agent's last scrape.
+    let marks = s["marks"]["in_use"].as_f64().unwrap();
+    assert_eq!(marks, last.get("marklb_marks_in_use", &[]), "{s}");
+    assert_eq!(
+        s["marks"]["capacity"].as_f64().unwrap(),
+        last.get("marklb_marks_capacity", &[]),
+        "{s}"
+    );
+    assert!(marks >= 40.0, "{s}");
+    assert_eq!(
+        s["nic_rules"]["emulated"].as_f64().unwrap(),
+        last.get("marklb_nic_rules", &[]),
+        "{s}"
+    );
+    for p in ["mark_hit", "established", "new_flow"] {
+        assert_eq!(
+            s["counters"][p].as_f64().unwrap(),
+            path(&last, p),
+            "{p}: {s}"
+        );
+    }
+    // 3 rounds x (20 TCP requests + 20 UDP datagrams), each at least one client packet.
+    assert!(path(&after, "mark_hit") >= 120.0, "{}", interesting(&after));
+    let vip_packets: f64 = vips.iter().map(|v| v["packets"].as_f64().unwrap()).sum();
+    let scraped: f64 = last
+        .by_label("marklb_vip_packets_total", "vip")
+        .values()
+        .sum();
+    assert_eq!(vip_packets, scraped, "{s}");
+    eprintln!(
+        "status: {} VIPs, rings {}, marks {marks}, NIC rules {}, mark_hit {}, established {}, new_flow {}, VIP packets {vip_packets}",
+        vips.len(),
+        tcp4["ring_size"],
+        s["nic_rules"]["emulated"],
+        s["counters"]["mark_hit"],
+        s["counters"]["established"],
+        s["counters"]["new_flow"]
+    );
+
+    // The text form.
+    let (code, text) = run_agent_command(&bin, &lb_ns, &args[..5], WAIT).unwrap();
+    assert!(code.success(), "status: {code}: {text}");
+    for needle in [
+        format!(
+            "attached:   xdp {}, program {prog}",
+            s["attach"]["mode"].as_str().unwrap()
+        ),
+        format!(
+            "10.99.0.1:80/TCP  owner {owner_name}  ring {}",
+            tcp4["ring_size"]
+        ),
+        format!("real {}", env.topo.real(1).addr(false)),
+        format!("marks:      {marks} in use"),
+        "mark_hit".to_string(),
+    ] {
+        assert!(text.contains(&needle), "no {needle:?} in\n{text}");
+    }
+    eprintln!("{text}");
+
+    // Read only; and nothing pinned is an error that says so.
+    assert_eq!(listing(&pins), files, "status changed the pins");
+    let (code, out) = run_agent_command(
+        &bin,
+        &lb_ns,
+        &["status", "--interface", "nosuch0", "--bpffs", &bpffs],
+        WAIT,
+    )
+    .unwrap();
+    assert!(!code.success(), "{out}");
+    assert!(
+        out.contains("nothing of marklb's pinned for nosuch0"),
+        "{out}"
+    );
+    assert!(!env.work.bpffs().join("marklb").join("nosuch0").exists());
+}
+
+// ---------------------------------------------------------------------------------------
+// 12. Network exposure of the agent's endpoints
+// ---------------------------------------------------------------------------------------
+
+/// Whether a client in `ns` gets an HTTP answer from `addr` (`/metrics`).
+fn metrics_answer(ns: &str, addr: SocketAddr) -> Option<u16> {
+    http_get_in(ns, addr, "/metrics").ok().map(|r| r.status)
+}
+
+/// The DaemonSet binds the agent's `/metrics` and probes to the node's address
+/// (`--metrics-addr=$(HOST_IP):9464`, chart value `agent.metricsBind: host-ip`). With the VIP
+/// also a local address of the node (so the kernel accepts what XDP passes on other ports),
+/// an agent bound to the node address answers a remote client on the node address and not on
+/// the VIP; bound to 0.0.0.0 (`metricsBind: all`) the same client scrapes it through the VIP,
+/// which is what the default prevents.
+#[test]
+fn metrics_bound_to_the_node_address_do_not_answer_on_the_vip() {
+    let mut env = Env::prepare(2);
+    let lb_ns = env.topo.lb.ns.clone();
+    let client_ns = env.topo.client.ns.clone();
+    ip(
+        Some(&lb_ns),
+        &["addr", "add", &format!("{VIP4}/32"), "dev", "lo"],
+    )
+    .expect("VIP on the node's lo");
+    let node = SocketAddr::new(IpAddr::V4(env.topo.lb.port.v4), 9464);
+    let on_vip = SocketAddr::new(IpAddr::V4(VIP4), 9464);
+
+    let mut opts = env.options();
+    opts.metrics_addr = node;
+    env.start(opts);
+    assert_eq!(metrics_answer(&client_ns, node), Some(200), "node address");
+    assert_eq!(metrics_answer(&client_ns, on_vip), None, "VIP answered");
+    assert_eq!(metrics_answer(&lb_ns, on_vip), None, "VIP answered locally");
+    // The VIP itself still serves.
+    assert!(env.reachable(tcp4(), T));
+    let st = env.agent().terminate(WAIT).expect("exit on SIGTERM");
+    assert!(st.success(), "{st}");
+
+    // Control: bound to every address, the client scrapes it through the VIP.
+    let mut opts = env.options();
+    opts.metrics_addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 9464);
+    let mut a = Agent::spawn(opts).expect("starting marklb-agent");
+    let deadline = Instant::now() + WAIT;
+    while metrics_answer(&client_ns, on_vip).is_none() && Instant::now() < deadline {
+        assert!(a.is_running(), "agent exited:\n{}", a.log_tail(30));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        metrics_answer(&client_ns, on_vip),
+        Some(200),
+        "0.0.0.0 on the VIP"
+    );
+    env.agent = Some(a);
 }

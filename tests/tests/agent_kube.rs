@@ -24,7 +24,9 @@
 //!    had, and catches up when it reaches the server again;
 //! 7. the agent killed and started again while the API server cannot be reached: the adopted
 //!    datapath serves (new and established connections), and once the server is reachable the
-//!    states stay Ready (their `lastTransitionTime` unchanged) and carry the new program id.
+//!    states stay Ready (their `lastTransitionTime` unchanged) and carry the new program id;
+//! 8. SIGTERM while serving keeps the datapath (an upgrade); with every state of the node
+//!    deleted (the LoadBalancers gone, as before `helm uninstall`) SIGTERM removes it.
 //!
 //! Needs root and the agent binary of the same profile (`cargo build -p marklb-agent`).
 
@@ -41,7 +43,7 @@ use std::{
 use futures::StreamExt;
 use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use kube::{
-    Api, Client,
+    Api, Client, ResourceExt,
     api::{DeleteParams, Patch, PatchParams, PostParams},
     runtime::{WatchStreamExt, watcher},
 };
@@ -962,6 +964,52 @@ async fn story(flavor: Flavor) {
             "   restarted cut off, served; reconnected: status carries the new program id after {rewritten:?}; {} held connections kept their real; Ready since {:?} unchanged",
             held.len(),
             ready_since.0
+        ),
+    );
+    drop(held);
+
+    // ---- 8. leaving: SIGTERM keeps a serving datapath, removes an empty one ----
+    say(
+        flavor,
+        "8. SIGTERM keeps a serving datapath; with this node's states gone it removes it",
+    );
+    let (ns, iface) = (env.topo.lb.ns.clone(), env.topo.lb.port.iface.clone());
+    let pins = env._work.bpffs().join("marklb").join(&iface);
+    let prog = xdp_prog_id(&ns, &iface).unwrap().expect("XDP attached");
+    let opts = env.agent.opts.clone();
+    let st = env.agent.terminate(WAIT).expect("exit on SIGTERM");
+    assert!(st.success(), "{st}");
+    env.agent.wait_log("the datapath keeps serving", 1, WAIT);
+    assert_eq!(xdp_prog_id(&ns, &iface).unwrap(), Some(prog), "kept");
+    assert!(env.reachable(VIP_WEB, T), "serving without the agent");
+    env.agent = Agent::spawn(opts).expect("starting marklb-agent again");
+    env.agent.wait_log("datapath attached", 1, WAIT);
+    let mine = node_label_value(NODE);
+    let t0 = Instant::now();
+    for s in env.states.list(&Default::default()).await.unwrap() {
+        if s.labels().get(NODE_LABEL) == Some(&mine) {
+            env.states
+                .delete(&s.name_any(), &DeleteParams::default())
+                .await
+                .unwrap();
+        }
+    }
+    env.agent.wait_log("node_states=0", 1, WAIT);
+    let gone = env.wait_reachable(VIP_WEB, false, t0);
+    let st = env.agent.terminate(WAIT).expect("exit on SIGTERM");
+    assert!(st.success(), "{st}");
+    env.agent.wait_log("datapath removed", 1, WAIT);
+    assert_eq!(
+        xdp_prog_id(&ns, &iface).unwrap(),
+        None,
+        "XDP left on {iface}"
+    );
+    assert!(!pins.exists(), "{} left", pins.display());
+    say(
+        flavor,
+        &format!(
+            "   kept program {prog} on SIGTERM while serving; states deleted, VIP gone after {gone:?}; SIGTERM removed the XDP program and {}",
+            pins.display()
         ),
     );
 }

@@ -15,7 +15,8 @@ use std::{
 use marklb_agent::decap::Decap;
 use marklb_tests::{
     agent_proc::{
-        Agent, AgentOptions, Manifest, Scrape, Workdir, attach_decaps, write_atomic, xdp_prog_id,
+        Agent, AgentOptions, Manifest, Scrape, Workdir, agent_binary, attach_decaps,
+        run_agent_command, write_atomic, xdp_prog_id,
     },
     netns::{
         Servers, TcpConn, Topology, TopologyOptions, UdpFlow, require_root, tcp_connect_many,
@@ -228,6 +229,30 @@ fn skb_mark_delivery_runs_the_whole_mark_loop_on_tcx() {
     // kill -9 and restart: the pinned tcx links get the new programs, flows keep going.
     env.agent().kill9();
     keep_real(&mut conns, &mut flows, "agent dead");
+    // `status` from the pins, the agent dead: the tcx hook with the emulated NIC's program
+    // in front, the flows' marks, at least the hits the last scrape saw.
+    let bpffs = env.work.bpffs().display().to_string();
+    let args = ["status", "--interface", &iface, "--bpffs", &bpffs, "--json"];
+    let (code, out) = run_agent_command(&agent_binary(), &lb_ns, &args, T).unwrap();
+    assert!(code.success(), "status: {code}: {out}");
+    let st: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let a = &st["attach"];
+    assert_eq!(
+        (a["hook"].as_str(), a["mode"].as_str()),
+        (Some("tcx"), Some("ingress")),
+        "{st}"
+    );
+    assert!(a["prog_id"].as_u64().unwrap() > 0, "{st}");
+    assert!(
+        a["nic_prog_id"].as_u64().is_some_and(|n| n != a["prog_id"]),
+        "{st}"
+    );
+    assert!(st["marks"]["in_use"].as_u64().unwrap() >= 100, "{st}");
+    assert!(
+        st["counters"]["mark_hit"].as_f64().unwrap() >= path(&bulk, "mark_hit"),
+        "{st}"
+    );
+    assert_eq!(st["vips"].as_array().unwrap().len(), 4, "{st}");
     env.start("skb-mark");
     let attached = env.agent().log_lines("datapath attached");
     assert!(attached[0].contains("adopted=true"), "{attached:?}");

@@ -5,12 +5,14 @@
 mod handles;
 mod loader;
 mod maps;
+mod pinned;
 mod rings;
 pub mod testrun;
 
 pub use handles::{NicFlowTable, StatsReader};
 pub use loader::{Datapath, LoadOptions, Prog, TcProg};
 pub use maps::{CounterSnapshot, EventReader};
+pub use pinned::PinnedMaps;
 pub use rings::RingStore;
 
 /// Errors of the datapath library.

@@ -22,6 +22,7 @@
 //! is an ordinary spec change here.
 
 mod book;
+mod leave;
 mod program;
 mod retry;
 mod states;
@@ -361,5 +362,18 @@ pub async fn run(args: RunArgs) -> Result<()> {
         surfaces.check()?;
     }
     surfaces.stop();
-    node.finish(args.remove_on_exit)
+    let leaving = leave::Leaving {
+        remove_on_exit: args.remove_on_exit,
+        synced: source.states.synced(),
+        node_states: source.states.len(),
+        vips: node.handle().lock().model.vip_count(),
+    };
+    let remove = match leave::on_exit(leaving) {
+        leave::OnExit::Remove(why) => {
+            tracing::info!(reason = why, "removing the datapath on exit");
+            true
+        }
+        leave::OnExit::Keep => false,
+    };
+    node.finish(remove)
 }

@@ -39,6 +39,7 @@ use crate::{
     marks::{self, Entry, HwBackendKind, MarkDelivery, MarkManager},
     model::DatapathModel,
     netlink::Netlink,
+    owner_record::OwnerRecord,
     plan, rx_offloads, tc_attach,
     xdp_link::KeptLink,
 };
@@ -150,6 +151,9 @@ pub struct Node {
     /// descriptors.
     pinned_maps: Vec<(String, aya::maps::MapData)>,
     next_hop_mac: Option<[u8; 6]>,
+    /// Which LoadBalancer owns each VIP, pinned for `marklb-agent status` (None: it could
+    /// not be created; status then shows owners as unknown).
+    owners: Option<OwnerRecord>,
 }
 
 impl Node {
@@ -185,6 +189,9 @@ impl Node {
         check_rx_offloads(&iface, opts.disable_offloads)?;
 
         std::fs::create_dir_all(pins.maps())?;
+        let owners = OwnerRecord::open_or_create(&pins.owners())
+            .inspect_err(|e| tracing::warn!(error = %e, "no pinned owner record; status will not name owners"))
+            .ok();
         let mut dp = Datapath::load(&LoadOptions {
             ring_capacity: opts.ring_capacity,
             conn_table_size: opts.conn_table_size,
@@ -230,6 +237,7 @@ impl Node {
             links: Vec::new(),
             pinned_maps: Vec::new(),
             next_hop_mac: None,
+            owners,
         })
     }
 
@@ -271,6 +279,7 @@ impl Node {
             (report, vips, reals, MarkSnapshot::of(&core.marks))
         };
         self.next_hop_mac = Some(mac);
+        self.record_owners(&vips);
         let published = self.handle.published();
         published.set_marks(snapshot);
         published.update(|v| {
@@ -281,6 +290,20 @@ impl Node {
             v.owners = merged.owners.clone();
         });
         Ok(report)
+    }
+
+    /// Writes the VIPs' owners to the pinned record (pinned again if its pin went). A
+    /// failure only costs `status` the owners' names, so it is logged, not returned.
+    fn record_owners(&self, vips: &[ViewVip]) {
+        let Some(record) = &self.owners else { return };
+        let owners: Vec<_> = vips
+            .iter()
+            .map(|v| (v.id.key(), v.owner.to_string()))
+            .collect();
+        let path = self.pins.owners();
+        if let Err(e) = record.repin(&path).and_then(|()| record.write(&owners)) {
+            tracing::warn!(error = %e, path = %path.display(), "writing the owner record");
+        }
     }
 
     /// The MAC of the next hop: given, or resolved through the neighbour table. A state
