@@ -394,7 +394,8 @@ fn event_latency(scrape_every: Option<Duration>) -> Result<Latency> {
 }
 
 /// The agent's event consumer, on a thread: a batch of events per wake-up, handled by the
-/// node engine as the daemon's consumer task does.
+/// node engine as the daemon's consumer task does, and a drain every `EVENT_POLL_NS` as the
+/// daemon's (the datapath wakes the consumer at most once per `EVENT_WAKE_GAP_NS` per CPU).
 fn consume(
     mut reader: crate::datapath::EventReader,
     engine: &NodeHandle,
@@ -410,7 +411,8 @@ fn consume(
             events: libc::POLLIN,
             revents: 0,
         };
-        unsafe { libc::poll(&mut pfd, 1, 20) };
+        let poll_ms = (marklb_common::EVENT_POLL_NS / 1_000_000).max(1) as i32;
+        unsafe { libc::poll(&mut pfd, 1, poll_ms) };
         while let Some(ev) = reader.next_event() {
             batch.push(ev);
             if batch.len() == 1024 {

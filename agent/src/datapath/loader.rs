@@ -51,6 +51,8 @@ pub enum Prog {
     BenchRestore,
     BenchTrivial,
     BenchGrow,
+    /// The new-flow path cut after the step given as the packet's mark.
+    BenchStep,
 }
 
 impl Prog {
@@ -61,6 +63,7 @@ impl Prog {
             Prog::BenchRestore => prog_names::BENCH_RESTORE,
             Prog::BenchTrivial => prog_names::BENCH_TRIVIAL,
             Prog::BenchGrow => prog_names::BENCH_GROW,
+            Prog::BenchStep => prog_names::BENCH_STEP,
         }
     }
 }

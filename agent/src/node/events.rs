@@ -1,10 +1,13 @@
 //! The new-flow event consumer: drains the datapath's ring buffer as events arrive and
 //! turns them into marks through the engine ([`NodeHandle::handle_events`]), one batch per
-//! wake-up and one lock per batch.
+//! wake-up and one lock per batch. The datapath wakes this task at most once per
+//! `EVENT_WAKE_GAP_NS` per CPU (waking costs a self-IPI per event), so it also drains the
+//! ring every `EVENT_POLL_NS`: no event waits longer than that.
 
 use std::time::Duration;
 
-use tokio::io::unix::AsyncFd;
+use marklb_common::EVENT_POLL_NS;
+use tokio::{io::unix::AsyncFd, time::MissedTickBehavior};
 
 use super::NodeHandle;
 use crate::datapath::EventReader;
@@ -30,19 +33,27 @@ pub async fn consume_events(
     };
     let backend = node.published().view().hw_backend;
     let mut batch = Vec::with_capacity(BATCH);
+    let mut tick = tokio::time::interval(Duration::from_nanos(EVENT_POLL_NS));
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
-        let Ok(mut guard) = fd.readable_mut().await else {
-            return;
-        };
-        while let Some(ev) = guard.get_inner_mut().next_event() {
-            batch.push(ev);
-            if batch.len() == BATCH {
-                break;
+        tokio::select! {
+            ready = fd.readable_mut() => {
+                let Ok(mut guard) = ready else {
+                    return;
+                };
+                fill(guard.get_inner_mut(), &mut batch);
+                if batch.is_empty() {
+                    guard.clear_ready();
+                    continue;
+                }
             }
-        }
-        if batch.is_empty() {
-            guard.clear_ready();
-            continue;
+            // Events submitted without a wake-up.
+            _ = tick.tick() => {
+                fill(fd.get_mut(), &mut batch);
+                if batch.is_empty() {
+                    continue;
+                }
+            }
         }
         for latency in node.handle_events(&mut batch) {
             on_mark(backend, latency);
@@ -50,5 +61,15 @@ pub async fn consume_events(
         // Under a flood the ring stays readable and this task would never give the
         // single-threaded runtime back: /metrics, aging and reloads must keep running.
         tokio::task::yield_now().await;
+    }
+}
+
+/// Moves up to [`BATCH`] waiting events into `batch`.
+fn fill(reader: &mut EventReader, batch: &mut Vec<marklb_common::NewFlowEvent>) {
+    while batch.len() < BATCH {
+        let Some(ev) = reader.next_event() else {
+            return;
+        };
+        batch.push(ev);
     }
 }

@@ -11,6 +11,18 @@ pub const CFG_F_ICMP_TOO_BIG: u32 = 1 << 1;
 pub const CFG_F_ICMP_ECHO: u32 = 1 << 2;
 /// Emit new-flow events (flow marks are on).
 pub const CFG_F_EVENTS: u32 = 1 << 3;
+/// Wake the event consumer on every event (the ring buffer's default) instead of at most
+/// once per [`EVENT_WAKE_GAP_NS`] per CPU. Only the benchmark sets it, to measure the
+/// difference.
+pub const CFG_F_WAKE_EVERY_EVENT: u32 = 1 << 4;
+
+/// Per CPU, an event wakes the consumer only if the last wake-up was this long ago; the
+/// events in between are submitted with `BPF_RB_NO_WAKEUP` (a wake-up is an irq_work
+/// self-IPI, which costs more than the whole rest of the event in a VM). The consumer
+/// drains the ring on a timer as well ([`EVENT_POLL_NS`]), so no event waits longer.
+pub const EVENT_WAKE_GAP_NS: u64 = 100_000;
+/// The consumer's drain period besides wake-ups: the longest an event can wait.
+pub const EVENT_POLL_NS: u64 = 1_000_000;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -44,7 +56,8 @@ const _: () = assert!(core::mem::size_of::<LbConfig>() == 44);
 pub struct EventBucket {
     /// Theoretical arrival time of the next event (`bpf_ktime_get_ns` clock).
     pub tat_ns: u64,
-    pub _reserved: u64,
+    /// When this CPU last woke the event consumer (`bpf_ktime_get_ns` clock).
+    pub last_wake_ns: u64,
 }
 const _: () = assert!(core::mem::size_of::<EventBucket>() == 16);
 

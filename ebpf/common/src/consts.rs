@@ -60,6 +60,7 @@ pub mod prog_names {
     pub const BENCH_RESTORE: &str = "marklb_bench_restore";
     /// Benchmark calibration: grows the frame by 20 bytes and returns XDP_TX.
     pub const BENCH_GROW: &str = "marklb_bench_grow";
+    pub const BENCH_STEP: &str = "marklb_bench_step";
     /// Benchmark floor of the TC programs: returns TC_ACT_UNSPEC and nothing else.
     pub const BENCH_TRIVIAL_TC: &str = "marklb_bench_trivial_tc";
     /// Benchmark floor: returns XDP_PASS and nothing else.

@@ -6,16 +6,91 @@
 //! measured the same way in front of a trivial program and subtracted.
 
 use aya_ebpf::{
-    bindings::xdp_action,
-    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_meta},
+    bindings::{BPF_RB_NO_WAKEUP, xdp_action},
+    helpers::{bpf_ktime_get_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_meta},
     programs::XdpContext,
 };
 use marklb_common::{BENCH_FRAME_MAX, BENCH_TARGET};
 
 use crate::{
-    maps::{BENCH_FRAME, BENCH_NEXT},
-    parse::ptr_at,
+    events,
+    maps::{BENCH_FRAME, BENCH_NEXT, CONFIG, VIP_ADDRS},
+    parse::{self, Verdict, ptr_at},
+    pick::{ring_pick, vip_lookup},
+    pkt::Packet,
 };
+
+/// Steps of the new-flow path, cumulative: step `n` does steps 1..=n of
+/// [`step_program`], so the difference between two consecutive steps is one step's cost.
+/// Step 1 is the parse alone.
+pub const STEP_VIP: u32 = 2;
+pub const STEP_MAGLEV: u32 = 3;
+pub const STEP_LRU: u32 = 4;
+pub const STEP_CLOCK: u32 = 5;
+pub const STEP_LIMITER: u32 = 6;
+pub const STEP_RING_NO_WAKEUP: u32 = 7;
+
+/// The new-flow path cut after a step (the step number comes as the packet's mark, which
+/// the wrapper writes): parse, VIP lookup, Maglev read, connection-table write, clock
+/// read, limiter, ring buffer reserve + submit. A step beyond the last submits with the
+/// ring's default wake-up rule instead of none. Returns XDP_PASS, or XDP_ABORTED if the
+/// path could not go as far as asked (the benchmark checks the action).
+#[inline(always)]
+pub fn step_program(ctx: &XdpContext) -> u32 {
+    let upto = Packet::mark(ctx);
+    let Verdict::Flow(p) = parse::parse(ctx, |addr| unsafe { VIP_ADDRS.get(addr) }.is_some())
+    else {
+        return xdp_action::XDP_ABORTED;
+    };
+    if upto < STEP_VIP {
+        return xdp_action::XDP_PASS;
+    }
+    let Some(vip) = vip_lookup(&p.flow) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    if upto < STEP_MAGLEV {
+        return xdp_action::XDP_PASS;
+    }
+    let Ok(pick) = ring_pick(&p.flow, vip, upto >= STEP_LRU) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    if upto < STEP_CLOCK {
+        return xdp_action::XDP_PASS;
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    if upto < STEP_LIMITER {
+        return if now != 0 {
+            xdp_action::XDP_PASS
+        } else {
+            xdp_action::XDP_ABORTED
+        };
+    }
+    let Some(cfg) = CONFIG.get(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    if !events::allow(cfg, now) {
+        return xdp_action::XDP_ABORTED;
+    }
+    if upto < STEP_RING_NO_WAKEUP {
+        return xdp_action::XDP_PASS;
+    }
+    let flags = if upto == STEP_RING_NO_WAKEUP {
+        BPF_RB_NO_WAKEUP as u64
+    } else {
+        0
+    };
+    if !events::emit(
+        &p.flow,
+        pick.vip_id,
+        pick.real_id,
+        pick.real.generation,
+        now,
+        flags,
+    ) {
+        return xdp_action::XDP_ABORTED;
+    }
+    xdp_action::XDP_PASS
+}
 
 #[inline(always)]
 pub fn restore(ctx: &XdpContext) -> u32 {

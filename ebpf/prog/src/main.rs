@@ -106,6 +106,12 @@ pub fn marklb_bench_grow(ctx: XdpContext) -> u32 {
     xdp_action::XDP_TX
 }
 
+/// Benchmark: the new-flow path cut after one step (see `bench::step_program`).
+#[xdp]
+pub fn marklb_bench_step(ctx: XdpContext) -> u32 {
+    bench::step_program(&ctx)
+}
+
 /// Benchmark floor of the TC programs: the cheapest possible TC program.
 #[classifier]
 pub fn marklb_bench_trivial_tc(_ctx: TcContext) -> i32 {
