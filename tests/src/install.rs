@@ -46,6 +46,29 @@ pub const README_ON_CLUSTER: &[&str] = &[
     "helm uninstall marklb --namespace marklb-system",
 ];
 
+/// The README's troubleshooting commands, as `agent_e2e` runs them on its network-namespace
+/// node (`XXXX` stands for that test's temporary directory; `install_manifests` checks the
+/// README shows exactly these).
+pub const README_TROUBLESHOOTING: &[&str] = &[
+    "marklb-agent status --interface lb0 --bpffs /run/marklb-e2e-XXXX/bpffs --json",
+    "marklb-agent status --interface lb0 --bpffs /run/marklb-e2e-XXXX/bpffs",
+];
+
+/// `command` with the test's temporary directory (`/run/marklb-e2e-<random>`) written as the
+/// README writes it (`/run/marklb-e2e-XXXX`).
+pub fn readme_form(command: &str) -> String {
+    let mut out = String::new();
+    let mut rest = command;
+    while let Some(at) = rest.find("/run/marklb-e2e-") {
+        let (head, tail) = rest.split_at(at + "/run/marklb-e2e-".len());
+        out.push_str(head);
+        out.push_str("XXXX");
+        rest = tail.trim_start_matches(|c: char| c != '/');
+    }
+    out.push_str(rest);
+    out
+}
+
 /// The README user's guide's user's path that `operator_cluster` runs on the real two-node
 /// cluster (every command it runs as the user is one of these; `install_manifests` checks the
 /// README shows exactly the commands of these lists).

@@ -17,6 +17,7 @@ use std::{
 };
 
 use marklb_agent::decap::Decap;
+use marklb_tests::install::{README_TROUBLESHOOTING, readme_form};
 use marklb_tests::{
     agent_proc::{
         Agent, AgentOptions, Manifest, Scrape, Workdir, agent_binary, attach_decaps, http_get_in,
@@ -1341,6 +1342,13 @@ fn status_reads_what_the_node_serves_from_the_pins_without_the_agent() {
     let bin = agent_binary();
     // The exact command of the README's troubleshooting section.
     let args = ["status", "--interface", &iface, "--bpffs", &bpffs, "--json"];
+    for n in [5, 6] {
+        let command = readme_form(&format!("marklb-agent {}", args[..n].join(" ")));
+        assert!(
+            README_TROUBLESHOOTING.contains(&command.as_str()),
+            "{command:?} is not among the README's troubleshooting commands"
+        );
+    }
     let (code, out) = run_agent_command(&bin, &lb_ns, &args, WAIT).unwrap();
     assert!(code.success(), "status: {code}: {out}");
     let s: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));

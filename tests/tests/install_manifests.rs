@@ -665,6 +665,7 @@ async fn rbac_is_least_privilege_under_the_real_1_20_authorizer() {
         .iter()
         .chain(README_ON_CLUSTER)
         .chain(README_USER_PATH)
+        .chain(marklb_tests::install::README_TROUBLESHOOTING)
         .map(|c| c.to_string())
         .collect();
     let documented: BTreeSet<String> = commands.iter().cloned().collect();
