@@ -198,11 +198,13 @@ async fn a_thousand_nodes() {
         agents.writes()
     ));
     // One apply per node state plus the DaemonSet; status patches grow with the agents'
-    // reports (coalesced), never with nodes x nodes.
-    assert_eq!(
-        applies as usize,
-        NODES + 1,
-        "node-state applies for a new LoadBalancer"
+    // reports (coalesced), never with nodes x nodes. A reconcile woken by the first agents'
+    // status writes may run before the watch cache holds every state just created, and
+    // applies those again (the same content, no change on the server): seen 0 and 28 of 1,000
+    // on a loaded 2-core machine. Bounded at a tenth; quadratic growth would be 1,000,000.
+    assert!(
+        (NODES + 1..=NODES + 1 + NODES / 10).contains(&(applies as usize)),
+        "{applies} node-state applies for a new LoadBalancer on {NODES} nodes"
     );
     assert!(
         (statuses as usize) <= NODES,
