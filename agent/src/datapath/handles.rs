@@ -8,8 +8,9 @@
 use std::os::fd::AsFd;
 
 use aya::maps::{HashMap, IterableMap, Map, MapData, MapError, PerCpuArray};
-use marklb_common::{Counter, FlowKey, NicRule, TrafficStats, map_names as n};
+use marklb_common::{FlowKey, NicRule, TrafficStats, map_names as n};
 
+use super::maps::{counter_snapshot, stats_slot};
 use super::{CounterSnapshot, Datapath, Result, map_err};
 
 /// A second descriptor of the same kernel map.
@@ -56,15 +57,6 @@ pub struct StatsReader {
     counters: PerCpuArray<MapData, u64>,
 }
 
-fn sum(values: &[TrafficStats]) -> TrafficStats {
-    values
-        .iter()
-        .fold(TrafficStats::default(), |a, v| TrafficStats {
-            packets: a.packets + v.packets,
-            bytes: a.bytes + v.bytes,
-        })
-}
-
 fn per_cpu<V: aya::Pod>(
     name: &'static str,
     map: &PerCpuArray<MapData, V>,
@@ -76,27 +68,17 @@ fn per_cpu<V: aya::Pod>(
 impl StatsReader {
     /// Sum over CPUs of a VIP's stats slot.
     pub fn vip_stats(&self, vip_id: u32) -> Result<TrafficStats> {
-        let v = self.vip_stats.get(&vip_id, 0);
-        Ok(sum(&v.map_err(map_err(n::VIP_STATS))?))
+        stats_slot(&self.vip_stats, n::VIP_STATS, vip_id)
     }
 
     /// Sum over CPUs of a real's stats slot.
     pub fn real_stats(&self, real_id: u32) -> Result<TrafficStats> {
-        let v = self.real_stats.get(&real_id, 0);
-        Ok(sum(&v.map_err(map_err(n::REAL_STATS))?))
+        stats_slot(&self.real_stats, n::REAL_STATS, real_id)
     }
 
     /// Sum over CPUs of every path counter.
     pub fn counters(&self) -> Result<CounterSnapshot> {
-        let mut snap = std::collections::BTreeMap::new();
-        for &c in Counter::ALL {
-            let per_cpu = self
-                .counters
-                .get(&(c as u32), 0)
-                .map_err(map_err(n::COUNTERS))?;
-            snap.insert(c.label(), per_cpu.iter().sum());
-        }
-        Ok(CounterSnapshot(snap))
+        counter_snapshot(&self.counters)
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use aya::maps::{MapData, RingBuf};
+use aya::maps::{MapData, PerCpuArray, RingBuf};
 use marklb_common::{
     BenchFrame, ConnEntry, Counter, FlowKey, LbConfig, MarkEntry, NewFlowEvent, NicRule, RealDef,
     TrafficStats, VipKey, VipMeta, map_names as n,
@@ -52,13 +52,29 @@ impl std::os::fd::AsRawFd for EventReader {
     }
 }
 
-fn sum_stats(values: &[TrafficStats]) -> TrafficStats {
-    values
+/// Sum over CPUs of slot `id` of a per-CPU stats map (VIP or real).
+pub(crate) fn stats_slot(
+    map: &PerCpuArray<MapData, TrafficStats>,
+    name: &'static str,
+    id: u32,
+) -> Result<TrafficStats> {
+    let per_cpu = map.get(&id, 0).map_err(map_err(name))?;
+    Ok(per_cpu
         .iter()
         .fold(TrafficStats::default(), |a, v| TrafficStats {
             packets: a.packets + v.packets,
             bytes: a.bytes + v.bytes,
-        })
+        }))
+}
+
+/// Sum over CPUs of every path counter.
+pub(crate) fn counter_snapshot(map: &PerCpuArray<MapData, u64>) -> Result<CounterSnapshot> {
+    let mut snap = BTreeMap::new();
+    for &c in Counter::ALL {
+        let per_cpu = map.get(&(c as u32), 0).map_err(map_err(n::COUNTERS))?;
+        snap.insert(c.label(), per_cpu.iter().sum());
+    }
+    Ok(CounterSnapshot(snap))
 }
 
 impl Datapath {
@@ -224,33 +240,15 @@ impl Datapath {
     }
 
     pub fn counters(&self) -> Result<CounterSnapshot> {
-        let mut snap = BTreeMap::new();
-        for &c in Counter::ALL {
-            let per_cpu = self
-                .counters
-                .get(&(c as u32), 0)
-                .map_err(map_err(n::COUNTERS))?;
-            snap.insert(c.label(), per_cpu.iter().sum());
-        }
-        Ok(CounterSnapshot(snap))
+        counter_snapshot(&self.counters)
     }
 
     pub fn vip_stats(&self, vip_id: u32) -> Result<TrafficStats> {
-        Ok(sum_stats(
-            &self
-                .vip_stats
-                .get(&vip_id, 0)
-                .map_err(map_err(n::VIP_STATS))?,
-        ))
+        stats_slot(&self.vip_stats, n::VIP_STATS, vip_id)
     }
 
     pub fn real_stats(&self, real_id: u32) -> Result<TrafficStats> {
-        Ok(sum_stats(
-            &self
-                .real_stats
-                .get(&real_id, 0)
-                .map_err(map_err(n::REAL_STATS))?,
-        ))
+        stats_slot(&self.real_stats, n::REAL_STATS, real_id)
     }
 
     /// Zeroes a stats slot before it is given to a new VIP or real.

@@ -9,10 +9,10 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use marklb_common::{
-    ConnEntry, Counter, FlowKey, MarkEntry, NicRule, RealDef, TrafficStats, VipKey, VipMeta,
-    map_names as n,
+    ConnEntry, FlowKey, MarkEntry, NicRule, RealDef, TrafficStats, VipKey, VipMeta, map_names as n,
 };
 
+use super::maps::{counter_snapshot, stats_slot};
 use super::{CounterSnapshot, DatapathError, Result, map_err};
 
 /// The pinned maps `status` reads.
@@ -34,15 +34,6 @@ fn open(dir: &Path, name: &'static str) -> Result<MapData> {
         return Err(DatapathError::MissingMap(name));
     }
     MapData::from_pin(&path).map_err(map_err(name))
-}
-
-fn sum(values: &[TrafficStats]) -> TrafficStats {
-    values
-        .iter()
-        .fold(TrafficStats::default(), |a, v| TrafficStats {
-            packets: a.packets + v.packets,
-            bytes: a.bytes + v.bytes,
-        })
 }
 
 impl PinnedMaps {
@@ -115,25 +106,15 @@ impl PinnedMaps {
     }
 
     pub fn vip_stats(&self, vip_id: u32) -> Result<TrafficStats> {
-        let v = self.vip_stats.get(&vip_id, 0);
-        Ok(sum(&v.map_err(map_err(n::VIP_STATS))?))
+        stats_slot(&self.vip_stats, n::VIP_STATS, vip_id)
     }
 
     pub fn real_stats(&self, real_id: u32) -> Result<TrafficStats> {
-        let v = self.real_stats.get(&real_id, 0);
-        Ok(sum(&v.map_err(map_err(n::REAL_STATS))?))
+        stats_slot(&self.real_stats, n::REAL_STATS, real_id)
     }
 
     pub fn counters(&self) -> Result<CounterSnapshot> {
-        let mut snap = BTreeMap::new();
-        for &c in Counter::ALL {
-            let per_cpu = self
-                .counters
-                .get(&(c as u32), 0)
-                .map_err(map_err(n::COUNTERS))?;
-            snap.insert(c.label(), per_cpu.iter().sum());
-        }
-        Ok(CounterSnapshot(snap))
+        counter_snapshot(&self.counters)
     }
 
     /// Slots of the shared ring storage.
