@@ -528,6 +528,20 @@ async fn apply_lb(lb: &LoadBalancer, namespace: &str, ctx: &Context) -> Result<A
     };
     let existing_refs: BTreeMap<String, &LoadBalancerNodeState> =
         existing.iter().map(|(k, v)| (k.clone(), &**v)).collect();
+    let stamp = now();
+    let (agents, grace_left) = match agents {
+        Some(a) => {
+            let (widened, left) = rollup::agents_within_grace(
+                &a,
+                &want,
+                &existing_refs,
+                &stamp,
+                ctx.settings.agent_pod_grace,
+            );
+            (Some(widened), left)
+        }
+        None => (None, None),
+    };
     let error_text = apply_error.as_ref().map(ToString::to_string);
     let status = rollup::rollup(
         lb.status.as_ref(),
@@ -541,12 +555,14 @@ async fn apply_lb(lb: &LoadBalancer, namespace: &str, ctx: &Context) -> Result<A
             apply_error: error_text.as_deref(),
             selector: &describe_selector(lb),
         },
-        now(),
+        stamp,
     );
     write_status(lb, ctx, status).await?;
-    match apply_error {
-        Some(e) => Err(e),
-        None => Ok(resync),
+    match (apply_error, grace_left) {
+        (Some(e), _) => Err(e),
+        // A node still without its agent pod when the grace runs out is then reported.
+        (None, Some(left)) => Ok(Action::requeue(left.min(ctx.settings.resync))),
+        (None, None) => Ok(resync),
     }
 }
 

@@ -90,6 +90,10 @@ struct CommonArgs {
     /// Seconds a deleted LoadBalancer waits for its agents to remove its VIPs.
     #[arg(long, default_value_t = 30)]
     cleanup_timeout: u64,
+    /// Seconds a newly selected node may go without an agent pod before its LoadBalancers say
+    /// AgentNotScheduled (the DaemonSet controller creates the pod a moment later).
+    #[arg(long, default_value_t = 15)]
+    agent_pod_grace: u64,
     /// Do not serve Services of type LoadBalancer.
     #[arg(long)]
     no_services: bool,
@@ -164,6 +168,7 @@ impl CommonArgs {
                 ..AgentSettings::default()
             },
             cleanup_timeout: Duration::from_secs(self.cleanup_timeout),
+            agent_pod_grace: Duration::from_secs(self.agent_pod_grace),
             services: ServiceSettings {
                 enabled: !self.no_services,
                 class: ClassPolicy {

@@ -11,6 +11,7 @@
 //!   caller then writes nothing).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use marklb_crds::conditions::{self, ConditionStatus, reason, set_condition};
@@ -99,6 +100,35 @@ fn view(
         (None, _) => NodeView::Pending("no status from the agent yet"),
         _ => NodeView::Pending("agent has not observed the current generation"),
     }
+}
+
+/// `agents` widened by the desired nodes still within `grace` of their node state's creation
+/// (or whose node state is not in the cache yet: it was written just now), and how long until
+/// the first of them runs out of grace (when to look again). A node without an agent pod counts
+/// as `AgentNotScheduled` only after that: the DaemonSet controller creates the pod a moment
+/// after the operator writes the node state, and a warning in that moment is noise.
+pub fn agents_within_grace(
+    agents: &BTreeSet<String>,
+    desired: &BTreeMap<String, LoadBalancerNodeState>,
+    existing: &BTreeMap<String, &LoadBalancerNodeState>,
+    now: &Time,
+    grace: Duration,
+) -> (BTreeSet<String>, Option<Duration>) {
+    let mut widened = agents.clone();
+    let mut next_look: Option<Duration> = None;
+    for node in desired.keys().filter(|n| !agents.contains(*n)) {
+        let age = existing
+            .get(node)
+            .and_then(|s| s.metadata.creation_timestamp.as_ref())
+            .map_or(Duration::ZERO, |created| {
+                now.0.duration_since(created.0).unsigned_abs()
+            });
+        if let Some(left) = grace.checked_sub(age).filter(|l| !l.is_zero()) {
+            widened.insert(node.clone());
+            next_look = Some(next_look.map_or(left, |n| n.min(left)));
+        }
+    }
+    (widened, next_look)
 }
 
 fn listed(names: &[String]) -> String {

@@ -98,6 +98,10 @@ pub struct Settings {
     /// Whether agent pods are watched to report `AgentNotScheduled` (needs list/watch on pods
     /// in [`namespace`](Self::namespace)).
     pub watch_agent_pods: bool,
+    /// How long a newly selected node may go without an agent pod before it counts as
+    /// `AgentNotScheduled`: the DaemonSet controller creates the pod a moment after the
+    /// operator writes the node state, and a warning in that moment is noise.
+    pub agent_pod_grace: Duration,
     /// How long a deleted LoadBalancer waits for its agents to remove its VIPs before its
     /// node states go anyway (an agent that is gone must not block deletion forever).
     pub cleanup_timeout: Duration,
@@ -139,6 +143,7 @@ impl Default for Settings {
             agent: AgentSettings::default(),
             manage_daemonset: true,
             watch_agent_pods: true,
+            agent_pod_grace: Duration::from_secs(15),
             cleanup_timeout: Duration::from_secs(30),
             resync: Duration::from_secs(300),
             services: ServiceSettings::default(),

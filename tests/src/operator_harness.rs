@@ -341,6 +341,8 @@ pub fn test_settings(namespace: &str) -> Settings {
     Settings {
         namespace: namespace.into(),
         cleanup_timeout: Duration::from_secs(3),
+        // operator_api waits for AgentNotScheduled where no kubelet runs.
+        agent_pod_grace: Duration::from_secs(1),
         ..Settings::default()
     }
 }

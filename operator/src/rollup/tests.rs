@@ -1,4 +1,5 @@
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use marklb_crds::conditions::find_condition;
 use marklb_crds::{LoadBalancer, LoadBalancerNodeState};
@@ -170,6 +171,59 @@ fn a_node_without_agent_pod_is_named_not_pending() {
             "Pending",
             "1/3 nodes ready; waiting for b (no status from the agent yet), c (no status from the agent yet)"
         )
+    );
+}
+
+const GRACE: Duration = Duration::from_secs(15);
+
+#[test]
+fn a_node_selected_moments_ago_waits_for_its_agent_pod_before_it_is_named() {
+    let mut case = Case::new(ONE_VIP, &[("a", READY), ("b", Agent::Silent)]);
+    case.existing
+        .get_mut("b")
+        .unwrap()
+        .metadata
+        .creation_timestamp = Some(at(100));
+    // "c" was written in this reconcile: not in the cache yet.
+    let c = node_state(&case.lb, "c", &case.lb.spec);
+    case.desired.insert("c".into(), c);
+    let agents = BTreeSet::from(["a".to_string()]);
+    let existing: BTreeMap<String, &LoadBalancerNodeState> =
+        case.existing.iter().map(|(k, v)| (k.clone(), v)).collect();
+
+    // 5 s after b's state was created: b and c still within the grace, b first to run out.
+    let (widened, next) = agents_within_grace(&agents, &case.desired, &existing, &at(105), GRACE);
+    assert_eq!(
+        widened,
+        BTreeSet::from(["a".into(), "b".into(), "c".into()])
+    );
+    assert_eq!(next, Some(GRACE - Duration::from_secs(5)));
+    case.agents = Some(widened);
+    let s = case.run(None, 105);
+    assert_eq!(cond(&s, "Ready").1, "Pending", "{:?}", cond(&s, "Ready"));
+
+    // Past the grace, b without a pod is named; c (not in the cache) still waits.
+    let late = 100 + GRACE.as_secs() as i64;
+    let (widened, next) = agents_within_grace(&agents, &case.desired, &existing, &at(late), GRACE);
+    assert_eq!(widened, BTreeSet::from(["a".into(), "c".into()]));
+    assert_eq!(next, Some(GRACE));
+    case.desired.remove("c");
+    case.agents = Some(widened);
+    let s = case.run(None, late);
+    assert_eq!(
+        cond(&s, "Ready"),
+        (
+            "False",
+            "AgentNotScheduled",
+            "1/2 nodes ready; no agent pod on b (taints, resources or image?)"
+        )
+    );
+
+    // Nodes with pods need no second look.
+    let all = BTreeSet::from(["a".to_string(), "b".to_string()]);
+    assert_eq!(
+        agents_within_grace(&all, &case.desired, &existing, &at(105), GRACE),
+        (all.clone(), None)
     );
 }
 
