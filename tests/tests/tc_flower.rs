@@ -10,8 +10,12 @@
 
 use std::{net::IpAddr, path::PathBuf, time::Instant};
 
+use marklb_agent::tc::devlink::EswitchMode;
 use marklb_agent::{
-    marks::{mellanox, nic_probe::Capability},
+    marks::{
+        mellanox,
+        nic_probe::{Capability, Eswitch},
+    },
     tc::{
         TcSocket,
         flower::{self, Match, RuleError, RuleId},
@@ -151,6 +155,10 @@ fn requests_are_byte_for_byte_what_iproute2_tc_sends() {
     let ours = flower::delete_priority(seq_of(&tc), ifindex_of(&tc), 0, 2, true);
     assert_same("delete a priority", &ours, &tc);
 
+    let tc = captured("flower_dump_prio");
+    let ours = flower::dump_priority(seq_of(&tc), ifindex_of(&tc), 0, 1, false);
+    assert_same("dump of one priority", &ours, &tc);
+
     let tc = captured("qdisc_clsact");
     let ours = flower::qdisc_clsact(seq_of(&tc), ifindex_of(&tc));
     assert_same("clsact qdisc", &ours, &tc);
@@ -217,6 +225,12 @@ fn rules_parse_back_with_netlink_packet_route() {
             actions[0]
                 .attributes
                 .contains(&TcActionAttribute::Kind("skbedit".into()))
+        );
+        // The owner cookie a restarted agent recognises its rules by.
+        assert!(
+            actions[0]
+                .attributes
+                .contains(&TcActionAttribute::Cookie(flower::OWNER_COOKIE.to_vec()))
         );
     }
 }
@@ -325,7 +339,7 @@ fn veth_is_refused_with_the_reason() {
         );
         (
             Capability::probe("v0"),
-            mellanox::Mellanox::open("v0").err(),
+            mellanox::Mellanox::open("v0", &|_| false).err(),
             (first, again.map_err(|e| e.errno), rule),
         )
     })
@@ -341,7 +355,17 @@ fn veth_is_refused_with_the_reason() {
     );
     let cap = cap.expect("ethtool answers for veth");
     assert_eq!(cap.driver, "veth");
-    println!("veth: {cap:?}");
+    println!("veth: {cap:?}: {}", cap.summary());
+    // No bus device, so no devlink instance: the eswitch probe says unsupported, and why.
+    match &cap.eswitch {
+        Eswitch::Unsupported(why) => assert!(why.contains("no bus device"), "{why}"),
+        other => panic!("veth eswitch: {other:?}"),
+    }
+    assert!(
+        cap.summary().contains("eswitch unsupported"),
+        "{}",
+        cap.summary()
+    );
     let why = cap.check("v0").unwrap_err();
     assert!(
         why.contains("\"veth\"") && why.contains("mlx5_core"),
@@ -349,17 +373,47 @@ fn veth_is_refused_with_the_reason() {
     );
     assert_eq!(open.as_deref(), Some(why.as_str()));
     // A mlx5 device with the feature off is refused with the command that turns it on.
+    let legacy = Eswitch::Mode {
+        handle: "pci/0000:03:00.0".into(),
+        mode: EswitchMode::Legacy,
+    };
     let off = Capability {
         driver: "mlx5_core".into(),
         hw_tc_offload: Some(false),
+        eswitch: legacy.clone(),
     };
     let why = off.check("eth1").unwrap_err();
     assert!(why.contains("ethtool -K eth1 hw-tc-offload on"), "{why}");
     let on = Capability {
         driver: "mlx5_core".into(),
         hw_tc_offload: Some(true),
+        eswitch: legacy,
     };
     assert_eq!(on.check("eth1"), Ok(()));
+    assert_eq!(
+        on.summary(),
+        "driver mlx5_core, hw-tc-offload on, eswitch legacy (pci/0000:03:00.0)"
+    );
+    // switchdev: the uplink's rules go to the FDB, which has no mark action.
+    let switchdev = Capability {
+        eswitch: Eswitch::Mode {
+            handle: "pci/0000:03:00.0".into(),
+            mode: EswitchMode::Switchdev,
+        },
+        ..on.clone()
+    };
+    let why = switchdev.check("eth1").unwrap_err();
+    assert!(
+        why.contains("switchdev")
+            && why.contains("devlink dev eswitch set pci/0000:03:00.0 mode legacy"),
+        "{why}"
+    );
+    // devlink silent (old kernel, no permission): legacy is the default, go ahead.
+    let unknown = Capability {
+        eswitch: Eswitch::Unsupported("the kernel has no devlink netlink family".into()),
+        ..on
+    };
+    assert_eq!(unknown.check("eth1"), Ok(()));
 }
 
 fn v0_index() -> i32 {

@@ -123,11 +123,13 @@ impl NodeHandle {
         let snapshot = {
             let mut core = self.lock();
             let core = &mut *core;
+            core.marks.begin_batch();
             for ev in batch.drain(..) {
                 if let Some(d) = core.marks.on_event(&mut core.dp, &ev) {
                     lat.push(d);
                 }
             }
+            core.marks.end_batch(&mut core.dp);
             MarkSnapshot::of(&core.marks)
         };
         self.published.set_marks(snapshot);
