@@ -662,3 +662,172 @@ fn devlink_handles_come_from_the_bus_address() {
     println!("devlink on this kernel: {e}");
     assert!(!e.is_empty());
 }
+
+// ---- with the mark manager and a real datapath ----
+
+mod with_datapath {
+    use std::{collections::BTreeMap, net::IpAddr, time::Duration};
+
+    use marklb_agent::{
+        apply,
+        datapath::{Datapath, LoadOptions, Prog, testrun::XDP_TX},
+        desired::{Desired, MarkPolicy, NextHop, NodeSettings, Owner, VipPlan},
+        maglev::Backend,
+        marks::MarkManager,
+        model::DatapathModel,
+        packet::FrameSpec,
+        plan,
+        vip::VipId,
+    };
+    use marklb_common::NewFlowEvent;
+    use marklb_crds::loadbalancer::MarkScope;
+    use marklb_tests::datapath_fixture::require_root_bpf;
+
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("address")
+    }
+
+    fn desired() -> Desired {
+        let mut vips = BTreeMap::new();
+        vips.insert(
+            VipId::tcp(ip("10.99.0.1"), 80),
+            VipPlan {
+                label: "web".into(),
+                backends: ["10.201.1.2", "10.201.2.2"]
+                    .iter()
+                    .map(|r| Backend {
+                        addr: ip(r),
+                        weight: 1,
+                    })
+                    .collect(),
+                table_size: 1_009,
+                owner: Owner::new("test", "lb"),
+            },
+        );
+        Desired {
+            vips,
+            settings: NodeSettings {
+                interface: None,
+                next_hop: NextHop::default(),
+                marks: MarkPolicy {
+                    scope: MarkScope::PerFlow,
+                    capacity: 1_000,
+                    idle_timeout: Duration::from_secs(60),
+                },
+                mtu: 1500,
+                icmp_too_big: true,
+                icmp_echo: true,
+                encap_src_v4_be: u32::from_be_bytes([172, 16, 0, 0]).to_be(),
+                encap_src_v6_be: [0; 4],
+            },
+        }
+    }
+
+    fn forward(dp: &mut Datapath, frame: &FrameSpec) -> IpAddr {
+        let r = dp
+            .test_run(Prog::Balancer, &frame.build(), None)
+            .expect("test run");
+        assert_eq!(r.action, XDP_TX, "not forwarded");
+        IpAddr::from(<[u8; 4]>::try_from(&r.frame[30..34]).expect("outer daddr"))
+    }
+
+    /// A batch of new-flow events whose rules the NIC partly refuses (table full): the
+    /// refused flow's mark is released (its map entry cleared, counted as an install
+    /// failure), its packets keep going to the same real on the software path, and once the
+    /// backoff is over a later event for it gets its rule.
+    #[test]
+    fn refused_rules_leave_their_flows_on_the_software_path() {
+        require_root_bpf();
+        let want = desired();
+        let mut dp = Datapath::load(&LoadOptions {
+            ring_capacity: 1 << 16,
+            conn_table_size: 1 << 12,
+            nic_flows: 1 << 10,
+            pin_dir: None,
+        })
+        .expect("load datapath");
+        dp.set_config(&want.lb_config([2, 0, 0, 0, 0, 0xfe]))
+            .expect("config");
+        let mut lb = DatapathModel::new(&dp);
+        let k = FakeKernel::default();
+        k.state().inject = [(2, libc::ENOSPC)].into();
+        let (ms, clock) = test_clock();
+        let (nic, _) =
+            Mellanox::with_transport(Box::new(k.clone()), IFINDEX, &|_| false, clock).unwrap();
+        let mut marks = MarkManager::new(Box::new(nic), want.settings.marks);
+        plan::check_capacity(&lb, &want).expect("fits");
+        apply::apply(&mut dp, &mut lb, &mut marks, &want).expect("apply");
+
+        let mut events = Vec::new();
+        let mut reals = Vec::new();
+        for port in [40_001u16, 40_002, 40_003] {
+            let syn = FrameSpec::tcp(ip("192.0.2.7"), port, ip("10.99.0.1"), 80, true);
+            reals.push(forward(&mut dp, &syn));
+            let flow = syn.flow();
+            let conn = dp.conn(&flow).expect("learned");
+            events.push(NewFlowEvent {
+                flow,
+                vip_id: conn.vip_id,
+                real_id: conn.real_id,
+                real_gen: conn.real_gen,
+                _pad: 0,
+                ts_ns: 0,
+            });
+        }
+        marks.begin_batch();
+        for ev in &events {
+            marks.on_event(&mut dp, ev);
+        }
+        let refused = marks.end_batch(&mut dp);
+        println!(
+            "refused {refused}, stats {:?}, datagrams {:?}",
+            marks.stats,
+            k.state().datagrams
+        );
+        assert_eq!(refused, 1);
+        assert_eq!(k.state().datagrams, vec![3], "one datagram for the batch");
+        assert_eq!(marks.stats.installed, 2);
+        assert_eq!(marks.stats.install_failures, 1);
+        assert_eq!(marks.in_use(), 2);
+        assert_eq!(marks.rules(), 2);
+        // Every mark the device holds is live in the map; no other mark is.
+        let device_marks: Vec<u32> = k
+            .state()
+            .filters
+            .values()
+            .map(|m| parse_filter(m).unwrap().mark.unwrap())
+            .collect();
+        for m in 1..=3u32 {
+            let live = dp.mark(m).unwrap().real_id != 0;
+            assert_eq!(
+                live,
+                device_marks.contains(&m),
+                "mark {m}: {device_marks:?}"
+            );
+        }
+        // The refused flow still reaches its real (normal path, connection table).
+        let refused_flow = FrameSpec::tcp(ip("192.0.2.7"), 40_002, ip("10.99.0.1"), 80, false);
+        assert_eq!(forward(&mut dp, &refused_flow), reals[1]);
+
+        // Backing off: a second chance right away is refused without a request...
+        let seen = k.state().installs_seen;
+        marks.begin_batch();
+        marks.on_event(&mut dp, &events[1]);
+        assert_eq!(marks.end_batch(&mut dp), 0);
+        assert_eq!(
+            k.state().installs_seen,
+            seen,
+            "nothing sent while backing off"
+        );
+        assert_eq!(marks.stats.install_failures, 2);
+        // ...and after it, the flow earns its rule.
+        ms.store(10_000, Ordering::Relaxed);
+        marks.begin_batch();
+        marks.on_event(&mut dp, &events[1]);
+        assert_eq!(marks.end_batch(&mut dp), 0);
+        assert_eq!(marks.rules(), 3);
+        assert_eq!(k.state().filters.len(), 3);
+    }
+}

@@ -416,6 +416,99 @@ fn veth_is_refused_with_the_reason() {
     assert_eq!(unknown.check("eth1"), Ok(()));
 }
 
+/// The real kernel answers a datagram of several requests with one ack per request, each
+/// with its own outcome: the batch reads them back in order (here a qdisc that is created,
+/// rules this kernel refuses, the qdisc again: EEXIST). Also times one datagram of
+/// MAX_BATCH requests against as many single requests (netlink overhead only: the requests
+/// are refused before any driver, so this is not a NIC's insert rate).
+#[test]
+fn one_datagram_of_several_requests_is_acked_per_message() {
+    use marklb_agent::tc::MAX_BATCH;
+    marklb_tests::netns::require_root("batched netlink requests on veth");
+    let ns = format!("marklb-batch-{}", std::process::id());
+    marklb_tests::netns::ip(None, &["netns", "add", &ns]).unwrap();
+    let _cleanup = scopeguard(ns.clone());
+    marklb_tests::netns::ip(
+        Some(&ns),
+        &["link", "add", "v0", "type", "veth", "peer", "name", "v1"],
+    )
+    .unwrap();
+    let (outcomes, batched, single) = marklb_tests::netns::in_netns(&ns, || {
+        let mut sock = TcSocket::open().unwrap();
+        let ifindex = v0_index();
+        let (m, mark) = v4_rule();
+        let mut msgs = Vec::new();
+        let s = sock.next_seq();
+        msgs.push((s, flower::qdisc_clsact(s, ifindex)));
+        let s = sock.next_seq();
+        msgs.push((
+            s,
+            flower::add_rule(s, &id(ifindex, 1, 1, false), &m, mark).unwrap(),
+        ));
+        let s = sock.next_seq();
+        msgs.push((s, flower::qdisc_clsact(s, ifindex)));
+        let s = sock.next_seq();
+        let m2 = Match { sport: 40001, ..m };
+        msgs.push((
+            s,
+            flower::add_rule(s, &id(ifindex, 1, 2, false), &m2, mark).unwrap(),
+        ));
+        let outcomes = sock.batch(&msgs).expect("acks");
+
+        let rules = |sock: &mut TcSocket| -> Vec<(u32, Vec<u8>)> {
+            (0..MAX_BATCH as u32)
+                .map(|i| {
+                    let s = sock.next_seq();
+                    let mi = Match {
+                        sport: 1000 + i as u16,
+                        ..m
+                    };
+                    (
+                        s,
+                        flower::add_rule(s, &id(ifindex, 1, 10 + i, false), &mi, 1 + i).unwrap(),
+                    )
+                })
+                .collect()
+        };
+        let rounds = 50;
+        let t = Instant::now();
+        for _ in 0..rounds {
+            let msgs = rules(&mut sock);
+            let out = sock.batch(&msgs).expect("acks");
+            assert_eq!(out.len(), MAX_BATCH);
+        }
+        let batched = t.elapsed() / (rounds * MAX_BATCH as u32);
+        let t = Instant::now();
+        for _ in 0..rounds {
+            for (s, msg) in rules(&mut sock) {
+                let _ = sock.request(s, &msg);
+            }
+        }
+        let single = t.elapsed() / (rounds * MAX_BATCH as u32);
+        (outcomes, batched, single)
+    })
+    .unwrap();
+    println!("outcomes: {outcomes:?}");
+    assert_eq!(outcomes.len(), 4);
+    assert!(outcomes[0].is_ok(), "{:?}", outcomes[0]);
+    let refused = |r: &Result<(), marklb_agent::tc::TcError>| {
+        r.as_ref()
+            .err()
+            .map(|e| e.errno)
+            .is_some_and(|e| [libc::ENOENT, libc::EOPNOTSUPP, libc::EINVAL].contains(&e))
+    };
+    assert!(refused(&outcomes[1]), "{:?}", outcomes[1]);
+    assert_eq!(
+        outcomes[2].as_ref().err().map(|e| e.errno),
+        Some(libc::EEXIST)
+    );
+    assert!(refused(&outcomes[3]), "{:?}", outcomes[3]);
+    println!(
+        "netlink round trip per refused rule request: {batched:?} in datagrams of {MAX_BATCH}, {single:?} one by one ({:.1}x)",
+        single.as_secs_f64() / batched.as_secs_f64()
+    );
+}
+
 fn v0_index() -> i32 {
     let c = std::ffi::CString::new("v0").unwrap();
     unsafe { libc::if_nametoindex(c.as_ptr()) as i32 }
