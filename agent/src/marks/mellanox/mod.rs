@@ -119,6 +119,9 @@ pub struct Mellanox {
     /// Between `begin_batch` and `end_batch`: installs queue here.
     batching: bool,
     pending: Vec<Pending>,
+    /// Index of each queued flow in `pending` (a flow re-picked or removed before the
+    /// batch goes out is found without a scan).
+    pending_at: HashMap<FlowKey, usize>,
     /// Flows whose rule the device refused during the batch (reported by `end_batch`).
     failed: Vec<(FlowKey, HwBackendError)>,
     backoff: Backoff,
@@ -174,6 +177,7 @@ impl Mellanox {
             next_handle: 1,
             batching: false,
             pending: Vec::new(),
+            pending_at: HashMap::new(),
             failed: Vec::new(),
             backoff: Backoff::default(),
             clock,
@@ -256,6 +260,7 @@ impl Mellanox {
 
     /// Sends the queued installs, [`MAX_BATCH`] per datagram, and records each outcome.
     fn flush(&mut self) {
+        self.pending_at.clear();
         let pending = std::mem::take(&mut self.pending);
         let mut chunks = pending.into_iter().peekable();
         while chunks.peek().is_some() {
@@ -356,6 +361,7 @@ impl Mellanox {
                 return Err(HwBackendError::Device(e.to_string()));
             }
         };
+        self.pending_at.insert(*flow, self.pending.len());
         self.pending.push(Pending {
             flow: *flow,
             id,
@@ -465,8 +471,12 @@ impl HwBackend for Mellanox {
     }
 
     fn remove(&mut self, flow: &FlowKey) -> Result<(), HwBackendError> {
-        if let Some(i) = self.pending.iter().position(|p| p.flow == *flow) {
-            let p = self.pending.remove(i);
+        if let Some(i) = self.pending_at.remove(flow) {
+            // Not sent yet: drop it from the queue (the last one takes its place).
+            let p = self.pending.swap_remove(i);
+            if let Some(moved) = self.pending.get(i) {
+                self.pending_at.insert(moved.flow, i);
+            }
             self.free_handles.push(p.id.handle);
             return Ok(());
         }
