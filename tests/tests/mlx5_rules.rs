@@ -896,3 +896,27 @@ fn the_backend_prepares_rules_faster_than_a_nic_inserts_them() {
     // per-rule cost that grows with the batch or the table, not a slow machine.
     assert!(per_s > 5_000.0, "{per_s:.0} rules/s");
 }
+
+/// A dump message netlink-packet-route cannot read is never judged ours: it stays, and its
+/// handle is not handed to a new rule.
+#[test]
+fn an_unreadable_listing_is_left_alone_and_its_handle_kept() {
+    let k = FakeKernel::default();
+    let mut garbled = kernel_listing(&add(&rid(1, 40, false), &v4(1), 1), 0, |_| {});
+    // Break the TCA_OPTIONS nest's length so the attributes cannot be parsed.
+    let len = garbled.len();
+    garbled[len - 4..].copy_from_slice(&[0xff, 0xff, 0xff, 0xff]);
+    let at = 36 + 8 + 12; // chain, kind: the options nest's length
+    garbled[at..at + 2].copy_from_slice(&0xfff0u16.to_ne_bytes());
+    assert!(parse_filter(&garbled).is_err(), "still parses");
+    k.with(1, 40, garbled);
+    let (mut nic, adoption) = open(&k, &|_| true);
+    assert_eq!(
+        (adoption.kept, adoption.deleted, adoption.foreign),
+        (0, 0, 1)
+    );
+    nic.install(&flow_key(&v4(2)), 2).unwrap();
+    let (_, id, _) = nic.installed().next().unwrap();
+    assert!(id.handle > 40, "handle {} reused", id.handle);
+    assert!(k.state().deleted.is_empty());
+}

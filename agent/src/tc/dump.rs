@@ -42,6 +42,28 @@ pub struct DumpedFilter {
     pub packets: u64,
 }
 
+impl DumpedFilter {
+    /// A filter whose attributes could not be read: where it sits, from the `tcmsg` header
+    /// alone, and not ours (what cannot be read is never judged ours to delete), so its
+    /// handle stays taken.
+    pub fn unreadable(bytes: &[u8]) -> Option<Self> {
+        let word = |at: usize| Some(u32::from_ne_bytes(bytes.get(at..at + 4)?.try_into().ok()?));
+        let (handle, info) = (word(24)?, word(32)?);
+        Some(Self {
+            chain: 0,
+            prio: (info >> 16) as u16,
+            handle,
+            v6: u16::from_be((info & 0xffff) as u16) == ETH_P_IPV6,
+            kind: String::new(),
+            owned: false,
+            matched: None,
+            mark: None,
+            flags: 0,
+            packets: 0,
+        })
+    }
+}
+
 /// Why a dump message is not a filter.
 #[derive(Debug, thiserror::Error)]
 pub enum DumpError {

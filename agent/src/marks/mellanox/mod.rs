@@ -403,8 +403,13 @@ fn dump_owned_priorities(
             match dump::parse_filter(&m) {
                 Ok(f) => out.push(f),
                 // A message netlink-packet-route cannot read is left alone (not ours to
-                // judge), but said.
-                Err(e) => tracing::warn!(prio, error = %e, "unreadable filter in a dump"),
+                // judge), but said; its handle stays taken.
+                Err(e) => {
+                    tracing::warn!(prio, error = %e, "unreadable filter in a dump");
+                    out.extend(
+                        DumpedFilter::unreadable(&m).map(|f| DumpedFilter { chain: CHAIN, ..f }),
+                    );
+                }
             }
         }
     }
