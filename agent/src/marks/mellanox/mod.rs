@@ -18,6 +18,8 @@
 //! backoff; the manager is told which flows failed, releases their marks, and those flows
 //! stay on the software path.
 
+mod adopt;
+mod batch;
 pub mod counters;
 pub mod reconcile;
 
@@ -25,16 +27,17 @@ use std::{collections::HashMap, time::Instant};
 
 use marklb_common::{FlowKey, words_addr};
 
+pub use self::adopt::{Adoption, remove_rules};
 use self::{
+    batch::Pending,
     counters::{Backoff, Rejection, RuleCounts},
-    reconcile::{Owned, Verdict, flow_key, reconcile},
+    reconcile::Owned,
 };
 use super::{HwBackend, HwBackendError, nic_probe::Capability};
 use crate::{
     datapath::Datapath,
     tc::{
-        MAX_BATCH, TcError, TcSocket, TcTransport,
-        dump::{self, DumpedFilter},
+        TcError, TcSocket, TcTransport, dump,
         flower::{self, MAX_FLOW_TAG, Match, RuleId},
     },
 };
@@ -82,28 +85,6 @@ pub fn mark_is_live(dp: &Datapath, mark: u32) -> bool {
                 .filter(|r| r.generation == e.real_gen && r.generation != 0)
         })
         .is_some()
-}
-
-/// What a starting backend found in its priorities.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Adoption {
-    /// Rules adopted (their marks are live in the pinned map).
-    pub kept: usize,
-    /// marklb's rules deleted (stale mark, malformed, duplicate).
-    pub deleted: usize,
-    /// Rules without marklb's cookie, left alone.
-    pub foreign: usize,
-    /// Deletions the kernel refused (logged; the rule stays, its mark is not reused).
-    pub delete_failed: usize,
-}
-
-/// A rule sent (or about to be) and not yet acknowledged.
-struct Pending {
-    flow: FlowKey,
-    id: RuleId,
-    mark: u32,
-    seq: u32,
-    msg: Vec<u8>,
 }
 
 /// The clock backoff is measured with (tests step their own).
@@ -158,72 +139,6 @@ impl Mellanox {
         Ok((nic, cap))
     }
 
-    /// The backend over any transport: dumps marklb's priorities, keeps what [`reconcile`]
-    /// keeps, deletes what it deletes.
-    pub fn with_transport(
-        mut link: Box<dyn TcTransport>,
-        ifindex: i32,
-        live: &dyn Fn(u32) -> bool,
-        clock: Clock,
-    ) -> Result<(Self, Adoption), TcError> {
-        let filters = dump_owned_priorities(link.as_mut(), ifindex)?;
-        let verdicts = reconcile(&filters, OWNED, live);
-        let mut nic = Self {
-            ifindex,
-            link,
-            rules: HashMap::new(),
-            by_handle: HashMap::new(),
-            free_handles: Vec::new(),
-            next_handle: 1,
-            batching: false,
-            pending: Vec::new(),
-            pending_at: HashMap::new(),
-            failed: Vec::new(),
-            backoff: Backoff::default(),
-            clock,
-            counts: RuleCounts::default(),
-        };
-        let mut adoption = Adoption::default();
-        for (f, v) in filters.iter().zip(verdicts) {
-            let id = RuleId {
-                ifindex,
-                chain: f.chain,
-                prio: f.prio,
-                handle: f.handle,
-                v6: f.v6,
-            };
-            match v {
-                Verdict::Foreign => adoption.foreign += 1,
-                Verdict::Keep => {
-                    let (m, mark) = (f.matched.expect("kept"), f.mark.expect("kept"));
-                    let flow = flow_key(&m);
-                    nic.by_handle.insert((id.prio, id.handle), flow);
-                    nic.rules.insert(flow, (id, mark));
-                    adoption.kept += 1;
-                }
-                Verdict::Delete(why) => {
-                    let seq = nic.link.next_seq();
-                    match nic.link.request(seq, &flower::delete_rule(seq, &id)) {
-                        Ok(()) => adoption.deleted += 1,
-                        Err(TcError { errno, .. }) if errno == libc::ENOENT => {
-                            adoption.deleted += 1
-                        }
-                        Err(e) => {
-                            tracing::warn!(prio = id.prio, handle = id.handle, reason = why, error = %e, "could not delete a stale flow rule");
-                            adoption.delete_failed += 1;
-                        }
-                    }
-                }
-            }
-            // Handles of every filter in our priorities stay taken (a foreign filter or a
-            // rule we failed to delete must not collide with a new one).
-            if OWNED.prios.contains(&(f.prio, f.v6)) && f.chain == CHAIN {
-                nic.next_handle = nic.next_handle.max(f.handle.saturating_add(1));
-            }
-        }
-        Ok((nic, adoption))
-    }
-
     /// Backoff delays (tests use short ones).
     pub fn set_backoff(&mut self, backoff: Backoff) {
         self.backoff = backoff;
@@ -257,186 +172,6 @@ impl Mellanox {
         self.free_handles.push(id.handle);
         Ok(())
     }
-
-    /// Sends the queued installs, [`MAX_BATCH`] per datagram, and records each outcome.
-    fn flush(&mut self) {
-        self.pending_at.clear();
-        let pending = std::mem::take(&mut self.pending);
-        let mut chunks = pending.into_iter().peekable();
-        while chunks.peek().is_some() {
-            let chunk: Vec<Pending> = chunks.by_ref().take(MAX_BATCH).collect();
-            if self.backoff.active((self.clock)()) {
-                // An earlier datagram of this flush was refused: do not send the rest.
-                for p in chunk {
-                    self.refuse(p, Rejection::Backoff, "backing off".into());
-                }
-                continue;
-            }
-            self.send_chunk(chunk);
-        }
-    }
-
-    fn send_chunk(&mut self, chunk: Vec<Pending>) {
-        let msgs: Vec<(u32, Vec<u8>)> = chunk.iter().map(|p| (p.seq, p.msg.clone())).collect();
-        let sent = Instant::now();
-        let outcome = self.link.batch(&msgs);
-        let round_trip = sent.elapsed();
-        self.counts.batches += 1;
-        match outcome {
-            Ok(results) => {
-                let mut ok = 0;
-                for (p, r) in chunk.into_iter().zip(results) {
-                    match r {
-                        Ok(()) => {
-                            self.commit(p);
-                            ok += 1;
-                        }
-                        Err(e) => {
-                            let why = Rejection::of_errno(e.errno);
-                            if why.backs_off() {
-                                self.backoff.failed((self.clock)());
-                            }
-                            self.refuse(p, why, e.to_string());
-                        }
-                    }
-                }
-                if ok > 0 {
-                    self.counts.installed(ok, round_trip);
-                    if !self.backoff.active((self.clock)()) {
-                        self.backoff.succeeded();
-                    }
-                }
-            }
-            Err(e) => {
-                // No (complete) answer: any of these rules may be in the device. Delete
-                // each to be sure; one that cannot be deleted is kept as installed, so its
-                // mark is not handed to another flow while the device may still set it.
-                tracing::warn!(error = %e, rules = chunk.len(), "a batch of flow rules got no complete answer");
-                for p in chunk {
-                    self.counts.unknown += 1;
-                    let seq = self.link.next_seq();
-                    match self.link.request(seq, &flower::delete_rule(seq, &p.id)) {
-                        Ok(()) => self.refuse(p, Rejection::Other, e.to_string()),
-                        Err(TcError { errno, .. }) if errno == libc::ENOENT => {
-                            self.refuse(p, Rejection::Other, e.to_string())
-                        }
-                        Err(_) => self.commit(p),
-                    }
-                }
-            }
-        }
-    }
-
-    fn commit(&mut self, p: Pending) {
-        self.by_handle.insert((p.id.prio, p.id.handle), p.flow);
-        self.rules.insert(p.flow, (p.id, p.mark));
-    }
-
-    fn refuse(&mut self, p: Pending, why: Rejection, text: String) {
-        self.free_handles.push(p.id.handle);
-        self.counts.rejected(why);
-        let err = match why {
-            Rejection::TableFull => HwBackendError::Full,
-            _ => HwBackendError::Device(format!("flower rule {}: {text}", why.label())),
-        };
-        self.failed.push((p.flow, err));
-    }
-
-    /// Queues the rule for `flow`; sends at once unless batching.
-    fn queue(&mut self, flow: &FlowKey, mark: u32) -> Result<(), HwBackendError> {
-        let v6 = is_v6(flow);
-        let id = RuleId {
-            ifindex: self.ifindex,
-            chain: CHAIN,
-            prio: if v6 { PRIO_V6 } else { PRIO_V4 },
-            handle: self.handle(),
-            v6,
-        };
-        let seq = self.link.next_seq();
-        let msg = match flower::add_rule(seq, &id, &flow_match(flow), mark) {
-            Ok(m) => m,
-            Err(e) => {
-                self.free_handles.push(id.handle);
-                self.counts.rejected(Rejection::Other);
-                return Err(HwBackendError::Device(e.to_string()));
-            }
-        };
-        self.pending_at.insert(*flow, self.pending.len());
-        self.pending.push(Pending {
-            flow: *flow,
-            id,
-            mark,
-            seq,
-            msg,
-        });
-        if self.batching {
-            if self.pending.len() >= MAX_BATCH {
-                self.flush();
-            }
-            return Ok(());
-        }
-        self.flush();
-        match self.failed.pop() {
-            Some((_, e)) => Err(e),
-            None => Ok(()),
-        }
-    }
-}
-
-/// Every filter in marklb's priorities (one dump per priority, chain 0).
-fn dump_owned_priorities(
-    link: &mut dyn TcTransport,
-    ifindex: i32,
-) -> Result<Vec<DumpedFilter>, TcError> {
-    let mut out = Vec::new();
-    for (prio, v6) in PRIOS {
-        let seq = link.next_seq();
-        let msgs = match link.dump(seq, &flower::dump_priority(seq, ifindex, CHAIN, prio, v6)) {
-            Ok(m) => m,
-            // No filter chain there yet.
-            Err(TcError { errno, .. }) if errno == libc::ENOENT || errno == libc::EINVAL => {
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
-        for m in msgs {
-            match dump::parse_filter(&m) {
-                Ok(f) => out.push(f),
-                // A message netlink-packet-route cannot read is left alone (not ours to
-                // judge), but said; its handle stays taken.
-                Err(e) => {
-                    tracing::warn!(prio, error = %e, "unreadable filter in a dump");
-                    out.extend(
-                        DumpedFilter::unreadable(&m).map(|f| DumpedFilter { chain: CHAIN, ..f }),
-                    );
-                }
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// `marklb-agent cleanup`: on an mlx5 device, removes the flow rules marklb installed (its
-/// cookie, its priorities; nothing else, nothing on any other device). Returns how many.
-pub fn remove_rules(iface: &str) -> Result<usize, String> {
-    let Ok(cap) = Capability::probe(iface) else {
-        return Ok(0);
-    };
-    if cap.driver != super::nic_probe::MLX5_DRIVER {
-        return Ok(0);
-    }
-    let ifindex = ifindex(iface).map_err(|e| format!("{iface}: {e}"))?;
-    let sock = TcSocket::open().map_err(|e| format!("netlink: {e}"))?;
-    let (_, adoption) =
-        Mellanox::with_transport(Box::new(sock), ifindex, &|_| false, Box::new(Instant::now))
-            .map_err(|e| format!("{iface}: {e}"))?;
-    if adoption.delete_failed > 0 {
-        return Err(format!(
-            "{iface}: {} of marklb's flow rules could not be deleted",
-            adoption.delete_failed
-        ));
-    }
-    Ok(adoption.deleted)
 }
 
 fn ifindex(iface: &str) -> std::io::Result<i32> {
@@ -504,7 +239,7 @@ impl HwBackend for Mellanox {
     /// Packets each rule matched in hardware: a dump of marklb's priorities, the skbedit
     /// action's statistics of each rule this backend installed.
     fn hits(&mut self) -> Result<HashMap<FlowKey, u64>, HwBackendError> {
-        let filters = dump_owned_priorities(self.link.as_mut(), self.ifindex)
+        let filters = adopt::dump_owned_priorities(self.link.as_mut(), self.ifindex)
             .map_err(|e| HwBackendError::Device(format!("dumping rules: {e}")))?;
         let mut out = HashMap::new();
         for f in filters.iter().filter(|f| f.owned) {
