@@ -8,7 +8,10 @@
 //!   SYNs to distinct flows) emit events, a consumer thread with its own handle on the same
 //!   pinned maps (as the daemon) turns them into marks through the node engine, alone and
 //!   with a `/metrics` scrape every 100 ms over 1,000 VIPs and 4,000 reals;
-//! - process RSS idle and with 100,000 flow rules.
+//! - process RSS idle and with 100,000 flow rules;
+//! - mellanox rule requests: building and encoding tc flower requests per second, and the
+//!   whole backend path (handles, batching into datagrams, bookkeeping) against a kernel
+//!   that acks everything at once, so the agent's side of a NIC's insert rate is known.
 
 use std::{
     collections::BTreeMap,
@@ -61,6 +64,95 @@ pub struct ControlReport {
     pub events_measured: usize,
     pub rss_idle_mib: f64,
     pub rss_100k_rules_mib: f64,
+    /// tc flower rule requests built and encoded per second (IPv4, IPv6).
+    pub rule_requests_v4_per_s: f64,
+    pub rule_requests_v6_per_s: f64,
+    /// Rules per second through the mellanox backend with batching (64 per datagram),
+    /// against a kernel that acks at once: the agent's ceiling, not the NIC's.
+    pub mellanox_installs_per_s: f64,
+}
+
+/// A kernel that accepts every request at once (the backend's own cost only).
+struct AckingKernel(u32);
+
+impl crate::tc::TcTransport for AckingKernel {
+    fn next_seq(&mut self) -> u32 {
+        self.0 = self.0.wrapping_add(1);
+        self.0
+    }
+    fn request(&mut self, _: u32, _: &[u8]) -> Result<(), crate::tc::TcError> {
+        Ok(())
+    }
+    fn batch(
+        &mut self,
+        msgs: &[(u32, Vec<u8>)],
+    ) -> Result<Vec<Result<(), crate::tc::TcError>>, crate::tc::TcError> {
+        // What the socket does before sending: one datagram of every request.
+        let datagram: Vec<u8> = msgs.iter().flat_map(|(_, m)| m.iter().copied()).collect();
+        std::hint::black_box(&datagram);
+        Ok(msgs.iter().map(|_| Ok(())).collect())
+    }
+    fn dump(&mut self, _: u32, _: &[u8]) -> Result<Vec<Vec<u8>>, crate::tc::TcError> {
+        Ok(Vec::new())
+    }
+}
+
+/// Rule requests: (IPv4 encodes/s, IPv6 encodes/s, backend installs/s).
+pub fn rule_requests() -> Result<(f64, f64, f64)> {
+    use crate::{
+        marks::{
+            HwBackend,
+            mellanox::{self, Mellanox},
+        },
+        tc::flower::{self, RuleId},
+    };
+    const N: u32 = 200_000;
+    let encode = |v6: bool| -> Result<f64> {
+        let t = Instant::now();
+        let mut bytes = 0usize;
+        for i in 0..N {
+            let mut f = flow(i);
+            if v6 {
+                f.src_be = [0x2001_0db8u32.to_be(), 0, 0, i.to_be()];
+                f.dst_be = [0x2001_0db8u32.to_be(), 0, 0xf, 1u32.to_be()];
+            }
+            let id = RuleId {
+                ifindex: 3,
+                chain: 0,
+                prio: 1 + v6 as u16,
+                handle: i + 1,
+                v6,
+            };
+            let m = mellanox::flow_match(&f);
+            bytes += flower::add_rule(i, &id, &m, 1 + i % 65_535)?.len();
+        }
+        std::hint::black_box(bytes);
+        Ok(N as f64 / t.elapsed().as_secs_f64())
+    };
+    let v4 = encode(false)?;
+    let v6 = encode(true)?;
+    let (mut nic, _) = Mellanox::with_transport(
+        Box::new(AckingKernel(0)),
+        3,
+        &|_| false,
+        Box::new(Instant::now),
+    )?;
+    let t = Instant::now();
+    let mut i = 0u32;
+    while i < 65_535 {
+        nic.begin_batch();
+        for _ in 0..256 {
+            if i == 65_535 {
+                break;
+            }
+            nic.install(&flow(i), 1 + i)?;
+            i += 1;
+        }
+        anyhow::ensure!(nic.end_batch().is_empty(), "a rule was refused");
+    }
+    let installs = i as f64 / t.elapsed().as_secs_f64();
+    anyhow::ensure!(nic.counts().installed == 65_535, "{:?}", nic.counts());
+    Ok((v4, v6, installs))
 }
 
 fn rss_mib() -> f64 {
@@ -246,6 +338,8 @@ pub fn run() -> Result<ControlReport> {
     per_real.flush(&mut dp);
     drop((per_real, dp, lb));
 
+    let (rule_requests_v4_per_s, rule_requests_v6_per_s, mellanox_installs_per_s) =
+        rule_requests()?;
     let quiet = event_latency(None)?;
     let scraped = event_latency(Some(Duration::from_millis(100)))?;
     Ok(ControlReport {
@@ -262,6 +356,9 @@ pub fn run() -> Result<ControlReport> {
         events_measured: quiet.events,
         rss_idle_mib,
         rss_100k_rules_mib,
+        rule_requests_v4_per_s,
+        rule_requests_v6_per_s,
+        mellanox_installs_per_s,
     })
 }
 
@@ -437,7 +534,9 @@ pub fn render(r: &ControlReport) -> String {
          mark installs (emulated NIC):              {:.0} /s\n\
          event-to-mark latency ({} flows at 10k/s): p50 {:.0} us, p99 {:.0} us\n\
          ... with a /metrics scrape every 100 ms ({} VIPs, {} reals; {:.1} ms each): p99 {:.0} us\n\
-         RSS idle: {:.1} MiB; with 100,000 flow rules: {:.1} MiB\n",
+         RSS idle: {:.1} MiB; with 100,000 flow rules: {:.1} MiB\n\
+         tc flower rule requests built+encoded:     {:.0} /s IPv4, {:.0} /s IPv6\n\
+         mellanox backend installs (64/datagram, kernel acking at once): {:.0} /s\n",
         r.vips,
         r.reals_per_vip,
         r.table_size,
@@ -452,6 +551,9 @@ pub fn render(r: &ControlReport) -> String {
         r.scrape_ms,
         r.event_to_mark_p99_scraped_us,
         r.rss_idle_mib,
-        r.rss_100k_rules_mib
+        r.rss_100k_rules_mib,
+        r.rule_requests_v4_per_s,
+        r.rule_requests_v6_per_s,
+        r.mellanox_installs_per_s
     )
 }

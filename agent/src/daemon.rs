@@ -252,7 +252,7 @@ async fn run_file(args: RunArgs, config: PathBuf) -> Result<()> {
 pub fn cleanup(bpffs: &std::path::Path, iface: &str) -> Result<bool> {
     let pins = attach::remove_pins(&PinLayout::new(bpffs, iface))?;
     let rules = crate::marks::mellanox::remove_rules(iface).map_err(anyhow::Error::msg)?;
-    Ok(pins || rules)
+    Ok(pins || rules > 0)
 }
 
 #[cfg(test)]

@@ -99,6 +99,14 @@ impl Metrics {
         .expect("metric");
         r.register(Box::new(event_to_mark.clone()))
             .expect("register");
+        // The mellanox backend's rule requests (process-wide collectors it updates itself).
+        let rules = &crate::marks::mellanox::counters::RULE_METRICS;
+        r.register(Box::new(rules.installed.clone()))
+            .expect("register");
+        r.register(Box::new(rules.rejected.clone()))
+            .expect("register");
+        r.register(Box::new(rules.install_seconds.clone()))
+            .expect("register");
         let info = IntGaugeVec::new(
             Opts::new("marklb_datapath_info", "The attached datapath (value 1)"),
             &["interface", "xdp_mode", "program_id", "hw_backend"],

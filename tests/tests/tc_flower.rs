@@ -10,8 +10,12 @@
 
 use std::{net::IpAddr, path::PathBuf, time::Instant};
 
+use marklb_agent::tc::devlink::EswitchMode;
 use marklb_agent::{
-    marks::{mellanox, nic_probe::Capability},
+    marks::{
+        mellanox,
+        nic_probe::{Capability, Eswitch},
+    },
     tc::{
         TcSocket,
         flower::{self, Match, RuleError, RuleId},
@@ -151,6 +155,10 @@ fn requests_are_byte_for_byte_what_iproute2_tc_sends() {
     let ours = flower::delete_priority(seq_of(&tc), ifindex_of(&tc), 0, 2, true);
     assert_same("delete a priority", &ours, &tc);
 
+    let tc = captured("flower_dump_prio");
+    let ours = flower::dump_priority(seq_of(&tc), ifindex_of(&tc), 0, 1, false);
+    assert_same("dump of one priority", &ours, &tc);
+
     let tc = captured("qdisc_clsact");
     let ours = flower::qdisc_clsact(seq_of(&tc), ifindex_of(&tc));
     assert_same("clsact qdisc", &ours, &tc);
@@ -217,6 +225,12 @@ fn rules_parse_back_with_netlink_packet_route() {
             actions[0]
                 .attributes
                 .contains(&TcActionAttribute::Kind("skbedit".into()))
+        );
+        // The owner cookie a restarted agent recognises its rules by.
+        assert!(
+            actions[0]
+                .attributes
+                .contains(&TcActionAttribute::Cookie(flower::OWNER_COOKIE.to_vec()))
         );
     }
 }
@@ -325,7 +339,7 @@ fn veth_is_refused_with_the_reason() {
         );
         (
             Capability::probe("v0"),
-            mellanox::Mellanox::open("v0").err(),
+            mellanox::Mellanox::open("v0", &|_| false).err(),
             (first, again.map_err(|e| e.errno), rule),
         )
     })
@@ -341,7 +355,17 @@ fn veth_is_refused_with_the_reason() {
     );
     let cap = cap.expect("ethtool answers for veth");
     assert_eq!(cap.driver, "veth");
-    println!("veth: {cap:?}");
+    println!("veth: {cap:?}: {}", cap.summary());
+    // No bus device, so no devlink instance: the eswitch probe says unsupported, and why.
+    match &cap.eswitch {
+        Eswitch::Unsupported(why) => assert!(why.contains("no bus device"), "{why}"),
+        other => panic!("veth eswitch: {other:?}"),
+    }
+    assert!(
+        cap.summary().contains("eswitch unsupported"),
+        "{}",
+        cap.summary()
+    );
     let why = cap.check("v0").unwrap_err();
     assert!(
         why.contains("\"veth\"") && why.contains("mlx5_core"),
@@ -349,17 +373,140 @@ fn veth_is_refused_with_the_reason() {
     );
     assert_eq!(open.as_deref(), Some(why.as_str()));
     // A mlx5 device with the feature off is refused with the command that turns it on.
+    let legacy = Eswitch::Mode {
+        handle: "pci/0000:03:00.0".into(),
+        mode: EswitchMode::Legacy,
+    };
     let off = Capability {
         driver: "mlx5_core".into(),
         hw_tc_offload: Some(false),
+        eswitch: legacy.clone(),
     };
     let why = off.check("eth1").unwrap_err();
     assert!(why.contains("ethtool -K eth1 hw-tc-offload on"), "{why}");
     let on = Capability {
         driver: "mlx5_core".into(),
         hw_tc_offload: Some(true),
+        eswitch: legacy,
     };
     assert_eq!(on.check("eth1"), Ok(()));
+    assert_eq!(
+        on.summary(),
+        "driver mlx5_core, hw-tc-offload on, eswitch legacy (pci/0000:03:00.0)"
+    );
+    // switchdev: the uplink's rules go to the FDB, which has no mark action.
+    let switchdev = Capability {
+        eswitch: Eswitch::Mode {
+            handle: "pci/0000:03:00.0".into(),
+            mode: EswitchMode::Switchdev,
+        },
+        ..on.clone()
+    };
+    let why = switchdev.check("eth1").unwrap_err();
+    assert!(
+        why.contains("switchdev")
+            && why.contains("devlink dev eswitch set pci/0000:03:00.0 mode legacy"),
+        "{why}"
+    );
+    // devlink silent (old kernel, no permission): legacy is the default, go ahead.
+    let unknown = Capability {
+        eswitch: Eswitch::Unsupported("the kernel has no devlink netlink family".into()),
+        ..on
+    };
+    assert_eq!(unknown.check("eth1"), Ok(()));
+}
+
+/// The real kernel answers a datagram of several requests with one ack per request, each
+/// with its own outcome: the batch reads them back in order (here a qdisc that is created,
+/// rules this kernel refuses, the qdisc again: EEXIST). Also times one datagram of
+/// MAX_BATCH requests against as many single requests (netlink overhead only: the requests
+/// are refused before any driver, so this is not a NIC's insert rate).
+#[test]
+fn one_datagram_of_several_requests_is_acked_per_message() {
+    use marklb_agent::tc::MAX_BATCH;
+    marklb_tests::netns::require_root("batched netlink requests on veth");
+    let ns = format!("marklb-batch-{}", std::process::id());
+    marklb_tests::netns::ip(None, &["netns", "add", &ns]).unwrap();
+    let _cleanup = scopeguard(ns.clone());
+    marklb_tests::netns::ip(
+        Some(&ns),
+        &["link", "add", "v0", "type", "veth", "peer", "name", "v1"],
+    )
+    .unwrap();
+    let (outcomes, batched, single) = marklb_tests::netns::in_netns(&ns, || {
+        let mut sock = TcSocket::open().unwrap();
+        let ifindex = v0_index();
+        let (m, mark) = v4_rule();
+        let mut msgs = Vec::new();
+        let s = sock.next_seq();
+        msgs.push((s, flower::qdisc_clsact(s, ifindex)));
+        let s = sock.next_seq();
+        msgs.push((
+            s,
+            flower::add_rule(s, &id(ifindex, 1, 1, false), &m, mark).unwrap(),
+        ));
+        let s = sock.next_seq();
+        msgs.push((s, flower::qdisc_clsact(s, ifindex)));
+        let s = sock.next_seq();
+        let m2 = Match { sport: 40001, ..m };
+        msgs.push((
+            s,
+            flower::add_rule(s, &id(ifindex, 1, 2, false), &m2, mark).unwrap(),
+        ));
+        let outcomes = sock.batch(&msgs).expect("acks");
+
+        let rules = |sock: &mut TcSocket| -> Vec<(u32, Vec<u8>)> {
+            (0..MAX_BATCH as u32)
+                .map(|i| {
+                    let s = sock.next_seq();
+                    let mi = Match {
+                        sport: 1000 + i as u16,
+                        ..m
+                    };
+                    (
+                        s,
+                        flower::add_rule(s, &id(ifindex, 1, 10 + i, false), &mi, 1 + i).unwrap(),
+                    )
+                })
+                .collect()
+        };
+        let rounds = 50;
+        let t = Instant::now();
+        for _ in 0..rounds {
+            let msgs = rules(&mut sock);
+            let out = sock.batch(&msgs).expect("acks");
+            assert_eq!(out.len(), MAX_BATCH);
+        }
+        let batched = t.elapsed() / (rounds * MAX_BATCH as u32);
+        let t = Instant::now();
+        for _ in 0..rounds {
+            for (s, msg) in rules(&mut sock) {
+                let _ = sock.request(s, &msg);
+            }
+        }
+        let single = t.elapsed() / (rounds * MAX_BATCH as u32);
+        (outcomes, batched, single)
+    })
+    .unwrap();
+    println!("outcomes: {outcomes:?}");
+    assert_eq!(outcomes.len(), 4);
+    assert!(outcomes[0].is_ok(), "{:?}", outcomes[0]);
+    let refused = |r: &Result<(), marklb_agent::tc::TcError>| {
+        r.as_ref()
+            .err()
+            .map(|e| e.errno)
+            .is_some_and(|e| [libc::ENOENT, libc::EOPNOTSUPP, libc::EINVAL].contains(&e))
+    };
+    assert!(refused(&outcomes[1]), "{:?}", outcomes[1]);
+    assert_eq!(
+        outcomes[2].as_ref().err().map(|e| e.errno),
+        Some(libc::EEXIST)
+    );
+    assert!(refused(&outcomes[3]), "{:?}", outcomes[3]);
+    println!(
+        "netlink round trip per refused rule request: {batched:?} in datagrams of {MAX_BATCH}, {single:?} one by one ({:.1}x)",
+        single.as_secs_f64() / batched.as_secs_f64()
+    );
 }
 
 fn v0_index() -> i32 {

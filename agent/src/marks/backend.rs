@@ -39,6 +39,15 @@ pub trait HwBackend: Send {
     fn install(&mut self, flow: &FlowKey, mark: u32) -> Result<(), HwBackendError>;
     /// Removes the rule for `flow` (absent is fine).
     fn remove(&mut self, flow: &FlowKey) -> Result<(), HwBackendError>;
+    /// From here to `end_batch`, `install` may queue its rule and answer `Ok` before the
+    /// device did (a NIC that takes several rules per request); the map entry of the mark
+    /// is written already, so a rule that lands late only delays the fast path.
+    fn begin_batch(&mut self) {}
+    /// Sends what was queued; returns the flows whose rule the device refused (their marks
+    /// must be released: those flows stay on the software path).
+    fn end_batch(&mut self) -> Vec<(FlowKey, HwBackendError)> {
+        Vec::new()
+    }
     /// Packets each rule matched so far (for aging idle flows).
     fn hits(&mut self) -> Result<HashMap<FlowKey, u64>, HwBackendError>;
     /// The rules installed now (to adopt them after a restart).
@@ -153,7 +162,9 @@ pub fn select(
                 entry,
             })
         }
-        HwBackendKind::Mellanox | HwBackendKind::Auto => Ok(select_mellanox(kind, delivery, iface)),
+        HwBackendKind::Mellanox | HwBackendKind::Auto => {
+            Ok(select_mellanox(kind, delivery, dp, iface))
+        }
         HwBackendKind::None => Ok(SelectedBackend {
             backend: Box::new(NoHwBackend),
             reason: "--hw-backend none: no flow marks, every packet takes the normal path".into(),
@@ -168,7 +179,12 @@ pub fn select(
 
 /// The mellanox backend when the device and the mark delivery allow it; otherwise no marks
 /// (every packet on the software paths), saying why.
-fn select_mellanox(kind: HwBackendKind, delivery: MarkDelivery, iface: &str) -> SelectedBackend {
+fn select_mellanox(
+    kind: HwBackendKind,
+    delivery: MarkDelivery,
+    dp: &Datapath,
+    iface: &str,
+) -> SelectedBackend {
     let asked = if kind == HwBackendKind::Auto {
         "auto"
     } else {
@@ -199,11 +215,13 @@ fn select_mellanox(kind: HwBackendKind, delivery: MarkDelivery, iface: &str) -> 
             None => delivery.into(),
         });
     }
-    match super::mellanox::Mellanox::open(iface) {
-        Ok(nic) => SelectedBackend {
+    let live = |mark| super::mellanox::mark_is_live(dp, mark);
+    match super::mellanox::Mellanox::open(iface, &live) {
+        Ok((nic, cap)) => SelectedBackend {
             backend: Box::new(nic),
             reason: format!(
-                "--hw-backend {asked}: mellanox, tc flower rules (skip_sw, skbedit mark -> mlx5 flow tag) on {iface}, marks read from skb->mark"
+                "--hw-backend {asked}: mellanox, tc flower rules (skip_sw, skbedit mark -> mlx5 flow tag) on {iface} ({}), marks read from skb->mark",
+                cap.summary()
             ),
             entry: Entry::Tc { nic: false },
         },

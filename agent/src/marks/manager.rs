@@ -388,6 +388,30 @@ impl MarkManager {
     }
 }
 
+/// Batches of new-flow events: the backend may send their rules together.
+impl MarkManager {
+    /// Rules of the events handled from here to [`end_batch`](Self::end_batch) may go to
+    /// the NIC together.
+    pub fn begin_batch(&mut self) {
+        self.nic.begin_batch();
+    }
+
+    /// Sends the batch; a flow whose rule the NIC refused loses its mark again (no packet
+    /// ever carried it) and stays on the software path. Returns how many were refused.
+    pub fn end_batch(&mut self, dp: &mut Datapath) -> usize {
+        let failed = self.nic.end_batch();
+        for (flow, e) in &failed {
+            tracing::debug!(error = %e, "NIC rule install failed");
+            if self.flows.contains_key(flow) {
+                self.remove_flow(dp, flow);
+                self.stats.installed = self.stats.installed.saturating_sub(1);
+                self.stats.install_failures += 1;
+            }
+        }
+        failed.len()
+    }
+}
+
 /// Time since a `bpf_ktime_get_ns` timestamp (CLOCK_MONOTONIC).
 fn since_monotonic(ts_ns: u64) -> Duration {
     let mut ts = libc::timespec {

@@ -46,6 +46,7 @@ pub const TCA_CLS_FLAGS_SKIP_SW: u32 = 2;
 /// Action attributes (`TCA_ACT_*`, `TCA_SKBEDIT_*`).
 const TCA_ACT_KIND: u16 = 1;
 const TCA_ACT_OPTIONS: u16 = 2;
+const TCA_ACT_COOKIE: u16 = 6;
 const TCA_SKBEDIT_PARMS: u16 = 2;
 const TCA_SKBEDIT_MARK: u16 = 5;
 const NLA_F_NESTED: u16 = 0x8000;
@@ -56,6 +57,11 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+
+/// The action cookie on every rule marklb installs (`cookie 6d61726b6c620001`: "marklb",
+/// format 1). The kernel keeps it opaque and lists it in dumps: it is how a restarted agent
+/// tells its own rules from anyone else's in the same priority, which it never touches.
+pub const OWNER_COOKIE: [u8; 8] = *b"marklb\x00\x01";
 
 /// Largest mark mlx5 offloads (`MLX5E_TC_FLOW_ID_MASK`); 0 means "no mark".
 pub const MAX_FLOW_TAG: u32 = 0xffff;
@@ -191,7 +197,8 @@ pub enum RuleError {
 }
 
 /// `tc filter add dev DEV ingress protocol ip|ipv6 prio P handle H chain C flower skip_sw
-/// ip_proto tcp|udp src_ip S dst_ip D src_port SP dst_port DP action skbedit mark M`.
+/// ip_proto tcp|udp src_ip S dst_ip D src_port SP dst_port DP action skbedit mark M
+/// cookie 6d61726b6c620001`.
 pub fn add_rule(seq: u32, id: &RuleId, m: &Match, mark: u32) -> Result<Vec<u8>, RuleError> {
     if mark == 0 || mark > MAX_FLOW_TAG {
         return Err(RuleError::Mark(mark));
@@ -244,6 +251,7 @@ pub fn add_rule(seq: u32, id: &RuleId, m: &Match, mark: u32) -> Result<Vec<u8>, 
         .attr(TCA_SKBEDIT_PARMS, &parms)
         .attr(TCA_SKBEDIT_MARK, &mark.to_ne_bytes())
         .end()
+        .attr(TCA_ACT_COOKIE, &OWNER_COOKIE)
         .end()
         .end();
     r.attr(TCA_FLOWER_FLAGS, &TCA_CLS_FLAGS_SKIP_SW.to_ne_bytes())
@@ -299,4 +307,21 @@ pub fn dump_rules(seq: u32, ifindex: i32) -> Vec<u8> {
         0,
     )
     .finish()
+}
+
+/// `tc filter show dev DEV ingress protocol ip|ipv6 prio P chain C`: the dump of one
+/// priority of one chain (the kernel filters on `tcm_info` and `TCA_CHAIN`), so a restarted
+/// agent reads only the priorities it owns.
+pub fn dump_priority(seq: u32, ifindex: i32, chain: u32, prio: u16, v6: bool) -> Vec<u8> {
+    let mut r = Request::new(
+        RTM_GETTFILTER,
+        NLM_F_REQUEST | NLM_F_DUMP,
+        seq,
+        ifindex,
+        0,
+        TC_H_INGRESS_PARENT,
+        filter_info(prio, v6),
+    );
+    r.attr(TCA_CHAIN, &chain.to_ne_bytes());
+    r.finish()
 }

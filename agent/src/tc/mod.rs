@@ -1,8 +1,15 @@
-//! tc over rtnetlink for the mellanox backend: the requests ([`flower`]) and a small
-//! synchronous NETLINK_ROUTE socket that sends one and waits for its acknowledgement, with
-//! the kernel's extended-ack message (what a driver says when it refuses a rule).
+//! tc over rtnetlink for the mellanox backend: the requests ([`flower`]), what a filter dump
+//! says ([`dump`]), the eswitch mode over devlink ([`devlink`]) and a small synchronous
+//! NETLINK_ROUTE socket that sends a request (or a batch of them in one datagram) and waits
+//! for each acknowledgement, with the kernel's extended-ack message (what a driver says when
+//! it refuses a rule). The backend talks through [`TcTransport`], so tests can stand a fake
+//! kernel in for the socket.
 
+pub mod devlink;
+pub mod dump;
 pub mod flower;
+
+use std::collections::HashMap;
 
 use std::{
     io,
@@ -34,6 +41,42 @@ impl From<io::Error> for TcError {
     }
 }
 
+/// Most requests one datagram carries: the kernel answers each with its own ack, and the
+/// acks of a batch must fit the socket's receive buffer (set to [`RCVBUF`]) or some are lost.
+pub const MAX_BATCH: usize = 64;
+/// Receive buffer asked for (acks are small, but each takes an skb's truesize).
+const RCVBUF: libc::c_int = 1 << 20;
+
+/// What the mellanox backend talks to the kernel through: the NETLINK_ROUTE socket, or in
+/// tests a fake that answers as the kernel would (errors injected per message).
+pub trait TcTransport: Send {
+    /// The next sequence number for a request.
+    fn next_seq(&mut self) -> u32;
+    /// Sends one request (built with sequence number `seq`) and waits for its ack.
+    fn request(&mut self, seq: u32, msg: &[u8]) -> Result<(), TcError>;
+    /// Sends the requests (each built with its sequence number) in one datagram and returns
+    /// each one's outcome, in order. `Err`: the datagram as a whole failed, or acks were lost:
+    /// the outcome of any request is then unknown.
+    fn batch(&mut self, msgs: &[(u32, Vec<u8>)]) -> Result<Vec<Result<(), TcError>>, TcError>;
+    /// Sends a dump request and returns every message of the answer (without `NLMSG_DONE`).
+    fn dump(&mut self, seq: u32, msg: &[u8]) -> Result<Vec<Vec<u8>>, TcError>;
+}
+
+impl TcTransport for TcSocket {
+    fn next_seq(&mut self) -> u32 {
+        TcSocket::next_seq(self)
+    }
+    fn request(&mut self, seq: u32, msg: &[u8]) -> Result<(), TcError> {
+        TcSocket::request(self, seq, msg)
+    }
+    fn batch(&mut self, msgs: &[(u32, Vec<u8>)]) -> Result<Vec<Result<(), TcError>>, TcError> {
+        TcSocket::batch(self, msgs)
+    }
+    fn dump(&mut self, seq: u32, msg: &[u8]) -> Result<Vec<Vec<u8>>, TcError> {
+        TcSocket::dump(self, seq, msg)
+    }
+}
+
 /// A NETLINK_ROUTE socket in the calling thread's network namespace.
 pub struct TcSocket {
     fd: OwnedFd,
@@ -42,12 +85,17 @@ pub struct TcSocket {
 
 impl TcSocket {
     pub fn open() -> io::Result<Self> {
+        Self::open_protocol(libc::NETLINK_ROUTE)
+    }
+
+    /// A netlink socket of another protocol (NETLINK_GENERIC for devlink).
+    pub fn open_protocol(protocol: libc::c_int) -> io::Result<Self> {
         // SAFETY: plain socket(2); the descriptor is owned right away.
         let fd = unsafe {
             libc::socket(
                 libc::AF_NETLINK,
                 libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
+                protocol,
             )
         };
         if fd < 0 {
@@ -63,6 +111,15 @@ impl TcSocket {
                 SOL_NETLINK,
                 NETLINK_EXT_ACK,
                 (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            );
+            // Room for the acks of a whole batch; the kernel caps it at rmem_max (a smaller
+            // buffer shows as lost acks, which the batch reports as unknown outcomes).
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&RCVBUF as *const libc::c_int).cast(),
                 std::mem::size_of::<libc::c_int>() as u32,
             );
         }
@@ -95,6 +152,49 @@ impl TcSocket {
                 off += (len + 3) & !3;
             }
         }
+    }
+
+    /// Sends the requests in one datagram (several netlink messages: the kernel handles them
+    /// one after another and acks each, errors included) and returns each one's outcome.
+    pub fn batch(&mut self, msgs: &[(u32, Vec<u8>)]) -> Result<Vec<Result<(), TcError>>, TcError> {
+        if msgs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut datagram = Vec::with_capacity(msgs.iter().map(|(_, m)| m.len() + 3).sum());
+        let mut slot = HashMap::with_capacity(msgs.len());
+        for (i, (seq, m)) in msgs.iter().enumerate() {
+            slot.insert(*seq, i);
+            datagram.extend_from_slice(m);
+            datagram.resize(datagram.len().next_multiple_of(4), 0);
+        }
+        self.send(&datagram)?;
+        let mut out: Vec<Option<Result<(), TcError>>> = (0..msgs.len()).map(|_| None).collect();
+        let mut left = msgs.len();
+        let mut buf = vec![0u8; 64 * 1024];
+        while left > 0 {
+            let n = self.recv(&mut buf)?;
+            let mut off = 0;
+            while off + 16 <= n {
+                let len = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4")) as usize;
+                let kind = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().expect("2"));
+                let mseq = u32::from_ne_bytes(buf[off + 8..off + 12].try_into().expect("4"));
+                if len < 16 || off + len > n {
+                    break;
+                }
+                if kind == NLMSG_ERROR
+                    && let Some(&i) = slot.get(&mseq)
+                    && out[i].is_none()
+                {
+                    out[i] = Some(ack_result(&buf[off..off + len]));
+                    left -= 1;
+                }
+                off += (len + 3) & !3;
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|r| r.expect("every slot answered"))
+            .collect())
     }
 
     /// Sends a dump request and returns every message of the answer (without `NLMSG_DONE`).
