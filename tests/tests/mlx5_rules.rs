@@ -853,10 +853,11 @@ impl TcTransport for AckingKernel {
     }
 }
 
-/// The agent's side of a NIC's insert rate: rules through the whole backend path (handle,
-/// encoding, batching into datagrams, bookkeeping) per second, printed.
+/// A whole 16-bit table of rules goes through the backend path (handle, encoding, batching
+/// into datagrams, bookkeeping) in full datagrams; the rate is printed (the release figure is
+/// `marklb-agent bench --control-plane`'s: speed is a benchmark's business, not a test's).
 #[test]
-fn the_backend_prepares_rules_faster_than_a_nic_inserts_them() {
+fn a_full_table_of_rules_goes_out_in_full_datagrams() {
     let (mut nic, _) = Mellanox::with_transport(
         Box::new(AckingKernel(0)),
         IFINDEX,
@@ -891,10 +892,6 @@ fn the_backend_prepares_rules_faster_than_a_nic_inserts_them() {
     );
     assert_eq!(nic.counts().installed, n as u64);
     assert_eq!(nic.counts().batches, n.div_ceil(MAX_BATCH as u32) as u64);
-    // A floor for a debug build on a loaded 2-core machine (31,000/s measured there at load
-    // 11; the release figure is `marklb-agent bench --control-plane`'s): it catches a
-    // per-rule cost that grows with the batch or the table, not a slow machine.
-    assert!(per_s > 5_000.0, "{per_s:.0} rules/s");
 }
 
 /// A dump message netlink-packet-route cannot read is never judged ours: it stays, and its
