@@ -513,7 +513,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
         let entry = MarkEntry {
             real_id: conn.real_id,
             real_gen: conn.real_gen,
-            vip_id: conn.vip_id,
+            vip_id: conn.vip_id.into(),
             _pad: 0,
         };
         bench.dp.set_mark(1, &entry)?;
