@@ -78,6 +78,8 @@ pub struct MarkManager {
     /// `last_active`, idlest at the end: who gives way when marks run short. Rebuilt by
     /// every [`MarkManager::age`]; an entry whose flow went or was seen since is skipped.
     evictable: Vec<(FlowKey, Instant)>,
+    /// When [`MarkManager::age`] last sampled the rules' hits.
+    last_sample: Option<Instant>,
     pub stats: MarkStats,
 }
 
@@ -91,6 +93,7 @@ impl MarkManager {
             flows: HashMap::new(),
             by_target: HashMap::new(),
             evictable: Vec::new(),
+            last_sample: None,
             stats: MarkStats::default(),
         };
         m.reset_free_list();
@@ -270,8 +273,8 @@ impl MarkManager {
     /// nothing over the last aging sample saves no work at all, and the longer a flow has
     /// been quiet the less likely it is to send again before it would age out anyway.
     /// Taking the newest instead would punish exactly the flows that just earned a mark.
-    /// Flows seen in the last sample are never taken, so busy flows do not trade marks
-    /// back and forth (a flow that gives way and sends again earns a mark again later).
+    /// Flows seen in the last sampling period (or installed during it) are never taken, so
+    /// busy flows do not trade marks back and forth (a flow that gives way and sends again earns a mark again later).
     fn make_room(&mut self, dp: &mut Datapath) -> bool {
         let mut evicted = 0;
         while self.free.is_empty() && evicted < MAX_EVICTIONS_PER_EVENT {
@@ -342,12 +345,18 @@ impl MarkManager {
             self.remove_flow(dp, f);
         }
         self.stats.aged_out += idle.len() as u64;
-        self.evictable = self
-            .flows
-            .iter()
-            .filter(|(_, r)| r.last_active < now)
-            .map(|(f, r)| (*f, r.last_active))
-            .collect();
+        // Idle over a whole sampling period: no hit since before the previous sample (a rule
+        // installed since then has not had a full period to show its packets).
+        let evictable_before = self.last_sample.replace(now);
+        self.evictable = match evictable_before {
+            Some(prev) => self
+                .flows
+                .iter()
+                .filter(|(_, r)| r.last_active <= prev)
+                .map(|(f, r)| (*f, r.last_active))
+                .collect(),
+            None => Vec::new(),
+        };
         // Idlest last: `make_room` pops them first.
         self.evictable.sort_unstable_by(|a, b| b.1.cmp(&a.1));
         Ok(idle.len())
