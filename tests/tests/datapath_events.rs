@@ -32,6 +32,22 @@ fn events_fixture(hook: Hook) -> (Fixture, EventReader) {
 
 const HOOKS: [Hook; 2] = [Hook::Xdp, Hook::Tc];
 
+/// A TCP RST+ACK from the client (checksums valid).
+fn tcp_rst(src: std::net::IpAddr, sport: u16, dst: std::net::IpAddr, dport: u16) -> Vec<u8> {
+    let (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) = (src, dst) else {
+        panic!("IPv4 only");
+    };
+    let mut out = Vec::new();
+    etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4(s.octets(), d.octets(), 64)
+        .tcp(sport, dport, 1000, 0)
+        .rst()
+        .ack(1)
+        .write(&mut out, &[])
+        .expect("frame");
+    out
+}
+
 /// Sends `frame` (forwarded to its model real, counted as `counter`) and returns the events
 /// it raised.
 fn send(
@@ -132,6 +148,30 @@ fn a_syn_raises_no_event_and_the_first_packet_after_it_does() {
         assert!(ev.is_empty(), "{hook:?}: a lone ACK raised {ev:?}");
         let ev = send(&mut fx, &mut reader, "second ACK", &mid, Counter::ConnHit);
         assert_eq!(ev.len(), 1, "{hook:?}");
+
+        // A reset after the SYN (what a spoofed address's owner answers to a flood's
+        // SYN-ACK) earns nothing; the flow's next packet is no "first after the SYN" either.
+        let syn = tcp(client4(), 4200, vip4(), 80, true);
+        assert!(send(&mut fx, &mut reader, "SYN", &syn, Counter::NewFlow).is_empty());
+        let ev = send(
+            &mut fx,
+            &mut reader,
+            "RST",
+            &tcp_rst(client4(), 4200, vip4(), 80),
+            Counter::ConnHit,
+        );
+        assert!(ev.is_empty(), "{hook:?}: the RST raised {ev:?}");
+        let after = tcp(client4(), 4200, vip4(), 80, false);
+        assert!(
+            send(
+                &mut fx,
+                &mut reader,
+                "after the RST",
+                &after,
+                Counter::ConnHit
+            )
+            .is_empty()
+        );
 
         // Nothing for passed, dropped or ICMP traffic.
         fx.run_case(&Case::pass(

@@ -3,7 +3,7 @@
 
 use marklb_common::{Counter, IPPROTO_TCP, LbConfig, TCP_EVENT_PACKETS, event_due};
 
-use crate::hdr::{TCP_ACK, TCP_SYN};
+use crate::hdr::{TCP_ACK, TCP_RST, TCP_SYN};
 use crate::{
     encap::{self, Inner},
     events, icmp,
@@ -27,6 +27,9 @@ pub fn process(ctx: &impl Packet, cfg: &LbConfig) -> Action {
     let bytes = frame_len(ctx);
     // A SYN starts a new connection: the ring decides even if the 5-tuple was seen before.
     let syn = p.flow.proto == IPPROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    // A reset earns nothing either: it ends the flow, and it is what the owners of spoofed
+    // addresses answer to the SYN-ACKs of a flood (their second packet of the "flow").
+    let earns = !syn && p.tcp_flags & TCP_RST == 0;
     let known = if syn {
         None
     } else {
@@ -69,7 +72,7 @@ pub fn process(ctx: &impl Packet, cfg: &LbConfig) -> Action {
             } else {
                 events::udp_threshold(cfg)
             };
-            if !syn && event_due(pick.seen, threshold) {
+            if earns && event_due(pick.seen, threshold) {
                 events::notify(
                     cfg,
                     &p.flow,
