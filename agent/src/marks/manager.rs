@@ -358,7 +358,8 @@ impl MarkManager {
             None => Vec::new(),
         };
         // Idlest last: `make_room` pops them first.
-        self.evictable.sort_unstable_by(|a, b| b.1.cmp(&a.1));
+        self.evictable
+            .sort_unstable_by_key(|e| std::cmp::Reverse(e.1));
         Ok(idle.len())
     }
 
