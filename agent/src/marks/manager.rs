@@ -270,11 +270,12 @@ impl MarkManager {
     ///
     /// Why the idlest: the flow asking has just proved itself (its event comes from packets
     /// on the normal path, after its handshake or threshold), while a rule that matched
-    /// nothing over the last aging sample saves no work at all, and the longer a flow has
+    /// nothing over a whole aging period saves no work at all, and the longer a flow has
     /// been quiet the less likely it is to send again before it would age out anyway.
     /// Taking the newest instead would punish exactly the flows that just earned a mark.
-    /// Flows seen in the last sampling period (or installed during it) are never taken, so
-    /// busy flows do not trade marks back and forth (a flow that gives way and sends again earns a mark again later).
+    /// Flows seen in the last aging period (or installed during it) are never taken, so busy
+    /// flows do not trade marks back and forth; a flow that gave way and sends again earns
+    /// a mark again (the datapath raises its event again after more packets).
     fn make_room(&mut self, dp: &mut Datapath) -> bool {
         let mut evicted = 0;
         while self.free.is_empty() && evicted < MAX_EVICTIONS_PER_EVENT {
