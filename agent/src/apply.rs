@@ -96,7 +96,7 @@ pub fn execute(
         for (vip, addr) in &plan.pairs_leaving {
             if let (Some(vip_id), Some(real_id)) = (model.vip_stats_id(vip), model.real_id(addr)) {
                 marks.invalidate_pair(dp, vip_id, real_id);
-                dp.purge_conns(|_, c| c.vip_id == vip_id && c.real_id == real_id)?;
+                dp.purge_conns(|_, c| u32::from(c.vip_id) == vip_id && c.real_id == real_id)?;
             }
         }
         Ok(())

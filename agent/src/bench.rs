@@ -155,6 +155,9 @@ const STEPS: [(u32, &str); 8] = [
     (8, "ring reserve+submit, wake-up"),
 ];
 const BASE_SPORT: u16 = 10_000;
+/// Flows of the rows after the SYN: one repetition each per round; their events (72 bytes
+/// a record) fit the 4 MiB ring twice over, so a consumer behind by a round loses none.
+const AFTER_SYN_FLOWS: u32 = 16_384;
 
 struct Family {
     name: &'static str,
@@ -281,6 +284,43 @@ impl Bench<'_> {
             }
         }
         Ok(r.ns_per_run as f64)
+    }
+
+    /// ns/packet of the `skip + 1`-th packet after the SYN over [`AFTER_SYN_FLOWS`] flows
+    /// (one repetition per flow). Every round first sends each flow's SYN (a new pick, its
+    /// count back to 1) and the `skip` packets before, unmeasured. Checks that each measured
+    /// packet raised an event (`skip` 0: sent or lost for a full ring) or none.
+    fn after_syn(&mut self, syn: &BenchFrame, ack: &BenchFrame, skip: u32) -> Result<Spread> {
+        let n = AFTER_SYN_FLOWS;
+        let learn = BenchFrame {
+            flows: n,
+            seq: 0,
+            ..*syn
+        };
+        let next = BenchFrame {
+            flows: n,
+            seq: 0,
+            ..*ack
+        };
+        self.dp.set_bench_target(Prog::Balancer)?;
+        stable(self.opts.rounds, || {
+            self.wrapped_once(Prog::Balancer, &learn, &[Counter::NewFlow], n)?;
+            for _ in 0..skip {
+                self.wrapped_once(Prog::Balancer, &next, &[Counter::ConnHit], n)?;
+            }
+            let before = self.dp.counters()?;
+            let ns = self.wrapped_once(Prog::Balancer, &next, &[Counter::ConnHit], n)?;
+            let d = self.dp.counters()?.since(&before);
+            let raised = d.get(Counter::EventSent) + d.get(Counter::EventLost);
+            let want = if skip == 0 { n as u64 } else { 0 };
+            ensure!(
+                raised == want && d.get(Counter::EventRateLimited) == 0,
+                "packet {} after the SYN raised {raised} events over {n} flows, {} rate-limited (expected {want})",
+                skip + 1,
+                d.get(Counter::EventRateLimited)
+            );
+            Ok(ns)
+        })
     }
 
     fn direct(&mut self, prog: Prog, frame: &[u8]) -> Result<Spread> {
@@ -455,32 +495,37 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
             1,
             bench.wrapped(Prog::Balancer, &other, &[Counter::PassNotVip])?,
         ));
+        // A SYN raises no new-flow event (events are on: the flow earns its mark with the
+        // packet after it, below).
         rows.push((
-            "new flow (SYN)",
+            "new flow (SYN), no event",
             1,
             bench.wrapped(Prog::Balancer, &syn, &[Counter::NewFlow])?,
         ));
-        // The same without new-flow events (flow marks off): the cost of notifying.
+        // The packet that raises the event: the first after the SYN, each repetition
+        // another flow's (the SYNs teach the table again before every round, unmeasured);
+        // next to the packet after it on the same flows (no event): the event's cost.
+        rows.push((
+            "after SYN: event",
+            AFTER_SYN_FLOWS,
+            bench.after_syn(&syn, &ack, 0)?,
+        ));
         let with_events = bench.dp.config()?;
-        bench.dp.set_config(&LbConfig {
-            flags: with_events.flags & !CFG_F_EVENTS,
-            ..with_events
-        })?;
-        rows.push((
-            "new flow (SYN), events off",
-            1,
-            bench.wrapped(Prog::Balancer, &syn, &[Counter::NewFlow])?,
-        ));
         bench.dp.set_config(&LbConfig {
             flags: with_events.flags | CFG_F_WAKE_EVERY_EVENT,
             ..with_events
         })?;
         rows.push((
-            "new flow (SYN), wake per event",
-            1,
-            bench.wrapped(Prog::Balancer, &syn, &[Counter::NewFlow])?,
+            "after SYN: event, wake each",
+            AFTER_SYN_FLOWS,
+            bench.after_syn(&syn, &ack, 0)?,
         ));
         bench.dp.set_config(&with_events)?;
+        rows.push((
+            "established (after SYN)",
+            AFTER_SYN_FLOWS,
+            bench.after_syn(&syn, &ack, 1)?,
+        ));
         // The new-flow path step by step (the step number rides in the mark).
         let mut prev = floor_marked;
         for (n, name) in STEPS {
@@ -513,7 +558,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
         let entry = MarkEntry {
             real_id: conn.real_id,
             real_gen: conn.real_gen,
-            vip_id: conn.vip_id,
+            vip_id: conn.vip_id.into(),
             _pad: 0,
         };
         bench.dp.set_mark(1, &entry)?;

@@ -165,7 +165,7 @@ pub fn run(samples: u32) -> Result<HookReport> {
             &MarkEntry {
                 real_id: conn.real_id,
                 real_gen: conn.real_gen,
-                vip_id: conn.vip_id,
+                vip_id: conn.vip_id.into(),
                 _pad: 0,
             },
         )?;

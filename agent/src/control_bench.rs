@@ -5,7 +5,7 @@
 //!   through the same diff-apply path a reload uses;
 //! - mark installs per second through the mark manager with the emulated NIC backend;
 //! - new-flow event to installed mark latency, end to end: packets (BPF_PROG_TEST_RUN of
-//!   SYNs to distinct flows) emit events, a consumer thread with its own handle on the same
+//!   a SYN and the packet after it, which raises the event, for distinct flows) emit events, a consumer thread with its own handle on the same
 //!   pinned maps (as the daemon) turns them into marks through the node engine, alone and
 //!   with a `/metrics` scrape every 100 ms over 1,000 VIPs and 4,000 reals;
 //! - process RSS idle and with 100,000 flow rules;
@@ -456,15 +456,18 @@ fn event_latency(scrape_every: Option<Duration>) -> Result<Latency> {
         while start.elapsed() < PACE * i {
             std::hint::spin_loop();
         }
-        let frame = FrameSpec::tcp(
-            IpAddr::V4(Ipv4Addr::from(0xc000_0000u32 + (i >> 16))),
-            (i & 0xffff) as u16,
-            vip_addr,
-            80,
-            true,
-        )
-        .build();
-        producer.test_run(Prog::Balancer, &frame, None)?;
+        // The SYN teaches the connection table; the packet after it raises the event.
+        for syn in [true, false] {
+            let frame = FrameSpec::tcp(
+                IpAddr::V4(Ipv4Addr::from(0xc000_0000u32 + (i >> 16))),
+                (i & 0xffff) as u16,
+                vip_addr,
+                80,
+                syn,
+            )
+            .build();
+            producer.test_run(Prog::Balancer, &frame, None)?;
+        }
     }
     std::thread::sleep(Duration::from_millis(200));
     done.store(true, Ordering::Relaxed);

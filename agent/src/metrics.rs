@@ -284,6 +284,9 @@ impl Metrics {
         self.marks_removed
             .with_label_values(&["real_removed"])
             .inc_by(st.invalidated);
+        self.marks_removed
+            .with_label_values(&["evicted"])
+            .inc_by(st.evicted);
         self.marks_in_use.set(marks.in_use as i64);
         self.marks_capacity.set(marks.capacity as i64);
         self.nic_rules.set(marks.rules as i64);

@@ -1225,6 +1225,30 @@ pub fn udp_flows(
     in_netns(ns, || (0..n).map(|_| UdpFlow::open(vip, timeout)).collect())?
 }
 
+/// [`udp_flows`] that each send as many datagrams as a UDP flow needs to earn a flow mark
+/// (`marklb_common::DEFAULT_UDP_EVENT_PACKETS`, the agent's setting, the first included),
+/// every one answered by the flow's real.
+pub fn udp_flows_earning_marks(
+    ns: &str,
+    vip: SocketAddr,
+    n: usize,
+    timeout: Duration,
+) -> io::Result<Vec<UdpFlow>> {
+    let mut flows = udp_flows(ns, vip, n, timeout)?;
+    for f in &mut flows {
+        for i in 1..marklb_common::DEFAULT_UDP_EVENT_PACKETS {
+            let real = f.ask(&format!("earning {i}"))?;
+            if real != f.real {
+                return Err(io::Error::other(format!(
+                    "UDP flow {} moved from {} to {real}",
+                    f.local, f.real
+                )));
+            }
+        }
+    }
+    Ok(flows)
+}
+
 /// How many times each name occurs.
 pub fn tally<'a>(names: impl IntoIterator<Item = &'a str>) -> BTreeMap<String, usize> {
     let mut t = BTreeMap::new();

@@ -119,7 +119,7 @@ impl Node {
             let conn = self.dp.conn(&flow).expect("learned");
             let ev = NewFlowEvent {
                 flow,
-                vip_id: conn.vip_id,
+                vip_id: conn.vip_id.into(),
                 real_id: conn.real_id,
                 real_gen: conn.real_gen,
                 _pad: 0,

@@ -26,7 +26,7 @@ use marklb_tests::{
     },
     netns::{
         Servers, TcpConn, Topology, TopologyOptions, UdpFlow, in_netns, ip, require_root, tally,
-        tcp_connect_many, udp_flows,
+        tcp_connect_many, udp_flows, udp_flows_earning_marks,
     },
 };
 
@@ -166,6 +166,13 @@ impl Env {
 
     fn udp(&self, vip: SocketAddr, n: usize) -> Vec<UdpFlow> {
         udp_flows(&self.topo.client.ns, vip, n, T).unwrap_or_else(|e| panic!("UDP to {vip}: {e}"))
+    }
+
+    /// UDP flows that send enough to earn their marks (a UDP flow's event comes after a
+    /// few datagrams, not on its first).
+    fn udp_marked(&self, vip: SocketAddr, n: usize) -> Vec<UdpFlow> {
+        udp_flows_earning_marks(&self.topo.client.ns, vip, n, T)
+            .unwrap_or_else(|e| panic!("UDP to {vip}: {e}"))
     }
 
     /// Whether a new TCP connection to `vip` gets through within `timeout`.
@@ -391,7 +398,7 @@ fn removed_real_keeps_the_others(trigger: Trigger) {
             .collect::<Vec<_>>()
     })
     .unwrap();
-    let mut flows = env.udp(udp4(), 60);
+    let mut flows = env.udp_marked(udp4(), 60);
     let t_tcp = tally(conns.iter().map(|c| c.real.as_str()));
     let t_udp = tally(flows.iter().map(|f| f.real.as_str()));
     eprintln!("before: TCP {t_tcp:?} UDP {t_udp:?}");
@@ -618,7 +625,7 @@ fn kill_9_and_restart_adopts_the_pinned_datapath_without_losing_flows() {
     let names = env.real_names();
     let mut conns = env.connect(tcp4(), 60);
     conns.extend(env.connect(tcp6(), 30));
-    let mut flows = env.udp(udp4(), 30);
+    let mut flows = env.udp_marked(udp4(), 30);
     assert_eq!(
         names_of(&tally(conns.iter().map(|c| c.real.as_str()))),
         names
@@ -715,7 +722,7 @@ fn established_traffic(
     marks: bool,
 ) -> (Scrape, Scrape) {
     let mut c = env.connect(tcp4(), conns);
-    let mut f = env.udp(udp4(), udp);
+    let mut f = env.udp_marked(udp4(), udp);
     let n = (conns + udp) as f64;
     let before = env.wait_scrape("the new-flow events (and marks)", |s| {
         s.get("marklb_flow_events_total", &[("result", "sent")]) >= n
@@ -734,8 +741,8 @@ fn established_traffic(
     (before, after)
 }
 
-/// With the emulated NIC every new flow gets a mark (installed after its first packet)
-/// and the packets that follow take the mark fast path.
+/// With the emulated NIC every new flow gets a mark (installed after the handshake for TCP,
+/// after a few datagrams for UDP) and the packets that follow take the mark fast path.
 #[test]
 fn marks_are_installed_and_the_fast_path_is_taken() {
     let mut env = Env::up(2);
@@ -838,7 +845,7 @@ fn metrics_pass_promtool_and_health_endpoints_answer() {
     assert_eq!(env.agent().get("/healthz").unwrap().status, 200);
     let mut conns = env.connect(tcp4(), 20);
     conns.extend(env.connect(tcp6(), 20));
-    let _flows = env.udp(udp4(), 20);
+    let _flows = env.udp_marked(udp4(), 20);
     env.wait_scrape("marks for the flows", |s| {
         s.get("marklb_mark_installs_total", &[("result", "ok")]) >= 60.0
     });

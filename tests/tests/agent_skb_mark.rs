@@ -20,7 +20,7 @@ use marklb_tests::{
     },
     netns::{
         Servers, TcpConn, Topology, TopologyOptions, UdpFlow, require_root, tcp_connect_many,
-        udp_flows,
+        udp_flows_earning_marks,
     },
 };
 
@@ -180,8 +180,8 @@ fn skb_mark_delivery_runs_the_whole_mark_loop_on_tcx() {
     let u6 = SocketAddr::new(IpAddr::V6(VIP6), UDP_PORT);
     let mut conns = tcp_connect_many(&ns, v4, 30, T).expect("TCP v4");
     conns.extend(tcp_connect_many(&ns, v6, 30, T).expect("TCP v6"));
-    let mut flows = udp_flows(&ns, u4, 20, T).expect("UDP v4");
-    flows.extend(udp_flows(&ns, u6, 20, T).expect("UDP v6"));
+    let mut flows = udp_flows_earning_marks(&ns, u4, 20, T).expect("UDP v4");
+    flows.extend(udp_flows_earning_marks(&ns, u6, 20, T).expect("UDP v6"));
     let reals: std::collections::BTreeSet<_> = conns.iter().map(|c| c.real.clone()).collect();
     assert_eq!(reals.len(), 2, "both reals serve: {reals:?}");
 

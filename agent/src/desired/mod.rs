@@ -166,6 +166,9 @@ pub struct Desired {
 /// New-flow events a CPU may send per second (bounds a SYN flood's cost to user space).
 pub const EVENTS_PER_SEC_PER_CPU: u32 = 200_000;
 pub const EVENTS_BURST: u32 = 4_096;
+/// Packets a UDP flow sends before it earns a mark (TCP flows: the first packet after the
+/// SYN). The datapath's default, stated here so the agent's choice is explicit.
+pub const UDP_EVENT_PACKETS: u8 = marklb_common::DEFAULT_UDP_EVENT_PACKETS;
 
 /// One LoadBalancer's part of a node's desired state.
 #[derive(Clone, Debug, PartialEq)]
@@ -289,7 +292,8 @@ impl Desired {
             flags,
             mtu: s.mtu,
             next_hop_mac,
-            _pad0: [0; 2],
+            udp_event_packets: UDP_EVENT_PACKETS,
+            _pad0: 0,
             encap_src_v4_be: s.encap_src_v4_be,
             encap_src_v6_be: s.encap_src_v6_be,
             event_interval_ns: 1_000_000_000 / EVENTS_PER_SEC_PER_CPU,

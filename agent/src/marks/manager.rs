@@ -7,6 +7,11 @@
 //! - remove (idle): remove the NIC rule, then clear `MARKS[mark]` and free the mark;
 //! - a real leaves: clear `MARKS[mark]` first (its packets fall back to the normal path at
 //!   once), then remove the rules; the caller retires the real afterwards.
+//!
+//! Which flows earn a mark is decided before an event arrives: the datapath raises a flow's
+//! event only once it has shown it is real (TCP: the first packet after the SYN; UDP: a few
+//! packets; see `marklb_common::event_due`). When marks run out, the idlest flows give way
+//! to the flow that just earned one ([`MarkManager::make_room`]).
 
 use std::{
     collections::HashMap,
@@ -53,7 +58,13 @@ pub struct MarkStats {
     pub stale_events: u64,
     pub aged_out: u64,
     pub invalidated: u64,
+    /// Idle flows whose marks went to flows that earned one while none was free.
+    pub evicted: u64,
 }
+
+/// Evictions one event may cause at most (per-real marks are shared: freeing one may take
+/// several idle flows; a bound keeps one event from emptying the table).
+const MAX_EVICTIONS_PER_EVENT: usize = 16;
 
 pub struct MarkManager {
     policy: MarkPolicy,
@@ -63,6 +74,12 @@ pub struct MarkManager {
     flows: HashMap<FlowKey, FlowRule>,
     /// Per-real scope: the mark of each (VIP, real).
     by_target: HashMap<Target, u32>,
+    /// Flows whose rules matched no packet between the last two aging samples, with their
+    /// `last_active`, idlest at the end: who gives way when marks run short. Rebuilt by
+    /// every [`MarkManager::age`]; an entry whose flow went or was seen since is skipped.
+    evictable: Vec<(FlowKey, Instant)>,
+    /// When [`MarkManager::age`] last sampled the rules' hits.
+    last_sample: Option<Instant>,
     pub stats: MarkStats,
 }
 
@@ -75,6 +92,8 @@ impl MarkManager {
             marks: HashMap::new(),
             flows: HashMap::new(),
             by_target: HashMap::new(),
+            evictable: Vec::new(),
+            last_sample: None,
             stats: MarkStats::default(),
         };
         m.reset_free_list();
@@ -171,18 +190,27 @@ impl MarkManager {
         }
         if let Some(rule) = self.flows.get(&ev.flow) {
             if rule.target == target {
-                return None; // duplicate event (another CPU, a retransmitted SYN)
+                // Duplicate: another CPU, or the datapath raising the event again because
+                // packets still took the normal path before the rule was in place.
+                return None;
             }
-            // The flow was re-picked (a SYN reusing the 5-tuple): start it over.
+            // The flow was re-picked (a new connection reusing the 5-tuple): start it over.
             let flow = ev.flow;
             self.remove_flow(dp, &flow);
         }
         let mark = match self.mark_for(dp, target) {
             Some(m) => m,
-            None => {
-                self.stats.capacity_exhausted += 1;
-                return None;
-            }
+            None => match self
+                .make_room(dp)
+                .then(|| self.mark_for(dp, target))
+                .flatten()
+            {
+                Some(m) => m,
+                None => {
+                    self.stats.capacity_exhausted += 1;
+                    return None;
+                }
+            },
         };
         match self.nic.install(&ev.flow, mark) {
             Ok(()) => {
@@ -237,6 +265,33 @@ impl MarkManager {
         Some(mark)
     }
 
+    /// No mark is free: the idlest flows give their marks up (up to
+    /// [`MAX_EVICTIONS_PER_EVENT`]) until one is. True if one is free now.
+    ///
+    /// Why the idlest: the flow asking has just proved itself (its event comes from packets
+    /// on the normal path, after its handshake or threshold), while a rule that matched
+    /// nothing over a whole aging period saves no work at all, and the longer a flow has
+    /// been quiet the less likely it is to send again before it would age out anyway.
+    /// Taking the newest instead would punish exactly the flows that just earned a mark.
+    /// Flows seen in the last aging period (or installed during it) are never taken, so busy
+    /// flows do not trade marks back and forth; a flow that gave way and sends again earns
+    /// a mark again (the datapath raises its event again after more packets).
+    fn make_room(&mut self, dp: &mut Datapath) -> bool {
+        let mut evicted = 0;
+        while self.free.is_empty() && evicted < MAX_EVICTIONS_PER_EVENT {
+            let Some((flow, since)) = self.evictable.pop() else {
+                break;
+            };
+            if self.flows.get(&flow).is_none_or(|r| r.last_active != since) {
+                continue; // gone, or active again since the sample
+            }
+            self.remove_flow(dp, &flow);
+            evicted += 1;
+        }
+        self.stats.evicted += evicted as u64;
+        !self.free.is_empty()
+    }
+
     /// Drops a mark with no flows left: clear its map entry, then free it.
     fn release_mark(&mut self, dp: &mut Datapath, mark: u32) {
         let Some(u) = self.marks.get(&mark) else {
@@ -272,7 +327,8 @@ impl MarkManager {
         self.release_mark(dp, rule.mark);
     }
 
-    /// Removes rules whose flows saw no packet for the idle timeout. Returns how many.
+    /// Removes rules whose flows saw no packet for the idle timeout, and notes those idle
+    /// since the last sample (who gives way when marks run short). Returns how many went.
     pub fn age(&mut self, dp: &mut Datapath) -> Result<usize, HwBackendError> {
         let hits = self.nic.hits()?;
         let now = Instant::now();
@@ -290,6 +346,21 @@ impl MarkManager {
             self.remove_flow(dp, f);
         }
         self.stats.aged_out += idle.len() as u64;
+        // Idle over a whole sampling period: no hit since before the previous sample (a rule
+        // installed since then has not had a full period to show its packets).
+        let evictable_before = self.last_sample.replace(now);
+        self.evictable = match evictable_before {
+            Some(prev) => self
+                .flows
+                .iter()
+                .filter(|(_, r)| r.last_active <= prev)
+                .map(|(f, r)| (*f, r.last_active))
+                .collect(),
+            None => Vec::new(),
+        };
+        // Idlest last: `make_room` pops them first.
+        self.evictable
+            .sort_unstable_by_key(|e| std::cmp::Reverse(e.1));
         Ok(idle.len())
     }
 

@@ -33,7 +33,11 @@ pub struct LbConfig {
     pub mtu: u32,
     /// Destination MAC of every forwarded packet (the next hop toward the reals).
     pub next_hop_mac: [u8; 6],
-    pub _pad0: [u8; 2],
+    /// Packets a UDP flow must send through the normal path before it raises its new-flow
+    /// event (0: `DEFAULT_UDP_EVENT_PACKETS`). TCP flows raise theirs on the first packet
+    /// after the SYN (`TCP_EVENT_PACKETS`).
+    pub udp_event_packets: u8,
+    pub _pad0: u8,
     /// Outer IPv4 source prefix (/16, network byte order); the low 16 bits come from the
     /// flow so that reals' NICs spread flows across receive queues (as Katran does).
     pub encap_src_v4_be: u32,

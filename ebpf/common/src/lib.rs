@@ -24,7 +24,10 @@ pub use consts::*;
 pub use counters::Counter;
 pub use decap::DecapCounter;
 pub use event::NewFlowEvent;
-pub use flow::{ConnEntry, FlowKey, MarkEntry, NicRule};
+pub use flow::{
+    ConnEntry, DEFAULT_UDP_EVENT_PACKETS, EVENT_RETRY_FIRST, FlowKey, MarkEntry, NicRule,
+    TCP_EVENT_PACKETS, event_due,
+};
 pub use real::{REAL_F_IPV6, RealDef};
 pub use stats::TrafficStats;
 pub use vip::{VipKey, VipMeta};

@@ -1,19 +1,31 @@
 // SPDX-License-Identifier: GPL-2.0 OR MIT
-//! New-flow notifications to the agent's mark manager, bounded per CPU.
+//! New-flow notifications to the agent's mark manager, bounded per CPU. Which packet of a
+//! flow raises one is the normal path's business (`lb`, `marklb_common::event_due`).
 
 use aya_ebpf::{
     bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::bpf_ktime_get_ns,
 };
 use marklb_common::{
-    CFG_F_EVENTS, CFG_F_WAKE_EVERY_EVENT, Counter, EVENT_WAKE_GAP_NS, FlowKey, LbConfig,
-    NewFlowEvent,
+    CFG_F_EVENTS, CFG_F_WAKE_EVERY_EVENT, Counter, DEFAULT_UDP_EVENT_PACKETS, EVENT_WAKE_GAP_NS,
+    FlowKey, LbConfig, NewFlowEvent,
 };
 
 use crate::{
     maps::{EVENT_BUCKET, EVENTS},
     stats::count,
 };
+
+/// Packets a UDP flow needs before its event (`LbConfig::udp_event_packets`, 0: the
+/// default).
+#[inline(always)]
+pub fn udp_threshold(cfg: &LbConfig) -> u16 {
+    if cfg.udp_event_packets == 0 {
+        DEFAULT_UDP_EVENT_PACKETS as u16
+    } else {
+        cfg.udp_event_packets as u16
+    }
+}
 
 /// GCRA limiter (see `EventBucket`): true if this CPU may emit one more event now.
 #[inline(always)]

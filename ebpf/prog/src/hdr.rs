@@ -62,6 +62,7 @@ pub struct IcmpHdr {
 
 pub const TCP_FLAGS_OFF: usize = 13;
 pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
 pub const ICMP_ECHO_REPLY: u8 = 0;

@@ -1,15 +1,15 @@
 // SPDX-License-Identifier: GPL-2.0 OR MIT
 //! The normal path: parse, pick the real (`pick`), encapsulate; ICMP goes to `icmp`.
 
-use marklb_common::{Counter, IPPROTO_TCP, LbConfig};
+use marklb_common::{Counter, IPPROTO_TCP, LbConfig, TCP_EVENT_PACKETS, event_due};
 
-use crate::hdr::{TCP_ACK, TCP_SYN};
+use crate::hdr::{TCP_ACK, TCP_RST, TCP_SYN};
 use crate::{
     encap::{self, Inner},
     events, icmp,
     maps::VIP_ADDRS,
     parse::{self, Verdict, frame_len},
-    pick::{established, ring_pick, vip_lookup},
+    pick::{established_packet, ring_pick, vip_lookup},
     pkt::{Action, Packet},
     stats::{account, count, drop, pass},
 };
@@ -27,7 +27,14 @@ pub fn process(ctx: &impl Packet, cfg: &LbConfig) -> Action {
     let bytes = frame_len(ctx);
     // A SYN starts a new connection: the ring decides even if the 5-tuple was seen before.
     let syn = p.flow.proto == IPPROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    let known = if syn { None } else { established(&p.flow) };
+    // A reset earns nothing either: it ends the flow, and it is what the owners of spoofed
+    // addresses answer to the SYN-ACKs of a flood (their second packet of the "flow").
+    let earns = !syn && p.tcp_flags & TCP_RST == 0;
+    let known = if syn {
+        None
+    } else {
+        established_packet(&p.flow)
+    };
     let pick = match known {
         Some(pick) => pick,
         None => {
@@ -53,8 +60,19 @@ pub fn process(ctx: &impl Packet, cfg: &LbConfig) -> Action {
     match encap::encapsulate(ctx, cfg, pick.real, &inner) {
         Ok(action) => {
             account(pick.vip_id, pick.real_id, bytes);
-            if pick.new {
-                count(Counter::NewFlow);
+            count(if pick.new {
+                Counter::NewFlow
+            } else {
+                Counter::ConnHit
+            });
+            // The flow earns a mark by its packets, not by its first one (see
+            // `marklb_common::event_due`): TCP after the SYN, UDP after a threshold.
+            let threshold = if p.flow.proto == IPPROTO_TCP {
+                TCP_EVENT_PACKETS
+            } else {
+                events::udp_threshold(cfg)
+            };
+            if earns && event_due(pick.seen, threshold) {
                 events::notify(
                     cfg,
                     &p.flow,
@@ -62,8 +80,6 @@ pub fn process(ctx: &impl Packet, cfg: &LbConfig) -> Action {
                     pick.real_id,
                     pick.real.generation,
                 );
-            } else {
-                count(Counter::ConnHit);
             }
             action
         }

@@ -32,6 +32,9 @@ pub struct Pick {
     pub vip_id: u32,
     /// Chosen from the Maglev ring (a new flow) rather than the connection table.
     pub new: bool,
+    /// Packets of the flow the normal path has seen, this one included (`ConnEntry::seen`);
+    /// 1 for a new flow.
+    pub seen: u16,
 }
 
 /// The real a live slot holds, if the slot is in use.
@@ -50,20 +53,42 @@ fn live_real(real_id: u32) -> Option<&'static RealDef> {
 /// needed; an entry whose real or VIP has left (generation changed) does not count.
 #[inline(always)]
 pub fn established(flow: &FlowKey) -> Option<Pick> {
-    let c = unsafe { CONN_TABLE.get(flow) }?;
+    let c = unsafe { &*CONN_TABLE.get_ptr_mut(flow)? };
+    live_entry(c)
+}
+
+/// [`established`] for a packet of the flow itself: also counts it in the entry
+/// (`ConnEntry::seen`), which decides when the flow raises its new-flow event. Not
+/// atomic: two CPUs may lose an increment, which only moves the event by a packet.
+#[inline(always)]
+pub fn established_packet(flow: &FlowKey) -> Option<Pick> {
+    let c = CONN_TABLE.get_ptr_mut(flow)?;
+    let mut pick = live_entry(unsafe { &*c })?;
+    let seen = pick.seen.wrapping_add(1);
+    unsafe { (*c).seen = seen };
+    pick.seen = seen;
+    Some(pick)
+}
+
+/// The pick a connection-table entry stands for, if its real and VIP are still the ones
+/// it was made for.
+#[inline(always)]
+fn live_entry(c: &ConnEntry) -> Option<Pick> {
     let real = live_real(c.real_id)?;
     if real.generation != c.real_gen {
         return None;
     }
-    match VIP_GENS.get(c.vip_id) {
+    let vip_id = c.vip_id as u32;
+    match VIP_GENS.get(vip_id) {
         Some(&g) if g != 0 && g == c.vip_gen => {}
         _ => return None,
     }
     Some(Pick {
         real_id: c.real_id,
         real,
-        vip_id: c.vip_id,
+        vip_id,
         new: false,
+        seen: c.seen,
     })
 }
 
@@ -86,7 +111,8 @@ pub fn ring_pick(flow: &FlowKey, vip: &VipMeta, learn: bool) -> Result<Pick, Cou
         let entry = ConnEntry {
             real_id,
             real_gen: real.generation,
-            vip_id: vip.vip_id,
+            vip_id: vip.vip_id as u16,
+            seen: 1,
             vip_gen: vip.generation,
         };
         // Failure only means the flow is picked from the ring again next time.
@@ -97,5 +123,6 @@ pub fn ring_pick(flow: &FlowKey, vip: &VipMeta, learn: bool) -> Result<Pick, Cou
         real,
         vip_id: vip.vip_id,
         new: true,
+        seen: 1,
     })
 }
