@@ -769,7 +769,7 @@ mod with_datapath {
             let conn = dp.conn(&flow).expect("learned");
             events.push(NewFlowEvent {
                 flow,
-                vip_id: conn.vip_id,
+                vip_id: u32::from(conn.vip_id),
                 real_id: conn.real_id,
                 real_gen: conn.real_gen,
                 _pad: 0,
