@@ -205,7 +205,7 @@ impl Capture {
                     if n <= 0 {
                         continue; // timeout (to look at the stop flag) or EINTR
                     }
-                    let outgoing = from.sll_pkttype == libc::PACKET_OUTGOING as u8;
+                    let outgoing = from.sll_pkttype == libc::PACKET_OUTGOING;
                     if let Some(frame) = parse_frame(&buf[..n as usize], outgoing) {
                         f.lock().unwrap().push(frame);
                     }
