@@ -249,14 +249,6 @@ impl Ctx {
                 format!("link set {} master {NODES_BRIDGE} up", n.host_veth),
             ],
         )?;
-        // A balancer on the node's eth0 sends frames back with XDP_TX, which a veth delivers
-        // only to a peer with NAPI on: GRO turns it on (no XDP program on the host needed).
-        crate::netns::run_command(
-            Command::new("ethtool").args(["-K", &n.host_veth, "gro", "on"]),
-            None,
-            Duration::from_secs(10),
-        )
-        .with_context(|| format!("ethtool -K {} gro on", n.host_veth))?;
         ip_batch(
             Some(&ns),
             &[
