@@ -1028,7 +1028,9 @@ async fn services_of_type_loadbalancer_on_three_nodes() {
 
     // 8. Deleting the Services releases the address everywhere.
     run_user(cluster, dir.path(), "kubectl delete service web2 -n echo");
+    let t0 = Instant::now();
     run_user(cluster, dir.path(), "kubectl delete service web -n echo");
+    let t_command = t0.elapsed();
     let node1_status = SocketAddr::new(IpAddr::V4(n1.ip), AGENT_METRICS_PORT);
     let (_, t_gone) = wait_for(cluster, "web's address released everywhere", || {
         let client = client.clone();
@@ -1091,7 +1093,8 @@ async fn services_of_type_loadbalancer_on_three_nodes() {
     .await;
     let refused = tokio::task::block_in_place(|| Conn::open(&me, vip)).is_err();
     report(&format!(
-        "`kubectl delete service web` to address released (Service, LoadBalancer, node states, ledger, node 1's datapath) {}; a new connection fails: {refused}",
+        "`kubectl delete service web` returned after {} (it waits for the finalizer), everything released (Service, LoadBalancer, node states, ledger, node 1's datapath) {} later; a new connection fails: {refused}",
+        secs(t_command),
         secs(t_gone)
     ));
     assert!(refused, "the released address still answers");
