@@ -92,6 +92,26 @@ pub const README_USER_PATH: &[&str] = &[
     "kubectl delete -k deploy/legacy-1.20/",
 ];
 
+/// The README's Services path ("Use marklb for Services of type LoadBalancer"), which
+/// `services_nodes` runs on the real three-node cluster (every command it runs as the user is
+/// one of these; `install_manifests` checks that section shows exactly these).
+pub const README_SERVICES_PATH: &[&str] = &[
+    "kubectl apply -k deploy/legacy-1.20/",
+    "kubectl apply -f pool.yaml",
+    "kubectl apply -f echo.yaml",
+    "kubectl apply -f web.yaml",
+    "kubectl get svc web -n echo",
+    "kubectl get mlbpool",
+    "kubectl get mlb -n echo",
+    "kubectl apply -f web-local.yaml",
+    "kubectl scale deployment echo -n echo --replicas=1",
+    "kubectl scale deployment echo -n echo --replicas=4",
+    "kubectl apply -f web2.yaml",
+    "kubectl describe svc web2 -n echo",
+    "kubectl delete service web2 -n echo",
+    "kubectl delete service web -n echo",
+];
+
 /// The repository root.
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -1,5 +1,6 @@
 //! Helpers shared by the integration tests.
 pub mod agent_proc;
+pub mod capture;
 pub mod cluster;
 pub mod datapath_fixture;
 pub mod install;

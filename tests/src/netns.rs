@@ -131,6 +131,23 @@ pub fn ip(ns: Option<&str>, args: &[&str]) -> io::Result<String> {
     run_command(&mut cmd, None, COMMAND_TIMEOUT)
 }
 
+/// Attaches the trivial XDP program (passes everything) to `iface` in this namespace, so that
+/// frames the peer of a veth sends back with `XDP_TX` are delivered to it (a veth hands XDP
+/// frames only to a peer that runs XDP itself). Detached when the returned datapath drops.
+pub fn attach_trivial_xdp(iface: &str) -> io::Result<Datapath> {
+    let mut dp = Datapath::load(&LoadOptions {
+        ring_capacity: 2,
+        conn_table_size: 16,
+        nic_flows: 16,
+        pin_dir: None,
+    })
+    .map_err(|e| io::Error::other(format!("loading the trivial XDP program: {e}")))?;
+    let prog = dp.program(Prog::BenchTrivial).map_err(io::Error::other)?;
+    prog.attach(iface, aya::programs::XdpMode::Driver)
+        .map_err(|e| io::Error::other(format!("trivial XDP on {iface}: {e}")))?;
+    Ok(dp)
+}
+
 /// Runs several `ip` commands (one per line, without the leading `ip`) in one process.
 pub fn ip_batch(ns: Option<&str>, commands: &[String]) -> io::Result<()> {
     if commands.is_empty() {

@@ -673,6 +673,15 @@ async fn rbac_is_least_privilege_under_the_real_1_20_authorizer() {
         documented, tested,
         "the README's commands are exactly those the install tests run"
     );
+    let services: BTreeSet<String> =
+        readme_section_commands("Use marklb for Services of type LoadBalancer")
+            .into_iter()
+            .collect();
+    assert_eq!(
+        services,
+        README_SERVICES_PATH.iter().map(|c| c.to_string()).collect(),
+        "the README's Services commands are exactly those services_nodes runs"
+    );
     let bin = tempfile::tempdir().unwrap();
     std::os::unix::fs::symlink(kubectl_bin().unwrap(), bin.path().join("kubectl")).unwrap();
     let path = format!(
@@ -865,10 +874,15 @@ async fn rbac_is_least_privilege_under_the_real_1_20_authorizer() {
 
 /// The shell commands of the README's user's guide (```sh blocks; comments stripped).
 fn readme_commands() -> Vec<String> {
+    readme_section_commands("User's guide")
+}
+
+/// The commands of the `sh` blocks of the README section whose title starts with `title`.
+fn readme_section_commands(title: &str) -> Vec<String> {
     let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
     let start = readme
-        .find("\n## User's guide")
-        .expect("a user's guide section");
+        .find(&format!("\n## {title}"))
+        .unwrap_or_else(|| panic!("a README section {title:?}"));
     let section = &readme[start + 1..];
     let section = &section[..section[3..].find("\n## ").map_or(section.len(), |i| i + 3)];
     let mut out = Vec::new();

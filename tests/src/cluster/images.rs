@@ -26,6 +26,9 @@ pub struct ImageRef {
 pub struct Images {
     pub agent: ImageRef,
     pub pause: ImageRef,
+    /// The echo server of the Services tests (`tools/image/src/bin/echo.rs`): answers with
+    /// its pod and node. Not imported at start: tests that need it import it.
+    pub echo: ImageRef,
     /// How long the build (usually a no-op) took.
     pub build_time: Duration,
 }
@@ -77,6 +80,7 @@ fn build_images() -> Result<Images> {
     Ok(Images {
         agent: take("marklb-agent")?,
         pause: take("marklb-pause")?,
+        echo: take("marklb-echo")?,
         build_time: t0.elapsed(),
     })
 }

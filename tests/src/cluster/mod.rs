@@ -23,6 +23,7 @@
 //! cluster.stop_kubelet(&n3.name)?;                 // NotReady after NODE_GRACE
 //! cluster.remove_node(&n3.name).await?;            // processes, namespaces, Node object gone
 //! let topo = NodeTopology::build(&node, opts)?;     // client/router/reals around a veth on it
+//! let me = cluster.add_client(1)?;                 // a client namespace on the node bridge
 //! ```
 //!
 //! - [`shared`] / [`cluster_or_skip!`](crate::cluster_or_skip) start one cluster per test
@@ -47,7 +48,9 @@
 //! Everything the cluster changes is written to a record ([`Record`], `<base>/current.json`)
 //! before it is changed: the processes (PID and start time), the node bridge, the named
 //! network namespaces, the nodes' cgroup roots, mount-point directories that did not exist,
-//! the machine-wide sysctls kubelet sets (saved). Stop, SIGINT and SIGTERM undo it in process;
+//! the machine-wide sysctls kubelet sets (saved), the bridge's own IPv4 forwarding (on: a
+//! balancer node's next hop to the other nodes; `ip_forward` and every other interface stay
+//! as they were), client namespaces ([`client`]). Stop, SIGINT and SIGTERM undo it in process;
 //! after a SIGKILL the next start, or `marklb-cluster down` (`make cluster-down`), undoes it
 //! from the record. [`HostState`] captures the host, so a test can prove nothing is left.
 //!
@@ -57,13 +60,18 @@
 //! and the test returns; with `MARKLB_CLUSTER_REQUIRED=1` that is a failure instead. Not being
 //! root, or the set-up never having run, is always a failure.
 //!
-//! Modules: [`binaries`] (what the set-up left, what the machine lacks), [`record`] (the record,
+//! Pods of different nodes reach each other: every node routes the other nodes' pod ranges
+//! to them over the bridge (in the nodes' namespaces; kube-proxy's `Cluster` policy needs it).
+//!
+//! Modules: [`binaries`] (what the set-up left, what the machine lacks), [`client`] (client
+//! namespaces on the node network), [`record`] (the record,
 //! the machine lock, process bookkeeping), [`host`] (host snapshots), [`teardown`], `pki`
 //! (certificates and tokens), `config` (configuration files), [`images`], `start` (the control
 //! plane), [`node`] (a node), [`shared`] (one cluster per test binary, exit and signal
 //! handlers), [`node_topology`] (a test topology around a veth on a node).
 
 pub mod binaries;
+pub mod client;
 mod config;
 pub mod host;
 pub mod images;
@@ -97,6 +105,7 @@ use kube::{
 };
 
 pub use binaries::{Availability, Binaries, availability, machine_problem};
+pub use client::{ClientInfo, client_ip};
 pub use host::{HOST_PATHS, HostState, SYSCTLS, mount_points};
 pub use images::{ImageRef, Images, images};
 pub use node_topology::{NodeTopology, render, xdp_prog_id};

@@ -4,7 +4,8 @@
 //! - Network: a named network namespace (`/var/run/netns/<node>`, what tests enter) with one
 //!   veth, `eth0` inside (the node's InternalIP, [`super::node_ip`]), `mlbh<index>` on the
 //!   host's node bridge ([`super::NODES_BRIDGE`], where the API server listens); routes to the
-//!   node network and the service range only (no default route: nothing leaves the machine,
+//!   node network, the service range and the other nodes' pod ranges (through those nodes)
+//!   only (no default route: nothing leaves the machine,
 //!   and kubelet's cloud-metadata and DNS attempts fail at once instead of timing out). Everything a
 //!   node's components do to the network (kube-proxy's and CNI's iptables, the CNI bridge,
 //!   `route_localnet`, `ip_forward`, pod namespaces) stays in that namespace.
@@ -262,8 +263,7 @@ impl Ctx {
             ],
         )?;
         // The host reaches the node's pods (Prometheus scraping pod addresses, tests talking
-        // to pods) through the node. The host does not forward: pods of different nodes do
-        // not reach each other (no test needs it, and the host's ip_forward stays as it was).
+        // to pods) through the node.
         ip(
             None,
             &[
@@ -276,6 +276,36 @@ impl Ctx {
                 NODES_BRIDGE,
             ],
         )?;
+        self.pod_routes(n)
+    }
+
+    /// Pods of different nodes reach each other as on a flat network with a route per node
+    /// (what a cloud's route table or kindnet does): each node routes every other node's pod
+    /// range to that node's address, straight over the bridge (the host forwards nothing for
+    /// it). kube-proxy needs it for `externalTrafficPolicy: Cluster`, which sends a Service's
+    /// traffic to pods of other nodes. Only the nodes' own namespaces change.
+    fn pod_routes(&self, n: &NodeRecord) -> Result<()> {
+        let ns = n.netns.as_deref().expect("netns name");
+        let me = n.ip.expect("node address");
+        for other in self.record().nodes.iter().filter(|o| o.name != n.name) {
+            let (Some(other_ns), Some(other_ip)) = (other.netns.as_deref(), other.ip) else {
+                continue;
+            };
+            if !netns_path(other_ns).exists() {
+                continue;
+            }
+            ip_batch(
+                Some(ns),
+                &[format!(
+                    "route replace {} via {other_ip}",
+                    pod_cidr(other.index)
+                )],
+            )?;
+            ip_batch(
+                Some(other_ns),
+                &[format!("route replace {} via {me}", pod_cidr(n.index))],
+            )?;
+        }
         Ok(())
     }
 

@@ -137,6 +137,8 @@ pub struct Record {
     /// The host bridge the nodes' veths are attached to, when the cluster made it.
     pub bridge: Option<String>,
     pub nodes: Vec<NodeRecord>,
+    /// Client namespaces on the node bridge ([`super::client`]).
+    pub clients: Vec<super::client::ClientInfo>,
     /// Host directories made as mount points of the nodes' private directories, in the order
     /// they were made (removed in reverse, when empty).
     pub created_dirs: Vec<PathBuf>,

@@ -127,7 +127,25 @@ impl Ctx {
                 format!("link set {NODES_BRIDGE} up"),
             ],
         )?;
-        Ok(())
+        self.bridge_forwarding()
+    }
+
+    /// Forwarding on the node bridge only: a balancer node encapsulates to another node through
+    /// its next hop, the host's address on the bridge, which routes the packet back out of the
+    /// bridge (one L2 network, one next-hop MAC for every real). `ip_forward` and every other
+    /// interface stay as they were; the setting is the bridge's own and goes with it. Recorded
+    /// (its value before: 0 on a new device unless `conf/default` says otherwise) before it is
+    /// written.
+    fn bridge_forwarding(&self) -> Result<()> {
+        let path = bridge_forwarding_path();
+        let before = fs::read_to_string(&path)
+            .with_context(|| format!("reading {path}"))?
+            .trim()
+            .to_string();
+        self.update(|r| {
+            r.sysctls.entry(path.clone()).or_insert(before);
+        })?;
+        fs::write(&path, "1").with_context(|| format!("writing 1 to {path}"))
     }
 
     /// The kubeconfig of node `name` (its own identity), written into its directory.
@@ -379,4 +397,9 @@ pub(crate) fn import_image(ctr: &Path, socket: &Path, image: &ImageRef) -> Resul
         );
     }
     Ok(())
+}
+
+/// The node bridge's own IPv4 forwarding switch (`ip_forward` is every interface's).
+pub(crate) fn bridge_forwarding_path() -> String {
+    format!("/proc/sys/net/ipv4/conf/{NODES_BRIDGE}/forwarding")
 }

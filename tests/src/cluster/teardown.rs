@@ -173,6 +173,15 @@ pub fn teardown_node(rec: &Record, n: &NodeRecord) -> Vec<String> {
             ],
         );
     }
+    // The other nodes' routes to its pods.
+    for other in rec.nodes.iter().filter(|o| o.name != n.name) {
+        if let Some(other_ns) = &other.netns
+            && netns_path(other_ns).exists()
+        {
+            let cidr = super::node::pod_cidr(n.index);
+            let _ = ip(Some(other_ns), &["route", "del", &cidr]);
+        }
+    }
     for cg in &n.cgroups {
         remove_cgroup_tree(cg, &mut problems);
     }
@@ -216,7 +225,10 @@ pub fn teardown(rec: &Record) -> Vec<String> {
             problems.push(format!("{} (pid {}) still runs", p.label(), p.pid));
         }
     }
-    // 3. The node bridge.
+    // 3. The client namespaces, then the node bridge.
+    for c in &rec.clients {
+        problems.extend(super::client::remove_client(c));
+    }
     if let Some(b) = &rec.bridge
         && link_exists(b)
         && let Err(e) = ip(None, &["link", "del", b])
@@ -225,6 +237,10 @@ pub fn teardown(rec: &Record) -> Vec<String> {
     }
     // 4. Sysctls (kubelet sets a few machine-wide ones).
     for (path, value) in &rec.sysctls {
+        // A device's own setting (the bridge's forwarding) went with the device.
+        if path.starts_with("/proc/sys/net/") && !Path::new(path).exists() {
+            continue;
+        }
         if fs::read_to_string(path).map(|v| v.trim().to_string()).ok() != Some(value.clone())
             && let Err(e) = fs::write(path, value)
         {
