@@ -1,4 +1,4 @@
-//! The install paths on the real one-node cluster (kubelet 1.20 + containerd,
+//! The install paths on the real two-node cluster (kubelet 1.20 + containerd per node,
 //! `marklb_tests::cluster`), from the images `make image` builds:
 //!
 //! - `kubectl_install_runs_the_operator_and_prometheus_scrapes_it`: `kubectl apply -k
@@ -7,16 +7,19 @@
 //!   by the test from the pods' addresses) scrapes both replicas and its HTTP API returns the
 //!   operator's series with sane values (both targets up, exactly one leader, reconciliations
 //!   counted); `kubectl delete -k deploy/legacy-1.20/` leaves nothing of ours.
-//! - `helm_installs_upgrades_and_uninstalls`: `helm install` (namespace created), the operator
-//!   Ready; `helm upgrade` with another agent XDP mode rolls the operator to the new flags;
-//!   `helm uninstall` leaves nothing of ours (objects, CRDs, cluster-wide RBAC, the Lease).
+//! - `helm_installs_scrapes_upgrades_and_uninstalls`: the Helm path as one story with a
+//!   LoadBalancer served by both nodes: Prometheus scraping the operator and every agent (file
+//!   service discovery from the README's kubectl listings) with the series' labels and values
+//!   checked, `helm upgrade` of an agent setting rolling the agents under held connections,
+//!   every dashboard panel's query returning data, `helm uninstall` leaving nothing in the
+//!   cluster and no datapath on the nodes (steps on the test function).
 //!
-//! The agents' part (a LoadBalancer -> agents Ready -> traffic through the VIP, rolling the
-//! agents on an upgrade without losing a connection, Prometheus scraping every agent, the
-//! metrics port closed on the client-facing address) needs the agent's Kubernetes mode.
+//! Every command run as the user is in `README_ON_CLUSTER`, which the README's user's guide
+//! shows (checked by `install_manifests`).
 //!
 //! One cluster for the binary, tests one at a time (they install the same cluster-wide
-//! objects). Adds about 60-90 s to a warm run (cluster start ~15 s, the rest waiting for pods).
+//! objects). The kubectl test takes ~30-60 s, the Helm story ~2-4 min (mostly waiting for pods
+//! to roll), plus ~15 s cluster start.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -103,9 +106,13 @@ async fn wait_nothing_left(cluster: &Cluster, what: &str) {
             ));
             return;
         }
+        // Generous: kubelet 1.20 on a loaded machine can take minutes to finish a pod.
         assert!(
-            started.elapsed() < Duration::from_secs(90),
-            "{what}: still there after 90 s: {left:?}"
+            started.elapsed() < Duration::from_secs(180),
+            "{what}: still there after 180 s: {left:?}\n{}",
+            cluster
+                .kubectl_ok(&["get", "pods", "-n", NS, "-o", "wide"])
+                .unwrap_or_default()
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -218,7 +225,6 @@ async fn kubectl_install_runs_the_operator_and_prometheus_scrapes_it() {
     assert!(operator_uids().is_empty(), "operator processes left");
 }
 
-
 /// Runs a command of the README's cluster list as the user (`install_manifests` checks the
 /// README shows exactly those lists), in `dir` when given.
 fn step(cluster: &Cluster, command: &str, dir: Option<&std::path::Path>) -> String {
@@ -290,7 +296,12 @@ async fn wait_web_ready(cluster: &Cluster, client: &kube::Client, nodes: &str) -
     let api: Api<LoadBalancer> = Api::namespaced(client.clone(), "shop");
     let t0 = Instant::now();
     loop {
-        let st = api.get_opt("web").await.ok().flatten().and_then(|l| l.status);
+        let st = api
+            .get_opt("web")
+            .await
+            .ok()
+            .flatten()
+            .and_then(|l| l.status);
         if let Some(st) = &st
             && conditions::is_true(&st.conditions, conditions::READY)
             && st.nodes.as_deref() == Some(nodes)
@@ -532,7 +543,9 @@ async fn helm_installs_scrapes_upgrades_and_uninstalls() {
             .expect("the node's datapath");
         assert_eq!(s["metric"]["interface"], IFACE, "{s}");
         assert_eq!(
-            s["metric"]["program_id"].as_str().and_then(|p| p.parse().ok()),
+            s["metric"]["program_id"]
+                .as_str()
+                .and_then(|p| p.parse().ok()),
             side.topo.xdp_prog_id(),
             "the program on the interface is the one the agent reports: {s}"
         );
@@ -541,7 +554,9 @@ async fn helm_installs_scrapes_upgrades_and_uninstalls() {
         .query("sum by (node) (marklb_vips) + sum by (node) (marklb_reals)")
         .unwrap();
     assert_eq!(
-        by_node(configured.as_array().unwrap()).values().collect::<Vec<_>>(),
+        by_node(configured.as_array().unwrap())
+            .values()
+            .collect::<Vec<_>>(),
         vec![&3.0, &3.0],
         "1 VIP + 2 reals per node"
     );
@@ -600,7 +615,9 @@ async fn helm_installs_scrapes_upgrades_and_uninstalls() {
     }
     let operators = wait_operator(cluster, 2, Some("--agent-hw-backend=emulated")).await;
     for (side, c) in &mut held {
-        let r = c.request("after").expect("a held connection after the roll");
+        let r = c
+            .request("after")
+            .expect("a held connection after the roll");
         assert_eq!(r, c.real, "{}", side.node.name);
         requests += 1;
     }
