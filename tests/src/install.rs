@@ -38,13 +38,31 @@ pub const README_ON_API_SERVER: &[&str] = &[
     "cd monitoring && promtool test rules alerts.test.yaml",
 ];
 
-/// The README user's guide's commands that `install_cluster` runs on the real cluster.
+/// The README user's guide's commands that `install_cluster` runs on the real cluster: the
+/// kubectl install's removal, then the Helm story (install, a LoadBalancer on both nodes,
+/// Prometheus' targets, an upgrade rolling the agents, uninstall).
 pub const README_ON_CLUSTER: &[&str] = &[
     "kubectl delete -k deploy/legacy-1.20/",
     "helm install marklb charts/marklb --namespace marklb-system --create-namespace",
-    "helm upgrade marklb charts/marklb --namespace marklb-system --set agent.xdpMode=generic",
+    "kubectl label node marklb-node-1 marklb.io/loadbalancer-node=true",
+    "kubectl label node marklb-node-2 marklb.io/loadbalancer-node=true",
+    "kubectl create namespace shop",
+    "kubectl apply -f web.yaml",
+    README_AGENT_TARGETS,
+    README_OPERATOR_TARGETS,
+    "helm upgrade marklb charts/marklb --namespace marklb-system --set agent.hwBackend=emulated",
+    "kubectl delete mlb web -n shop",
     "helm uninstall marklb --namespace marklb-system",
+    "kubectl delete namespace shop",
+    "kubectl delete namespace marklb-system",
 ];
+
+/// The agents' scrape targets as the README has a user list them: `<node> <address>` per
+/// line (the agents run in the host network: the pod's address is the node's).
+pub const README_AGENT_TARGETS: &str = r#"kubectl get pods -n marklb-system -l app.kubernetes.io/name=marklb-agent -o jsonpath='{range .items[*]}{.spec.nodeName} {.status.podIP}{"\n"}{end}'"#;
+
+/// The operator replicas' scrape targets: `<pod> <address>` per line.
+pub const README_OPERATOR_TARGETS: &str = r#"kubectl get pods -n marklb-system -l app.kubernetes.io/name=marklb-operator -o jsonpath='{range .items[*]}{.metadata.name} {.status.podIP}{"\n"}{end}'"#;
 
 /// The README's troubleshooting commands, as `agent_e2e` runs them on its network-namespace
 /// node (`XXXX` stands for that test's temporary directory; `install_manifests` checks the

@@ -5,6 +5,7 @@ pub mod cluster;
 pub mod datapath_fixture;
 pub mod install;
 pub mod kube_harness;
+pub mod lb_side;
 pub mod netns;
 pub mod ns_forward;
 pub mod operator_harness;

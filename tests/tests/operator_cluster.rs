@@ -44,7 +44,6 @@ use std::{
 
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::Pod};
 use kube::{Api, Client};
-use marklb_agent::decap::Decap;
 use marklb_crds::{
     LoadBalancer, LoadBalancerNodeState,
     conditions::{self, find_condition},
@@ -52,107 +51,21 @@ use marklb_crds::{
 };
 use marklb_operator::manifests::OPERATOR_NAME;
 use marklb_tests::{
-    agent_proc::{Scrape, attach_decaps, http_get},
-    cluster::{Cluster, NodeInfo, NodeTopology},
+    cluster::Cluster,
     cluster_or_skip,
     install::README_USER_PATH,
     kube_harness::report,
-    netns::{Servers, TcpConn, TopologyOptions, tally, tcp_connect_many},
+    lb_side::{
+        AGENT_SELECTOR, IFACE, NODE_LABEL, PORT, Side, T, WAIT, WEB_BACKENDS, WEB_VIP,
+        loadbalancer_yaml,
+    },
+    netns::{TcpConn, tcp_connect_many},
     operator_install::{NS, import_operator_image, pod_ready, user, wait_operator},
 };
 
 /// The user's namespace.
 const SHOP: &str = "shop";
-/// The interface name of the test veth on every node.
-const IFACE: &str = "mlbop0";
-const WEB_VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
 const API_VIP: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 2);
-const PORT: u16 = 80;
-const T: Duration = Duration::from_secs(3);
-const WAIT: Duration = Duration::from_secs(90);
-const NODE_LABEL: &str = "marklb.io/loadbalancer-node";
-const AGENT_SELECTOR: &str = "app.kubernetes.io/name=marklb-agent";
-/// The agent's metrics port (operator flag `--agent-metrics-port`, bound to the node address).
-const AGENT_METRICS_PORT: u16 = 9464;
-
-/// A node with a topology on it: the client reaches the VIPs through this node's agent.
-struct Side {
-    node: NodeInfo,
-    // Drop order: servers and decapsulators before the topology.
-    _servers: Servers,
-    _decaps: Vec<Decap>,
-    topo: NodeTopology,
-}
-
-impl Side {
-    fn build(node: NodeInfo) -> Side {
-        let topo = NodeTopology::build_named(
-            &node,
-            TopologyOptions {
-                reals: 2,
-                vips_v4: vec![WEB_VIP, API_VIP],
-                client_mtu: 1400,
-                ..Default::default()
-            },
-            IFACE,
-        )
-        .expect("a topology around a veth on the node");
-        let decaps = attach_decaps(&topo).expect("decapsulation on the reals");
-        let servers = Servers::start(&topo, PORT, 53).expect("servers on the reals");
-        Side {
-            node,
-            _servers: servers,
-            _decaps: decaps,
-            topo,
-        }
-    }
-
-    /// `n` new connections to `vip`, one request each: the reals that answered.
-    fn reals(&self, vip: Ipv4Addr, n: usize) -> std::io::Result<BTreeMap<String, usize>> {
-        let conns = tcp_connect_many(
-            &self.topo.client.ns,
-            SocketAddr::new(IpAddr::V4(vip), PORT),
-            n,
-            T,
-        )?;
-        let mut names = Vec::new();
-        for mut c in conns {
-            let r = c.request("hello")?;
-            assert_eq!(r, c.real, "a connection changed real");
-            names.push(r);
-            c.close();
-        }
-        Ok(tally(names.iter().map(String::as_str)))
-    }
-
-    /// Polls until new connections to `vip` land on exactly the reals `want`; how long it took.
-    async fn wait_reals(&self, vip: Ipv4Addr, want: &[&str]) -> Duration {
-        let t0 = Instant::now();
-        loop {
-            let got = self.reals(vip, 12);
-            if let Ok(t) = &got
-                && t.keys().map(String::as_str).eq(want.iter().copied())
-            {
-                return t0.elapsed();
-            }
-            assert!(
-                t0.elapsed() < WAIT,
-                "{vip} via {}: not exactly {want:?} after {WAIT:?}: {got:?}",
-                self.node.name
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
-    fn agent_scrape(&self) -> Scrape {
-        let r = http_get(
-            SocketAddr::new(IpAddr::V4(self.node.ip), AGENT_METRICS_PORT),
-            "/metrics",
-        )
-        .expect("the agent's /metrics on the node address");
-        Scrape::parse(&r.body).expect("parsing the agent's metrics")
-    }
-}
 
 fn secs(d: Duration) -> String {
     format!("{:.1} s", d.as_secs_f64())
@@ -341,37 +254,6 @@ impl Prober {
     }
 }
 
-/// A LoadBalancer of the story as the user writes it (the gateway MAC and the encapsulation
-/// prefix are the test topology's, the reals its two real servers).
-fn loadbalancer_yaml(name: &str, vip: Ipv4Addr, selector: &str, backends: &str) -> String {
-    format!(
-        "apiVersion: marklb.io/v1alpha1
-kind: LoadBalancer
-metadata:
-  name: {name}
-  namespace: shop
-spec:
-  interface: {IFACE}
-  nodeSelector:
-    {selector}
-  nextHop:
-    mac: \"02:00:00:01:00:01\"
-  encap:
-    sourcePrefixV4: 10.202.0.0/16
-  vips:
-    - name: http
-      address: {vip}
-      port: 80
-      protocol: TCP
-{backends}"
-    )
-}
-
-const WEB_BACKENDS: &str = "      backends:
-        - address: 10.201.1.2
-        - address: 10.201.2.2
-";
-
 /// The Service without selector and its hand-written EndpointSlice (v1beta1: Kubernetes 1.20).
 fn service_yaml(addresses: &[&str]) -> String {
     let endpoints: String = addresses
@@ -441,8 +323,8 @@ async fn loadbalancers_become_programmed_nodes_and_conditions() {
     let story = Instant::now();
     let client = cluster.client().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let n1 = Side::build(nodes[0].clone());
-    let n2 = Side::build(nodes[1].clone());
+    let n1 = Side::build(nodes[0].clone(), vec![WEB_VIP, API_VIP]);
+    let n2 = Side::build(nodes[1].clone(), vec![WEB_VIP, API_VIP]);
 
     report(
         "1. install: kubectl apply -k deploy/legacy-1.20/ (CRDs, RBAC, the operator from its image)",
