@@ -18,8 +18,15 @@ pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 /// states, plus their status): a node whose agent is gone is released after the wait.
 pub const OPERATOR_FINALIZER: &str = "marklb.io/loadbalancer-cleanup";
 
-/// Server-side apply field manager of the operator (LB status, node state specs, DaemonSet).
+/// Server-side apply field manager of the operator's objects and specs (node states, the
+/// LoadBalancers of Services, DaemonSets).
 pub const OPERATOR_FIELD_MANAGER: &str = "marklb-operator";
+/// Server-side apply field manager of the operator's status writes (LoadBalancer, Service).
+/// Kubernetes before 1.22 keeps one managed-fields entry per manager and operation for an object
+/// and its status subresource alike: a status apply under the spec's manager replaced the record
+/// of the spec fields that manager owned, and its next spec apply could not remove what it no
+/// longer listed (a node that lost its last endpoint stayed in `vips[].backends`).
+pub const OPERATOR_STATUS_FIELD_MANAGER: &str = "marklb-operator-status";
 /// Server-side apply field manager of the agents (node state status only).
 pub const AGENT_FIELD_MANAGER: &str = "marklb-agent";
 
@@ -162,6 +169,7 @@ mod tests {
     fn names_are_distinct() {
         assert_ne!(NODE_LABEL, LOADBALANCER_LABEL);
         assert_ne!(OPERATOR_FIELD_MANAGER, AGENT_FIELD_MANAGER);
+        assert_ne!(OPERATOR_FIELD_MANAGER, OPERATOR_STATUS_FIELD_MANAGER);
         assert_eq!(loadbalancer_label_value("web"), "web");
     }
 }

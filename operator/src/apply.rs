@@ -10,7 +10,7 @@
 use k8s_openapi::api::apps::v1::DaemonSet;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
-use marklb_crds::labels::OPERATOR_FIELD_MANAGER;
+use marklb_crds::labels::{OPERATOR_FIELD_MANAGER, OPERATOR_STATUS_FIELD_MANAGER};
 use marklb_crds::{API_VERSION, LoadBalancer, LoadBalancerNodeState, LoadBalancerStatus};
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -68,6 +68,11 @@ pub fn node_state_needs_write(
 
 fn apply_params() -> PatchParams {
     PatchParams::apply(OPERATOR_FIELD_MANAGER).force()
+}
+
+/// Status applies go under their own manager (see [`OPERATOR_STATUS_FIELD_MANAGER`]).
+pub(crate) fn status_apply_params() -> PatchParams {
+    PatchParams::apply(OPERATOR_STATUS_FIELD_MANAGER).force()
 }
 
 /// Server-side applies a node state; returns the object as stored.
@@ -153,7 +158,7 @@ pub async fn patch_status(
         "status": to_value("LoadBalancer status", status)?,
     });
     metrics.wrote("LoadBalancer", "status");
-    api.patch_status(&lb.name_any(), &apply_params(), &Patch::Apply(&body))
+    api.patch_status(&lb.name_any(), &status_apply_params(), &Patch::Apply(&body))
         .await?;
     Ok(())
 }

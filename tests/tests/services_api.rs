@@ -473,6 +473,10 @@ async fn services_on_kube120() {
         &[("192.168.50.2", 2), ("192.168.50.3", 1)],
     )
     .await;
+    // Scaled down: n3's last endpoint goes, and n3 with it (a real whose kube-proxy would drop
+    // new flows under Local).
+    put_slice(&client, "local", &[("10.9.0.1", "n2"), ("10.9.0.2", "n2")]).await;
+    wait_reals(&client, "local", &[("192.168.50.2", 2)]).await;
 
     report("Cluster: a node joins, a node is cordoned (drained: weight 0)");
     put_ready_node(&client, "n4", &[], "192.168.50.4").await;

@@ -100,6 +100,9 @@ pub async fn apply_service_status(
     }
     let body = json!({"apiVersion": "v1", "kind": "Service", "status": status});
     metrics.wrote("Service", "status");
+    // Under the spec's manager: the operator applies no Service spec, so nothing of it can be
+    // lost (see OPERATOR_STATUS_FIELD_MANAGER), and a Service's ingress written by an earlier
+    // version stays releasable.
     api.patch_status(&svc.name_any(), &apply_params(), &Patch::Apply(&body))
         .await?;
     Ok(())
