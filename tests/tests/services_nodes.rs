@@ -70,8 +70,6 @@ const WAIT: Duration = Duration::from_secs(150);
 const N: usize = 40;
 const AGENT_METRICS_PORT: u16 = 9464;
 const OPERATOR_SELECTOR: &str = "app.kubernetes.io/name=marklb-operator";
-/// Set to 1 to run the scale-down step (fails today: see step 5).
-const SCALE_DOWN_ENV: &str = "MARKLB_SERVICES_SCALE_DOWN";
 
 fn secs(d: Duration) -> String {
     format!("{:.1} s", d.as_secs_f64())
@@ -775,11 +773,9 @@ async fn services_of_type_loadbalancer_on_three_nodes() {
     assert!(!p.replies_by_node.contains_key(&n1.name), "{p:?}");
 
     // 5. Scale down to one pod: new connections follow it; established ones to it keep
-    //    answering. Then scale up again. Known to fail today (run with
-    //    MARKLB_SERVICES_SCALE_DOWN=1): on the 1.20 API server the operator's server-side apply
-    //    of svc-web without node 3's backend leaves that backend in the spec (nested list-map
-    //    item removal), so node 3 keeps receiving new flows it drops under `Local`.
-    if std::env::var(SCALE_DOWN_ENV).as_deref() == Ok("1") {
+    //    answering. Then scale up again. (Failed until the operator's status applies got their
+    //    own field manager: on 1.20 the emptied node stayed a real.)
+    {
         let (mut held, _) = wait_spread(
             cluster,
             &me,
@@ -879,10 +875,6 @@ async fn services_of_type_loadbalancer_on_three_nodes() {
             by_node(&conns)
         ));
         drop(conns);
-    } else {
-        report(&format!(
-            "scale-down step not run (known operator bug on 1.20; {SCALE_DOWN_ENV}=1 runs it)"
-        ));
     }
 
     // 6. A second Service asking for web's address: refused, naming the holder; web serves.
