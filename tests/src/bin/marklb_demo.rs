@@ -27,7 +27,7 @@ use marklb_tests::{
     },
     netns::{
         ENCAP_SRC_V4, ENCAP_SRC_V6, NAME_PREFIX, Servers, TcpConn, Topology, TopologyOptions,
-        UdpFlow, in_netns, ip, tally, udp_flows,
+        UdpFlow, in_netns, ip, tally, udp_flows_earning_marks,
     },
 };
 
@@ -577,7 +577,8 @@ fn run_traffic(d: &Demo, args: &Args, m0: Scrape) -> Result<Traffic> {
         Ok(v)
     })??;
     let mut flows: Vec<UdpFlow> =
-        udp_flows(&client, udp4, args.udp_flows, T).context("UDP flows")?;
+        // Each sends the datagrams a UDP flow needs to earn its mark (the first ones only count).
+        udp_flows_earning_marks(&client, udp4, args.udp_flows, T).context("UDP flows")?;
     let new_flows = (conns.len() + flows.len()) as f64;
     let m1 = d.wait_scrape("a mark for every new flow", |s| {
         s.get("marklb_mark_installs_total", &[("result", "ok")]) >= new_flows
