@@ -242,7 +242,7 @@ impl KubeSource {
                     obj.uid().as_deref(),
                     obj.status.clone().unwrap_or_default(),
                 );
-                self.states.observe(*obj);
+                self.states.observe_written(*obj);
             }
             WriteResult::Gone => {
                 writes.with_label_values(&["gone"]).inc();

@@ -94,9 +94,18 @@ impl NodeStates {
         }
     }
 
-    /// Stores `obj` unless a newer version of it is stored already (a status write's
-    /// response can arrive before or after the watch event of the same write).
-    pub fn observe(&mut self, obj: LoadBalancerNodeState) {
+    /// Takes the object a status write returned, if the watch still holds it and has nothing
+    /// newer: the response can arrive before or after the watch event of the same write, and
+    /// after the watch's Delete of the object too, which must not bring it back (an agent once
+    /// kept serving a deleted node state until the next re-list). Only the watch adds objects.
+    pub fn observe_written(&mut self, obj: LoadBalancerNodeState) {
+        if self.objects.contains_key(&StateKey::of(&obj)) {
+            self.observe(obj);
+        }
+    }
+
+    /// Stores `obj` unless a newer version of it is stored already.
+    fn observe(&mut self, obj: LoadBalancerNodeState) {
         let key = StateKey::of(&obj);
         match self.objects.get(&key) {
             Some(old) if !not_older(&obj, old) => {}
@@ -307,6 +316,23 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_write_response_after_the_delete_does_not_bring_the_object_back() {
+        let mut store = listed(&[state("a", "a", "n", 1, "10.0.0.1")]);
+        let mut written = state("a", "a", "n", 1, "10.0.0.1");
+        written.metadata.resource_version = Some("30".into());
+        assert!(store.on_event(Event::Delete(state("a", "a", "n", 1, "10.0.0.1"))));
+        store.observe_written(written);
+        assert_eq!(
+            store.len(),
+            0,
+            "resurrected by a late status-write response"
+        );
+        // Nor does a response add an object the watch never showed.
+        store.observe_written(state("b", "b", "n", 1, "10.0.0.2"));
+        assert_eq!(store.len(), 0);
+    }
+
+    #[test]
     fn an_older_version_never_replaces_a_newer_one() {
         let mut store = listed(&[]);
         let mut newer = state("a", "a", "n", 1, "10.0.0.1");
@@ -315,7 +341,8 @@ pub(crate) mod tests {
             vips: 1,
             ..Default::default()
         });
-        store.observe(newer);
+        store.on_event(Event::Apply(state("a", "a", "n", 1, "10.0.0.1")));
+        store.observe_written(newer);
         // The watch event of an earlier write arrives after the newer write's response.
         store.on_event(Event::Apply(state("a", "a", "n", 1, "10.0.0.1")));
         let key = StateKey {
