@@ -486,8 +486,10 @@ async fn get_svc(client: &Client, name: &str) -> Option<Service> {
         .expect("reading a Service")
 }
 
-/// The resource versions of what the operator writes (pool, Services, LoadBalancer) and the
-/// generations of the node states.
+/// What the operator decides, by object: the pool's allocations, each Service's ingress and
+/// marklb conditions (status and reason), each LoadBalancer's and node state's generation (their
+/// specs). Not resource versions: the agents' status (marks in use aging out, counters) moves
+/// the LoadBalancer's status and the Service's condition messages whatever the operator does.
 async fn written(client: &Client) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     let pool = Api::<LoadBalancerIPPool>::all(client.clone())
@@ -495,17 +497,35 @@ async fn written(client: &Client) -> BTreeMap<String, String> {
         .await
         .unwrap();
     out.insert(
-        "pool".into(),
-        pool.metadata.resource_version.unwrap_or_default(),
+        "pool allocations".into(),
+        format!(
+            "{:?}",
+            pool.status.map(|s| s
+                .allocations
+                .into_iter()
+                .map(|a| (a.address, a.service))
+                .collect::<Vec<_>>())
+        ),
     );
     for s in Api::<Service>::namespaced(client.clone(), APP)
         .list(&ListParams::default())
         .await
         .unwrap()
     {
+        let status = s.status.unwrap_or_default();
+        let conditions: Vec<(String, String, String)> = status
+            .conditions
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|c| c.type_.starts_with("marklb.io/"))
+            .map(|c| (c.type_, c.status, c.reason))
+            .collect();
         out.insert(
             format!("service {}", s.metadata.name.unwrap_or_default()),
-            s.metadata.resource_version.unwrap_or_default(),
+            format!(
+                "ingress {:?}; {conditions:?}",
+                status.load_balancer.and_then(|l| l.ingress)
+            ),
         );
     }
     for lb in Api::<LoadBalancer>::namespaced(client.clone(), APP)
@@ -514,8 +534,11 @@ async fn written(client: &Client) -> BTreeMap<String, String> {
         .unwrap()
     {
         out.insert(
-            format!("loadbalancer {}", lb.metadata.name.unwrap_or_default()),
-            lb.metadata.resource_version.unwrap_or_default(),
+            format!(
+                "loadbalancer {} generation",
+                lb.metadata.name.unwrap_or_default()
+            ),
+            lb.metadata.generation.unwrap_or_default().to_string(),
         );
     }
     for ns in Api::<LoadBalancerNodeState>::namespaced(client.clone(), APP)
