@@ -970,6 +970,22 @@ async fn services_of_type_loadbalancer_on_three_nodes() {
     drop(ok);
 
     // 7. Both operator pods deleted: the new leader re-reads the allocations, writes nothing.
+    //    From a settled point: after step 5's scale-up, web is Ready again once its agent
+    //    reports the last spec (a snapshot taken before would see the old operator finish).
+    wait_for(cluster, "web marklb.io/Ready=True again", || {
+        let client = client.clone();
+        async move {
+            let svc = get_svc(&client, "web").await;
+            let c = svc
+                .as_ref()
+                .and_then(|s| svc_condition(s, condition::READY));
+            match &c {
+                Some((s, _, _)) if s == "True" => Ok(()),
+                _ => Err(format!("{c:?}")),
+            }
+        }
+    })
+    .await;
     let before = written(&client).await;
     let old: BTreeSet<String> = cluster
         .pods(&client, SYSTEM_NS, OPERATOR_SELECTOR)
