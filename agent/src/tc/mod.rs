@@ -138,18 +138,10 @@ impl TcSocket {
         let mut buf = vec![0u8; 16 * 1024];
         loop {
             let n = self.recv(&mut buf)?;
-            let mut off = 0;
-            while off + 16 <= n {
-                let len = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4")) as usize;
-                let kind = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().expect("2"));
-                let mseq = u32::from_ne_bytes(buf[off + 8..off + 12].try_into().expect("4"));
-                if len < 16 || off + len > n {
-                    break;
-                }
+            for (msg, kind, mseq) in messages(&buf[..n]) {
                 if mseq == seq && kind == NLMSG_ERROR {
-                    return ack_result(&buf[off..off + len]);
+                    return ack_result(msg);
                 }
-                off += (len + 3) & !3;
             }
         }
     }
@@ -173,22 +165,14 @@ impl TcSocket {
         let mut buf = vec![0u8; 64 * 1024];
         while left > 0 {
             let n = self.recv(&mut buf)?;
-            let mut off = 0;
-            while off + 16 <= n {
-                let len = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4")) as usize;
-                let kind = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().expect("2"));
-                let mseq = u32::from_ne_bytes(buf[off + 8..off + 12].try_into().expect("4"));
-                if len < 16 || off + len > n {
-                    break;
-                }
+            for (msg, kind, mseq) in messages(&buf[..n]) {
                 if kind == NLMSG_ERROR
                     && let Some(&i) = slot.get(&mseq)
                     && out[i].is_none()
                 {
-                    out[i] = Some(ack_result(&buf[off..off + len]));
+                    out[i] = Some(ack_result(msg));
                     left -= 1;
                 }
-                off += (len + 3) & !3;
             }
         }
         Ok(out
@@ -204,25 +188,17 @@ impl TcSocket {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = self.recv(&mut buf)?;
-            let mut off = 0;
-            while off + 16 <= n {
-                let len = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4")) as usize;
-                let kind = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().expect("2"));
-                let mseq = u32::from_ne_bytes(buf[off + 8..off + 12].try_into().expect("4"));
-                if len < 16 || off + len > n {
-                    break;
-                }
+            for (msg, kind, mseq) in messages(&buf[..n]) {
                 if mseq == seq {
                     match kind {
                         NLMSG_DONE => return Ok(out),
                         NLMSG_ERROR => {
-                            ack_result(&buf[off..off + len])?;
+                            ack_result(msg)?;
                             return Ok(out);
                         }
-                        _ => out.push(buf[off..off + len].to_vec()),
+                        _ => out.push(msg.to_vec()),
                     }
                 }
-                off += (len + 3) & !3;
             }
         }
     }
@@ -255,6 +231,21 @@ impl TcSocket {
         }
         Ok(n as usize)
     }
+}
+
+/// The netlink messages of one received datagram: each whole message (header included) with its
+/// type and sequence number; stops at a truncated or malformed header.
+fn messages(buf: &[u8]) -> impl Iterator<Item = (&[u8], u16, u32)> + '_ {
+    let mut off = 0;
+    std::iter::from_fn(move || {
+        let hdr = buf.get(off..off + 16)?;
+        let len = u32::from_ne_bytes(hdr[0..4].try_into().expect("4")) as usize;
+        let kind = u16::from_ne_bytes(hdr[4..6].try_into().expect("2"));
+        let seq = u32::from_ne_bytes(hdr[8..12].try_into().expect("4"));
+        let msg = buf.get(off..off + len).filter(|_| len >= 16)?;
+        off += (len + 3) & !3;
+        Some((msg, kind, seq))
+    })
 }
 
 /// The outcome in an `NLMSG_ERROR` message: error 0 is the ack; otherwise errno and the
