@@ -486,6 +486,25 @@ async fn get_svc(client: &Client, name: &str) -> Option<Service> {
         .expect("reading a Service")
 }
 
+/// Waits until Service `web` says `marklb.io/Ready=True`; how long it took.
+async fn wait_web_ready(cluster: &Cluster, client: &Client, what: &str) -> Duration {
+    wait_for(cluster, what, || {
+        let client = client.clone();
+        async move {
+            let svc = get_svc(&client, "web").await;
+            let c = svc
+                .as_ref()
+                .and_then(|s| svc_condition(s, condition::READY));
+            match &c {
+                Some((s, _, _)) if s == "True" => Ok(()),
+                _ => Err(format!("{c:?}")),
+            }
+        }
+    })
+    .await
+    .1
+}
+
 /// What the operator decides, by object: the pool's allocations, each Service's ingress and
 /// marklb conditions (status and reason), each LoadBalancer's and node state's generation (their
 /// specs). Not resource versions: the agents' status (marks in use aging out, counters) moves
@@ -662,20 +681,7 @@ async fn services_of_type_loadbalancer_on_three_nodes() {
         }
     })
     .await;
-    let (_, t_serving) = wait_for(cluster, "web marklb.io/Ready=True", || {
-        let client = client.clone();
-        async move {
-            let svc = get_svc(&client, "web").await;
-            let c = svc
-                .as_ref()
-                .and_then(|s| svc_condition(s, condition::READY));
-            match &c {
-                Some((s, _, _)) if s == "True" => Ok(()),
-                _ => Err(format!("{c:?}")),
-            }
-        }
-    })
-    .await;
+    let t_serving = wait_web_ready(cluster, &client, "web marklb.io/Ready=True").await;
     let t_serving = t_ingress + t_serving;
     report(&format!(
         "install {}; echo pods Ready {}; web: ingress {vip} after {}, Serving after {}",
@@ -972,20 +978,7 @@ async fn services_of_type_loadbalancer_on_three_nodes() {
     // 7. Both operator pods deleted: the new leader re-reads the allocations, writes nothing.
     //    From a settled point: after step 5's scale-up, web is Ready again once its agent
     //    reports the last spec (a snapshot taken before would see the old operator finish).
-    wait_for(cluster, "web marklb.io/Ready=True again", || {
-        let client = client.clone();
-        async move {
-            let svc = get_svc(&client, "web").await;
-            let c = svc
-                .as_ref()
-                .and_then(|s| svc_condition(s, condition::READY));
-            match &c {
-                Some((s, _, _)) if s == "True" => Ok(()),
-                _ => Err(format!("{c:?}")),
-            }
-        }
-    })
-    .await;
+    wait_web_ready(cluster, &client, "web marklb.io/Ready=True again").await;
     let before = written(&client).await;
     let old: BTreeSet<String> = cluster
         .pods(&client, SYSTEM_NS, OPERATOR_SELECTOR)
