@@ -132,7 +132,7 @@ pub fn daemonset_needs_write(desired: &DaemonSet, existing: Option<&DaemonSet>) 
         to_value("DaemonSet", existing)?,
     );
     if let Some(meta) = want.get_mut("metadata").and_then(Value::as_object_mut) {
-        meta.retain(|k, _| k == "labels");
+        meta.retain(|k, _| k == "labels" || k == "ownerReferences");
     }
     // Affinity lists must be equal, not contained: a removed selector must go.
     let path = ["spec", "template", "spec", "affinity"];

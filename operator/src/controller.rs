@@ -83,6 +83,8 @@ pub struct Context {
     /// LoadBalancers at once after a restart), and checking then applying without holding it
     /// let each of them apply the same DaemonSet.
     last_daemonset: tokio::sync::Mutex<Option<DaemonSet>>,
+    /// The owner of the DaemonSet (the operator's ServiceAccount).
+    install_owner: crate::install_owner::InstallOwner,
     /// True once every cache was filled.
     caches_filled: tokio::sync::watch::Receiver<bool>,
 }
@@ -101,6 +103,10 @@ impl Context {
             controller: OPERATOR_FIELD_MANAGER.into(),
             instance: Some(instance.into()),
         };
+        let install_owner = crate::install_owner::InstallOwner::new(
+            &settings.namespace,
+            settings.install_owner.as_deref(),
+        );
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
@@ -109,6 +115,7 @@ impl Context {
             caches,
             failures: Mutex::default(),
             last_daemonset: tokio::sync::Mutex::default(),
+            install_owner,
             caches_filled,
         }
     }
@@ -265,12 +272,17 @@ impl Context {
             .collect();
         let interface =
             desired::agent_interface(served.iter().map(|lb| lb.spec.interface.as_deref()));
-        let ds = desired::agent_daemonset_on(
+        let mut ds = desired::agent_daemonset_on(
             &self.settings.namespace,
             &self.settings.agent,
             served.iter().map(|lb| lb.spec.node_selector.as_ref()),
             interface.as_deref(),
         );
+        ds.metadata.owner_references = self
+            .install_owner
+            .reference(&self.client, &self.metrics)
+            .await
+            .map(|owner| vec![owner]);
         let mut last = self.last_daemonset.lock().await;
         if !apply::daemonset_needs_write(&ds, last.as_ref())? {
             return Ok(());

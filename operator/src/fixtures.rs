@@ -165,6 +165,22 @@ impl Sent {
 /// Answers `true` to fail a request with this status code.
 pub type Fail = Box<dyn Fn(&Sent) -> Option<u16> + Send + Sync>;
 
+/// Path of the operator's ServiceAccount, the owner of the DaemonSets it applies.
+pub const OWNER_SA_PATH: &str = "/api/v1/namespaces/marklb-system/serviceaccounts/marklb-operator";
+/// Its uid as the mock API answers it.
+pub const OWNER_SA_UID: &str = "uid-sa-marklb-operator";
+
+/// The operator's ServiceAccount as the API server answers a GET.
+pub fn owner_service_account() -> serde_json::Value {
+    serde_json::json!({"apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": {"name": "marklb-operator", "namespace": "marklb-system", "uid": OWNER_SA_UID}})
+}
+
+/// The owner reference every DaemonSet the operator applies carries.
+pub fn owner_sa_reference() -> serde_json::Value {
+    serde_json::json!([{"apiVersion": "v1", "kind": "ServiceAccount", "name": "marklb-operator", "uid": OWNER_SA_UID}])
+}
+
 /// A client whose requests are answered by a recorder: writes echo their body back as the
 /// stored object (status and finalizer patches answer with `lb`), deletes answer 200, and
 /// `fail` may turn any request into an API error.
@@ -199,6 +215,8 @@ pub fn mock_client(
             if path.contains("/loadbalancers/") {
                 reply = serde_json::to_value(lb.as_ref().expect("a LoadBalancer to answer with"))
                     .unwrap();
+            } else if path == OWNER_SA_PATH {
+                reply = owner_service_account();
             } else if s.method == "DELETE" {
                 reply =
                     serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Success"});

@@ -22,6 +22,7 @@ pub mod controller;
 pub mod desired;
 pub mod endpoints;
 pub mod http;
+pub mod install_owner;
 pub mod leader;
 pub mod manifests;
 pub mod metrics;

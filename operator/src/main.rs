@@ -125,6 +125,11 @@ struct RunArgs {
     /// Do not apply the agent and decapsulator DaemonSets (deployed some other way).
     #[arg(long)]
     no_daemonset: bool,
+    /// The operator's ServiceAccount (in --namespace), made the owner of the DaemonSets the
+    /// operator applies so that uninstalling deletes them (the manifests set it from the
+    /// downward API); empty: no owner.
+    #[arg(long, env = "OPERATOR_SERVICE_ACCOUNT", default_value = "")]
+    owner_service_account: String,
     /// Do not watch agent and decapsulator pods (no AgentNotScheduled reason, every node may
     /// be a real of a Service; no pod permissions needed).
     #[arg(long)]
@@ -212,6 +217,7 @@ async fn run(args: RunArgs) -> Result<()> {
         .context("no Kubernetes client (in-cluster or KUBECONFIG)")?;
     let mut settings = args.common.settings();
     settings.manage_daemonset = !args.no_daemonset;
+    settings.install_owner = Some(args.owner_service_account.clone()).filter(|n| !n.is_empty());
     settings.watch_agent_pods = !args.no_agent_pods;
     // The decapsulator DaemonSet and its pods follow the agent's flags.
     settings.services.manage_decap = !args.no_daemonset;

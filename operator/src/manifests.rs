@@ -49,12 +49,14 @@ pub fn operator_cluster_rules() -> Value {
     ])
 }
 
-/// The operator's permissions in its own namespace (DaemonSet, agent pods, Lease).
+/// The operator's permissions in its own namespace (DaemonSet, agent pods, Lease, and reading
+/// its own ServiceAccount, the owner of the DaemonSets: `crate::install_owner`).
 pub fn operator_namespace_rules() -> Value {
     json!([
         {"apiGroups": ["apps"], "resources": ["daemonsets"], "verbs": ["get", "list", "watch", "create", "patch"]},
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "list", "watch", "create", "patch", "update"]},
+        {"apiGroups": [""], "resources": ["serviceaccounts"], "resourceNames": [OPERATOR_NAME], "verbs": ["get"]},
     ])
 }
 
@@ -162,6 +164,7 @@ pub fn manifests(settings: &Settings, operator: &OperatorDeployment) -> Vec<Valu
                             "args": operator_args(settings, operator.metrics_port),
                             "env": [
                                 {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                                {"name": "OPERATOR_SERVICE_ACCOUNT", "valueFrom": {"fieldRef": {"fieldPath": "spec.serviceAccountName"}}},
                                 {"name": "NO_COLOR", "value": "1"},
                             ],
                             "ports": [{"name": "metrics", "containerPort": operator.metrics_port, "protocol": "TCP"}],

@@ -95,6 +95,10 @@ pub struct Settings {
     pub agent: AgentSettings,
     /// Whether the operator applies the agent DaemonSet (off in tests that simulate agents).
     pub manage_daemonset: bool,
+    /// The ServiceAccount (in [`namespace`](Self::namespace)) that owns the DaemonSets the
+    /// operator applies, so uninstalling deletes them ([`crate::install_owner`]); `None`: no
+    /// owner.
+    pub install_owner: Option<String>,
     /// Whether agent pods are watched to report `AgentNotScheduled` (needs list/watch on pods
     /// in [`namespace`](Self::namespace)).
     pub watch_agent_pods: bool,
@@ -142,6 +146,7 @@ impl Default for Settings {
             namespace: "marklb-system".into(),
             agent: AgentSettings::default(),
             manage_daemonset: true,
+            install_owner: Some(crate::manifests::OPERATOR_NAME.into()),
             watch_agent_pods: true,
             agent_pod_grace: Duration::from_secs(15),
             cleanup_timeout: Duration::from_secs(30),

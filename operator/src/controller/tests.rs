@@ -111,6 +111,7 @@ async fn create_applies_the_daemonset_one_state_per_selected_node_then_the_statu
     assert_eq!(
         lines(&sent),
         [
+            format!("GET {OWNER_SA_PATH}"),
             format!("PATCH {DS_PATH}"),
             format!("PATCH {STATES}/web-n1"),
             format!("PATCH {STATES}/web-n2"),
@@ -118,6 +119,12 @@ async fn create_applies_the_daemonset_one_state_per_selected_node_then_the_statu
             format!("POST {EVENTS}"),
         ]
     );
+    // The DaemonSet is owned by the operator's ServiceAccount (uninstalling collects it).
+    assert_eq!(
+        sent[1].body["metadata"]["ownerReferences"],
+        owner_sa_reference()
+    );
+    let sent = &sent[1..];
     for s in &sent[..4] {
         // Status under its own manager: on Kubernetes < 1.22 a status apply under the spec's
         // manager made the next spec apply unable to remove a backend.
@@ -401,6 +408,7 @@ async fn deletion_finishes_once_acknowledged_or_after_the_bounded_wait() {
             format!("POST {EVENTS}"),
             format!("DELETE {STATES}/web-n1"),
             format!("DELETE {STATES}/web-n2"),
+            format!("GET {OWNER_SA_PATH}"),
             format!("PATCH {DS_PATH}"),
             format!("PATCH {LB_PATH}")
         ]
@@ -410,9 +418,9 @@ async fn deletion_finishes_once_acknowledged_or_after_the_bounded_wait() {
         sent[0].body["note"].as_str().unwrap().contains("n2")
             && !sent[0].body["note"].as_str().unwrap().contains("n1")
     );
-    assert_eq!(sent[4].body["metadata"]["finalizers"], json!([]));
+    assert_eq!(sent[5].body["metadata"]["finalizers"], json!([]));
     assert_eq!(
-        sent[3].body["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        sent[4].body["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
             ["nodeSelectorTerms"][0]["matchExpressions"][0]["operator"],
         "Exists"
     );
@@ -582,4 +590,69 @@ async fn concurrent_reconciles_after_a_restart_apply_the_daemonset_once() {
         .filter(|s| s.uri.contains("/daemonsets/"))
         .count();
     assert_eq!(again, 0);
+}
+
+/// The owner lookup failing (here: 403, as with RBAC missing the permission) never stops the
+/// operator: the DaemonSet is applied without an owner, the LoadBalancer is served and the
+/// failure counted; the next reconcile asks again and then applies the DaemonSet with it.
+#[tokio::test]
+async fn a_failed_owner_lookup_applies_the_daemonset_without_owner_and_retries() {
+    let lb = web(SPEC);
+    let refuse = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let refusing = refuse.clone();
+    let fail: Fail = Box::new(move |s: &Sent| {
+        (s.uri.starts_with(OWNER_SA_PATH) && refusing.load(std::sync::atomic::Ordering::SeqCst))
+            .then_some(403)
+    });
+    let (client, sent) = mock_client(Some(lb.clone()), Some(fail));
+    let ctx = context(
+        client,
+        World {
+            lbs: vec![lb.clone()],
+            nodes: zone_nodes(),
+            ..World::default()
+        },
+        Settings::default(),
+    );
+    run(ctx.clone(), &lb).await.unwrap();
+    let first = sent.lock().unwrap().clone();
+    assert_eq!(
+        lines(&first)[..4],
+        [
+            format!("GET {OWNER_SA_PATH}"),
+            format!("PATCH {DS_PATH}"),
+            format!("PATCH {STATES}/web-n1"),
+            format!("PATCH {STATES}/web-n2"),
+        ]
+    );
+    assert!(first[1].body["metadata"].get("ownerReferences").is_none());
+    let counted = ctx
+        .metrics
+        .errors
+        .with_label_values(&[crate::install_owner::LOOKUP_ERROR])
+        .get();
+    assert_eq!(counted, 1);
+    // Allowed again: the next reconcile looks it up and applies the DaemonSet with the owner.
+    refuse.store(false, std::sync::atomic::Ordering::SeqCst);
+    sent.lock().unwrap().clear();
+    run(ctx.clone(), &lb).await.unwrap();
+    let second = sent.lock().unwrap().clone();
+    assert_eq!(
+        lines(&second)[..2],
+        [format!("GET {OWNER_SA_PATH}"), format!("PATCH {DS_PATH}")]
+    );
+    assert_eq!(
+        second[1].body["metadata"]["ownerReferences"],
+        owner_sa_reference()
+    );
+    // Found once, asked no more.
+    sent.lock().unwrap().clear();
+    run(ctx, &lb).await.unwrap();
+    assert!(
+        !lines(&sent.lock().unwrap())
+            .iter()
+            .any(|l| l.contains("/serviceaccounts/")),
+        "{:?}",
+        lines(&sent.lock().unwrap())
+    );
 }

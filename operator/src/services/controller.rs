@@ -81,6 +81,8 @@ pub struct Context {
     /// The decapsulator DaemonSet as last applied; held across the apply, so concurrent
     /// reconciles after a start apply it once.
     last_decap: tokio::sync::Mutex<Option<DaemonSet>>,
+    /// The owner of the DaemonSet (the operator's ServiceAccount).
+    install_owner: crate::install_owner::InstallOwner,
     caches_filled: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -102,6 +104,10 @@ impl Context {
             controller: OPERATOR_FIELD_MANAGER.into(),
             instance: Some(instance.into()),
         };
+        let install_owner = crate::install_owner::InstallOwner::new(
+            &settings.namespace,
+            settings.install_owner.as_deref(),
+        );
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
@@ -110,6 +116,7 @@ impl Context {
             caches,
             failures: Mutex::default(),
             last_decap: tokio::sync::Mutex::default(),
+            install_owner,
             caches_filled,
         }
     }
@@ -204,7 +211,12 @@ impl Context {
         if !self.settings.services.manage_decap {
             return Ok(());
         }
-        let ds = desired::decap_daemonset(&self.settings.namespace, &self.settings.agent);
+        let mut ds = desired::decap_daemonset(&self.settings.namespace, &self.settings.agent);
+        ds.metadata.owner_references = self
+            .install_owner
+            .reference(&self.client, &self.metrics)
+            .await
+            .map(|owner| vec![owner]);
         let mut last = self.last_decap.lock().await;
         if !crate::apply::daemonset_needs_write(&ds, last.as_ref())? {
             return Ok(());

@@ -163,7 +163,8 @@ pub fn api_error(code: u16) -> (u16, serde_json::Value) {
 }
 
 /// A responder that echoes writes, answers pool GETs from `pools` (in turn: the first GET
-/// of a pool gets its first version...; the last version repeats), and 404 for other GETs.
+/// of a pool gets its first version...; the last version repeats), the operator's
+/// ServiceAccount, and 404 for other GETs.
 pub fn echo_with_pools(pools: Vec<LoadBalancerIPPool>) -> Responder {
     let mut served: BTreeMap<String, usize> = BTreeMap::new();
     Box::new(move |s: &Sent| {
@@ -179,6 +180,9 @@ pub fn echo_with_pools(pools: Vec<LoadBalancerIPPool>) -> Responder {
                 let p = versions[(*n).min(versions.len() - 1)];
                 *n += 1;
                 return (200, serde_json::to_value(p).unwrap());
+            }
+            if path == crate::fixtures::OWNER_SA_PATH {
+                return (200, crate::fixtures::owner_service_account());
             }
             return api_error(404);
         }

@@ -13,7 +13,7 @@ use marklb_crds::pool::PoolAllocation;
 use serde_json::{Value, json};
 
 use super::{reconcile, reconcile_pool};
-use crate::fixtures::Sent;
+use crate::fixtures::{OWNER_SA_PATH, Sent, owner_sa_reference};
 use crate::services::fixtures::*;
 use crate::settings::Settings;
 
@@ -175,6 +175,7 @@ async fn allocation_writes_the_ledger_then_the_loadbalancer_then_the_status() {
     assert_eq!(
         lines(&sent),
         [
+            format!("GET {OWNER_SA_PATH}"),
             format!("PATCH {DECAP}"),
             format!("GET {POOL}"),
             format!("PATCH {POOL}/status"),
@@ -182,6 +183,11 @@ async fn allocation_writes_the_ledger_then_the_loadbalancer_then_the_status() {
             format!("PATCH {SVC}/status"),
             format!("POST {EVENTS}"),
         ]
+    );
+    // The decapsulator DaemonSet is owned by the operator's ServiceAccount.
+    assert_eq!(
+        body(&sent, &format!("PATCH {DECAP}"))["metadata"]["ownerReferences"],
+        owner_sa_reference()
     );
     // The ledger: written against the version read, one entry with the Service's ports.
     let ledger = body(&sent, &format!("PATCH {POOL}/status"));
@@ -310,6 +316,7 @@ async fn a_full_pool_is_a_condition_and_a_warning_not_a_silent_pending() {
     assert_eq!(
         lines(&sent),
         [
+            format!("GET {OWNER_SA_PATH}"),
             format!("PATCH {DECAP}"),
             format!("PATCH {SVC}/status"),
             format!("POST {EVENTS}")
@@ -400,8 +407,9 @@ async fn a_ledger_that_changed_since_it_was_read_is_read_again_and_decided_again
     run(ctx, &svc).await.unwrap();
     let sent = sent.lock().unwrap().clone();
     assert_eq!(
-        lines(&sent)[..5],
+        lines(&sent)[..6],
         [
+            format!("GET {OWNER_SA_PATH}"),
             format!("PATCH {DECAP}"),
             format!("GET {POOL}"),
             format!("PATCH {POOL}/status"),
@@ -409,7 +417,7 @@ async fn a_ledger_that_changed_since_it_was_read_is_read_again_and_decided_again
             format!("PATCH {POOL}/status"),
         ]
     );
-    let second = &sent[4].body;
+    let second = &sent[5].body;
     assert_eq!(second["metadata"]["resourceVersion"], "2");
     let addresses: Vec<&str> = second["status"]["allocations"]
         .as_array()
