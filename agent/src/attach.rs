@@ -124,14 +124,16 @@ pub enum ModePref {
 }
 
 /// Attaches `prog` (the balancer, or the emulated NIC in front of it) to `iface`, reusing
-/// a pinned link when there is one. `foreign` is a non-marklb program found on the
-/// interface: attaching fails unless `replace_foreign`, in which case it is removed.
+/// a pinned link when there is one. `current_mode` is the mode the pinned link is attached
+/// in (netlink's name), if known: an adopted link in another mode than an explicit `pref`
+/// is attached again in that mode ([`mode_change`]).
 pub fn attach(
     dp: &mut Datapath,
     prog: Prog,
     iface: &str,
     pins: &PinLayout,
     pref: ModePref,
+    current_mode: Option<&str>,
 ) -> Result<(Attached, KeptLink)> {
     let xdp = dp.program(prog)?;
     // A datapath left at TC by an agent with the other mark delivery makes way first.
@@ -157,41 +159,134 @@ pub fn attach(
             prog_id,
             adopted: true,
         };
+        if let Some((from, to)) = current_mode.and_then(|c| mode_change(pref, c)) {
+            return reattach(xdp, iface, pins, kept, from, to);
+        }
         return Ok((attached, kept));
     }
     let modes: &[(XdpMode, &str)] = match pref {
-        ModePref::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
-        ModePref::Native => &[(XdpMode::Driver, "native")],
-        ModePref::Generic => &[(XdpMode::Skb, "generic")],
+        ModePref::Auto => &[NATIVE, GENERIC],
+        ModePref::Native => &[NATIVE],
+        ModePref::Generic => &[GENERIC],
     };
     let mut last_err = None;
-    for (mode, name) in modes {
-        match xdp.attach(iface, *mode) {
-            Ok(id) => {
-                let link = xdp.take_link(id)?;
-                let fd_link = FdLink::try_from(link)
-                    .context("the kernel attached XDP without a bpf_link; cannot pin it")?;
-                let prog_id = prog_id_of(&fd_link)?;
-                fs::create_dir_all(&pins.dir)?;
-                let kept =
-                    KeptLink::pin_new(fd_link, &pins.link()).context("pinning the XDP link")?;
-                let attached = Attached {
-                    mode: (*name).to_string(),
-                    prog_id,
-                    adopted: false,
-                };
-                return Ok((attached, kept));
-            }
+    for &(mode, name) in modes {
+        match attach_fresh(xdp, iface, pins, (mode, name)) {
+            Ok(done) => return Ok(done),
             Err(e) => {
                 tracing::info!(mode = name, error = %e, "XDP attach mode not available");
                 last_err = Some(e);
             }
         }
     }
-    Err(last_err
-        .map(anyhow::Error::from)
-        .unwrap_or_else(|| anyhow::anyhow!("no XDP mode to try")))
-    .with_context(|| format!("attaching XDP to {iface}"))
+    Err(last_err.unwrap_or_else(|| anyhow::anyhow!("no XDP mode to try")))
+        .with_context(|| format!("attaching XDP to {iface}"))
+}
+
+/// An XDP attach mode with its name (as netlink and the node state name it).
+pub type NamedMode = (XdpMode, &'static str);
+
+const NATIVE: NamedMode = (XdpMode::Driver, "native");
+const GENERIC: NamedMode = (XdpMode::Skb, "generic");
+
+/// The XDP mode an adopted attachment in mode `current` (as netlink names it) must move from
+/// and to for `pref`, if it must: an explicit `native` or `generic` is honoured, `auto`
+/// accepts whatever is attached (and modes marklb does not attach in are left alone).
+pub fn mode_change(pref: ModePref, current: &str) -> Option<(NamedMode, NamedMode)> {
+    let from = match current {
+        "native" => NATIVE,
+        "generic" => GENERIC,
+        _ => return None,
+    };
+    let to = match pref {
+        ModePref::Auto => return None,
+        ModePref::Native => NATIVE,
+        ModePref::Generic => GENERIC,
+    };
+    (from.1 != to.1).then_some((from, to))
+}
+
+/// Attaches `xdp` to `iface` in `mode` through a new bpf_link and pins it.
+fn attach_fresh(
+    xdp: &mut aya::programs::Xdp,
+    iface: &str,
+    pins: &PinLayout,
+    (mode, name): (XdpMode, &str),
+) -> Result<(Attached, KeptLink)> {
+    let id = xdp
+        .attach(iface, mode)
+        .with_context(|| format!("attaching XDP to {iface} in {name} mode"))?;
+    let link = xdp.take_link(id)?;
+    let fd_link = FdLink::try_from(link)
+        .context("the kernel attached XDP without a bpf_link; cannot pin it")?;
+    let prog_id = prog_id_of(&fd_link)?;
+    fs::create_dir_all(&pins.dir)?;
+    let kept = KeptLink::pin_new(fd_link, &pins.link()).context("pinning the XDP link")?;
+    let attached = Attached {
+        mode: name.to_string(),
+        prog_id,
+        adopted: false,
+    };
+    Ok((attached, kept))
+}
+
+/// Moves an adopted datapath (its program already swapped into `kept`) from mode `from` to
+/// mode `to`. A device holds native or generic XDP, never both, so this detaches and attaches
+/// again, back to back: packets arriving in between pass to the kernel stack unbalanced (the
+/// measured gap is logged). The maps stay pinned and in use, so the connection table and
+/// the marks survive and established connections keep their real. Should `to` not attach
+/// (a driver without native XDP), `from` is attached again at once and the error logged: the
+/// node is never left without the program.
+fn reattach(
+    xdp: &mut aya::programs::Xdp,
+    iface: &str,
+    pins: &PinLayout,
+    kept: KeptLink,
+    from: NamedMode,
+    to: NamedMode,
+) -> Result<(Attached, KeptLink)> {
+    let started = std::time::Instant::now();
+    kept.detach()
+        .context("detaching the adopted XDP link to change its mode")?;
+    let detach_us = started.elapsed().as_micros() as u64;
+    fs::remove_file(pins.link()).context("removing the adopted link's pin")?;
+    match attach_fresh(xdp, iface, pins, to) {
+        Ok((mut attached, kept)) => {
+            let gap = started.elapsed();
+            tracing::info!(
+                iface,
+                from = from.1,
+                to = to.1,
+                gap_us = gap.as_micros() as u64,
+                detach_us,
+                "re-attached the adopted datapath in the requested XDP mode (maps kept)"
+            );
+            attached.adopted = true;
+            Ok((attached, kept))
+        }
+        Err(e) => {
+            let (mut attached, kept) = attach_fresh(xdp, iface, pins, from).with_context(|| {
+                format!(
+                    "{iface}: XDP mode {} failed ({e:#}) and attaching {} again failed too: \
+                     no program attached",
+                    to.1, from.1
+                )
+            })?;
+            let gap = started.elapsed();
+            tracing::error!(
+                iface,
+                requested = to.1,
+                serving = from.1,
+                gap_us = gap.as_micros() as u64,
+                detach_us,
+                error = %format!("{e:#}"),
+                "the requested XDP mode cannot be attached; the datapath serves in its previous \
+                 mode again"
+            );
+            attached.adopted = true;
+            Ok((attached, kept))
+        }
+    }
 }
 
 fn prog_id_of(link: &FdLink) -> Result<u32> {
@@ -275,4 +370,27 @@ pub fn repin(
         }
     }
     Ok(pinned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_explicit_other_mode_re_attaches() {
+        let names = |c: Option<(NamedMode, NamedMode)>| c.map(|(f, t)| (f.1, t.1));
+        assert_eq!(
+            names(mode_change(ModePref::Native, "generic")),
+            Some(("generic", "native"))
+        );
+        assert_eq!(
+            names(mode_change(ModePref::Generic, "native")),
+            Some(("native", "generic"))
+        );
+        assert_eq!(names(mode_change(ModePref::Native, "native")), None);
+        assert_eq!(names(mode_change(ModePref::Generic, "generic")), None);
+        assert_eq!(names(mode_change(ModePref::Auto, "generic")), None);
+        assert_eq!(names(mode_change(ModePref::Auto, "native")), None);
+        assert_eq!(names(mode_change(ModePref::Native, "offload")), None);
+    }
 }

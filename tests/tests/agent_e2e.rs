@@ -707,6 +707,131 @@ fn kill_9_and_restart_adopts_the_pinned_datapath_without_losing_flows() {
     assert_eq!(drops(&s), 0.0, "{}", interesting(&s));
 }
 
+/// The XDP attach mode of `iface` as `ip link` shows it: `xdp` (native), `xdpgeneric`,
+/// `xdpoffload`, `xdpmulti`, or None.
+fn ip_link_xdp_mode(ns: &str, iface: &str) -> Option<String> {
+    let out = marklb_tests::netns::ip(Some(ns), &["link", "show", "dev", iface]).unwrap();
+    out.split_whitespace()
+        .find(|w| ["xdp", "xdpgeneric", "xdpoffload", "xdpmulti"].contains(w))
+        .map(str::to_string)
+}
+
+/// `agent.xdpMode` changed on a node that serves: the agent serving in generic mode is
+/// restarted with `--xdp-mode native`; it adopts the pinned datapath, moves it to native mode
+/// (`ip link` shows `xdp`, not `xdpgeneric`), and the held connections keep their real (the
+/// connection table is the pinned one) while new ones reach the VIP. A restart with `auto`
+/// keeps whatever mode is attached.
+#[test]
+fn an_explicit_xdp_mode_re_attaches_an_adopted_datapath_keeping_connections() {
+    let mut env = Env::prepare(2);
+    let (ns, iface) = (env.topo.lb.ns.clone(), env.topo.lb.port.iface.clone());
+    let with_mode = |env: &Env, mode: &str| {
+        let mut o = env.options();
+        o.extra_args.extend(["--xdp-mode".into(), mode.into()]);
+        o
+    };
+    let opts = with_mode(&env, "generic");
+    env.start(opts);
+    assert_eq!(ip_link_xdp_mode(&ns, &iface).as_deref(), Some("xdpgeneric"));
+    let mut conns = env.connect(tcp4(), 20);
+    let mut flows = env.udp(udp4(), 10);
+    let st = env.agent().terminate(WAIT).expect("exit on SIGTERM");
+    assert!(st.success(), "{st}");
+
+    let opts = with_mode(&env, "native");
+    env.start(opts);
+    assert_eq!(
+        ip_link_xdp_mode(&ns, &iface).as_deref(),
+        Some("xdp"),
+        "native mode after the restart with --xdp-mode native; log:\n{}",
+        env.agent().log()
+    );
+    let moved = env.agent().log_lines("re-attached the adopted datapath");
+    assert!(
+        moved.len() == 1 && moved[0].contains("from=\"generic\""),
+        "{moved:?}"
+    );
+    eprintln!("re-attach (gap_us: detach to attached): {}", moved[0]);
+    let s = env.scrape();
+    assert_eq!(
+        s.samples
+            .iter()
+            .find(|x| x.name == "marklb_datapath_info")
+            .and_then(|x| x.labels.get("xdp_mode"))
+            .map(String::as_str),
+        Some("native"),
+        "{}",
+        interesting(&s)
+    );
+    assert_keep_real(&mut conns, "after the re-attach");
+    assert_flows_keep_real(&mut flows, "after the re-attach");
+    let fresh = env.connect(tcp4(), 6);
+    assert!(fresh.iter().all(|c| env.real_names().contains(&c.real)));
+
+    // `auto` accepts the attached mode: no re-attach, native stays.
+    let st = env.agent().terminate(WAIT).expect("exit on SIGTERM");
+    assert!(st.success(), "{st}");
+    let opts = with_mode(&env, "auto");
+    env.start(opts);
+    assert!(
+        env.agent()
+            .log_lines("re-attached the adopted datapath")
+            .is_empty(),
+        "{}",
+        env.agent().log()
+    );
+    assert_eq!(ip_link_xdp_mode(&ns, &iface).as_deref(), Some("xdp"));
+    assert_keep_real(&mut conns, "after the auto restart");
+}
+
+/// The requested mode cannot be attached: veth refuses native XDP while its peer's MTU is
+/// above a page (generic XDP does not care). The agent restarted with `--xdp-mode native`
+/// puts generic back at once, says so, keeps serving the held connections, and reports the
+/// mode it really serves in.
+#[test]
+fn a_refused_xdp_mode_puts_the_previous_mode_back_and_keeps_serving() {
+    let mut env = Env::prepare(2);
+    let (ns, iface) = (env.topo.lb.ns.clone(), env.topo.lb.port.iface.clone());
+    let mut opts = env.options();
+    opts.extra_args
+        .extend(["--xdp-mode".into(), "generic".into()]);
+    env.start(opts.clone());
+    let mut conns = env.connect(tcp4(), 20);
+    let st = env.agent().terminate(WAIT).expect("exit on SIGTERM");
+    assert!(st.success(), "{st}");
+    let gateway = env.topo.lb.gateway.clone();
+    marklb_tests::netns::ip(
+        Some(&gateway.ns),
+        &["link", "set", "dev", &gateway.iface, "mtu", "9000"],
+    )
+    .unwrap();
+
+    opts.extra_args = vec!["--xdp-mode".into(), "native".into()];
+    env.start(opts);
+    let refused = env
+        .agent()
+        .log_lines("the requested XDP mode cannot be attached");
+    assert!(
+        refused.len() == 1
+            && refused[0].contains("requested=\"native\"")
+            && refused[0].contains("serving=\"generic\""),
+        "log:\n{}",
+        env.agent().log()
+    );
+    eprintln!("refused (gap_us: detach to generic again): {}", refused[0]);
+    assert_eq!(ip_link_xdp_mode(&ns, &iface).as_deref(), Some("xdpgeneric"));
+    let s = env.scrape();
+    let mode = s
+        .samples
+        .iter()
+        .find(|x| x.name == "marklb_datapath_info")
+        .and_then(|x| x.labels.get("xdp_mode").cloned());
+    assert_eq!(mode.as_deref(), Some("generic"), "{}", interesting(&s));
+    assert_keep_real(&mut conns, "after the refused re-attach");
+    let fresh = env.connect(tcp4(), 6);
+    assert!(fresh.iter().all(|c| env.real_names().contains(&c.real)));
+}
+
 // ---------------------------------------------------------------------------------------
 // 6. Marks and the fast path
 // ---------------------------------------------------------------------------------------

@@ -330,14 +330,31 @@ impl Node {
     /// Attaches the datapath to the interface (or swaps the new program into a pinned
     /// link), keeping the agent's own hold on the link.
     pub async fn attach(&mut self) -> Result<()> {
+        // The mode an adopted XDP link is in: an explicit --xdp-mode other than it re-attaches.
+        let current_mode = match self.entry {
+            Entry::Xdp(_) if self.pins.link().exists() => self
+                .netlink
+                .xdp_attachment(&self.opts.interface)
+                .await
+                .ok()
+                .flatten()
+                .map(|x| x.mode),
+            _ => None,
+        };
         let (mut attached, links, maps) = {
             let mut core = self.handle.lock();
             let dp = &mut core.dp;
             let iface = &self.opts.interface;
             match self.entry {
                 Entry::Xdp(entry) => {
-                    let (attached, link) =
-                        attach::attach(dp, entry, iface, &self.pins, self.opts.xdp_mode)?;
+                    let (attached, link) = attach::attach(
+                        dp,
+                        entry,
+                        iface,
+                        &self.pins,
+                        self.opts.xdp_mode,
+                        current_mode,
+                    )?;
                     let links = vec![(self.pins.link(), link)];
                     (attached, links, attach::pinned_maps(&self.pins)?)
                 }

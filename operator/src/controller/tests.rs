@@ -146,7 +146,7 @@ async fn create_applies_the_daemonset_one_state_per_selected_node_then_the_statu
         "10.1.0.1"
     );
     assert!(sent[1].body.get("status").is_none());
-    let status = status_of(&sent);
+    let status = status_of(sent);
     assert_eq!(condition(status, "Ready"), ("False", "Pending"));
     assert_eq!(
         condition(status, "Programmed"),
