@@ -601,6 +601,18 @@ async fn can_i(
     resource: &str,
     namespace: Option<&str>,
 ) -> bool {
+    can_i_named(client, who, verb, resource, namespace, None).await
+}
+
+/// [`can_i`] on the one object `name` (None: any, as for list or create).
+async fn can_i_named(
+    client: &kube::Client,
+    who: &str,
+    verb: &str,
+    resource: &str,
+    namespace: Option<&str>,
+    name: Option<&str>,
+) -> bool {
     use k8s_openapi::api::authorization::v1::{
         ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
     };
@@ -626,6 +638,7 @@ async fn can_i(
                 resource: Some(resource.into()),
                 subresource,
                 namespace: namespace.map(str::to_string),
+                name: name.map(str::to_string),
                 ..Default::default()
             }),
             ..Default::default()
@@ -748,6 +761,30 @@ async fn rbac_is_least_privilege_under_the_real_1_20_authorizer() {
                 };
                 for verb in rule["verbs"].as_array().unwrap() {
                     let verb = verb.as_str().unwrap();
+                    if let Some(names) = rule["resourceNames"].as_array() {
+                        // Granted on those objects of its namespace only: not on another
+                        // object, not on any (list), not elsewhere.
+                        for name in names {
+                            let name = name.as_str().unwrap();
+                            assert!(
+                                can_i_named(&client, who, verb, &target, Some(ns), Some(name))
+                                    .await,
+                                "{who} {verb} {target} {name} in {ns}"
+                            );
+                            assert!(
+                                !can_i_named(&client, who, verb, &target, Some("shop"), Some(name))
+                                    .await,
+                                "{who} {verb} {target} {name} in shop"
+                            );
+                        }
+                        for other in [Some(AGENT_NAME), Some("default"), None] {
+                            assert!(
+                                !can_i_named(&client, who, verb, &target, Some(ns), other).await,
+                                "{who} {verb} {target} {other:?} in {ns}"
+                            );
+                        }
+                        continue;
+                    }
                     for scope in [Some(ns), None] {
                         let cluster_rule = ns == "shop";
                         assert_eq!(
@@ -826,6 +863,15 @@ async fn rbac_is_least_privilege_under_the_real_1_20_authorizer() {
         ("delete", "events.events.k8s.io", Some("shop")),
         ("create", "endpointslices.discovery.k8s.io", Some("shop")),
         ("create", "serviceaccounts/token", Some("marklb-system")),
+        // Its own ServiceAccount, the DaemonSets' owner, it may only read (above), never
+        // change, list or delete; blockOwnerDeletion is not set, so no finalizers right.
+        ("list", "serviceaccounts", Some("marklb-system")),
+        ("watch", "serviceaccounts", Some("marklb-system")),
+        ("update", "serviceaccounts", Some("marklb-system")),
+        ("patch", "serviceaccounts", Some("marklb-system")),
+        ("delete", "serviceaccounts", Some("marklb-system")),
+        ("create", "serviceaccounts", Some("marklb-system")),
+        ("get", "serviceaccounts", None),
         ("escalate", "clusterroles.rbac.authorization.k8s.io", None),
         ("bind", "clusterroles.rbac.authorization.k8s.io", None),
         ("patch", "clusterroles.rbac.authorization.k8s.io", None),
@@ -837,6 +883,35 @@ async fn rbac_is_least_privilege_under_the_real_1_20_authorizer() {
             "the operator can {verb} {resource} in {ns:?}"
         );
     }
+    // Named: the operator reads its ServiceAccount and changes nothing of it; the agent not
+    // even that.
+    let sa = Some(OPERATOR_NAME);
+    for verb in ["update", "patch", "delete"] {
+        assert!(
+            !can_i_named(
+                &client,
+                OPERATOR_NAME,
+                verb,
+                "serviceaccounts",
+                Some("marklb-system"),
+                sa
+            )
+            .await,
+            "the operator can {verb} its ServiceAccount"
+        );
+    }
+    assert!(
+        !can_i_named(
+            &client,
+            AGENT_NAME,
+            "get",
+            "serviceaccounts",
+            Some("marklb-system"),
+            sa
+        )
+        .await,
+        "the agent can read the operator's ServiceAccount"
+    );
     // Everything the chart renders for 1.20 is accepted there by server-side apply (which
     // refuses fields 1.20 does not know), and the example LoadBalancer is created.
     let chart: String = helm_template("v1.20.2", &[], &[])
