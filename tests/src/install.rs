@@ -54,7 +54,6 @@ pub const README_ON_CLUSTER: &[&str] = &[
     "kubectl delete mlb web -n shop",
     "helm uninstall marklb --namespace marklb-system",
     "kubectl delete namespace shop",
-    "kubectl delete namespace marklb-system",
 ];
 
 /// The agents' scrape targets as the README has a user list them: `<node> <address>` per

@@ -95,16 +95,14 @@ fn ours_left(cluster: &Cluster) -> Vec<String> {
     left
 }
 
+/// Waits until nothing of ours is left ([`ours_left`]); prints how long that took. Deletion
+/// is asynchronous (the garbage collector deletes what the removed objects owned, the kubelet
+/// finishes their pods), so the deadline is generous, and a failure prints what is left with
+/// its owners.
 async fn wait_nothing_left(cluster: &Cluster, what: &str) {
-    wait_nothing_left_but(cluster, what, &[]).await
-}
-
-/// As [`wait_nothing_left`], tolerating the objects named in `known` (`<ns>/<kind>/<name>`).
-async fn wait_nothing_left_but(cluster: &Cluster, what: &str, known: &[&str]) {
     let started = Instant::now();
     loop {
-        let mut left = ours_left(cluster);
-        left.retain(|o| !known.contains(&o.as_str()));
+        let left = ours_left(cluster);
         if left.is_empty() {
             report(&format!(
                 "  {what}: nothing of ours left after {:.1}s",
@@ -115,9 +113,19 @@ async fn wait_nothing_left_but(cluster: &Cluster, what: &str, known: &[&str]) {
         // Generous: kubelet 1.20 on a loaded machine can take minutes to finish a pod.
         assert!(
             started.elapsed() < Duration::from_secs(180),
-            "{what}: still there after 180 s: {left:?}\n{}",
+            "{what}: still there after 180 s: {left:?}\n{}\nowners:\n{}",
             cluster
-                .kubectl_ok(&["get", "pods", "-n", NS, "-o", "wide"])
+                .kubectl_ok(&["get", "daemonsets,pods", "-n", NS, "-o", "wide"])
+                .unwrap_or_default(),
+            cluster
+                .kubectl_ok(&[
+                    "get",
+                    "daemonsets,pods",
+                    "-n",
+                    NS,
+                    "-o",
+                    r#"jsonpath={range .items[*]}{.kind}/{.metadata.name} deleting={.metadata.deletionTimestamp} owners={.metadata.ownerReferences}{"\n"}{end}"#,
+                ])
                 .unwrap_or_default()
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -387,8 +395,8 @@ fn panels_without_data(prom: &Prometheus, queries: &[(String, String)]) -> Vec<S
 ///    keep answering from the same real; the new agents mark flows;
 /// 5. every dashboard panel's query returns data from that Prometheus;
 /// 6. `kubectl delete mlb web`: no XDP program and no pins on either node; `helm uninstall`:
-///    nothing of ours left but the operator's agent DaemonSet (no pods; a known gap), which
-///    `kubectl delete namespace marklb-system` removes.
+///    nothing of ours left, the agent DaemonSet the operator applied included (owned by the
+///    operator's ServiceAccount, the garbage collector deletes it after Helm removed that).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn helm_installs_scrapes_upgrades_and_uninstalls() {
     let cluster = cluster_or_skip!();
@@ -729,21 +737,9 @@ async fn helm_installs_scrapes_upgrades_and_uninstalls() {
         "  no XDP program and no pins on either node {} after the delete",
         secs(t0.elapsed())
     ));
-    let out = step(
-        cluster,
-        "helm uninstall marklb --namespace marklb-system",
-        None,
-    );
-    assert!(out.contains("uninstalled"), "{out}");
-    // Known gap: the agent DaemonSet is the operator's (applied at run time, no owner), so
-    // Helm does not delete it; with no LoadBalancer left it has no pod. The namespace takes it.
-    wait_nothing_left_but(
-        cluster,
-        "helm uninstall",
-        &["marklb-system/daemonset.apps/marklb-agent"],
-    )
-    .await;
-    let scheduled = cluster
+    // The agent DaemonSet is the operator's (applied at run time, unknown to Helm); it is
+    // owned by the operator's ServiceAccount, which Helm does delete.
+    let owners = cluster
         .kubectl_ok(&[
             "get",
             "daemonset",
@@ -751,17 +747,49 @@ async fn helm_installs_scrapes_upgrades_and_uninstalls() {
             "-n",
             NS,
             "-o",
-            "jsonpath={.status.desiredNumberScheduled}",
-            "--ignore-not-found",
+            "jsonpath={range .metadata.ownerReferences[*]}{.kind}/{.name}/{.uid}{end}",
         ])
         .unwrap();
-    assert!(
-        matches!(scheduled.trim(), "" | "0"),
-        "agents still scheduled: {scheduled}"
+    let sa_uid = cluster
+        .kubectl_ok(&[
+            "get",
+            "serviceaccount",
+            "marklb-operator",
+            "-n",
+            NS,
+            "-o",
+            "jsonpath={.metadata.uid}",
+        ])
+        .unwrap();
+    assert_eq!(
+        owners.trim(),
+        format!("ServiceAccount/marklb-operator/{}", sa_uid.trim()),
+        "the agent DaemonSet's owner"
     );
+    let t0 = Instant::now();
+    let out = step(
+        cluster,
+        "helm uninstall marklb --namespace marklb-system",
+        None,
+    );
+    assert!(out.contains("uninstalled"), "{out}");
+    report(&format!(
+        "  helm uninstall returned after {}",
+        secs(t0.elapsed())
+    ));
+    // Nothing left, the DaemonSet included: the garbage collector deletes it (asynchronously)
+    // once its owner is gone.
+    wait_nothing_left(cluster, "helm uninstall").await;
+    report(&format!(
+        "  helm uninstall to nothing of ours left (DaemonSet collected): {}",
+        secs(t0.elapsed())
+    ));
     step(cluster, "kubectl delete namespace shop", None);
-    step(cluster, "kubectl delete namespace marklb-system", None);
-    wait_nothing_left(cluster, "kubectl delete namespace marklb-system").await;
+    // The namespace `helm install --create-namespace` made is not the release's: empty now,
+    // removed so the next test starts from a clean cluster.
+    cluster
+        .kubectl_ok(&["delete", "namespace", NS])
+        .expect("deleting the empty namespace");
     let remove_label = format!("{NODE_LABEL}-");
     let unlabel: Vec<&str> = ["label", "node"]
         .into_iter()
