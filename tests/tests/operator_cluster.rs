@@ -636,7 +636,71 @@ async fn loadbalancers_become_programmed_nodes_and_conditions() {
     report("9. kubectl delete everything");
     step(cluster, "kubectl delete mlb web -n shop");
     step(cluster, "kubectl delete namespace shop");
+    // The kubectl install's operator owns the agent DaemonSet through its ServiceAccount (the
+    // name from the downward API, read with the Role's one-object `get`).
+    let jsonpath = |kind: &str, name: &str, path: &str| {
+        cluster
+            .kubectl_ok(&[
+                "get",
+                kind,
+                name,
+                "-n",
+                "marklb-system",
+                "-o",
+                &format!("jsonpath={path}"),
+            ])
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let owner = jsonpath(
+        "daemonset",
+        "marklb-agent",
+        "{range .metadata.ownerReferences[*]}{.kind}/{.name}/{.uid}{end}",
+    );
+    let sa_uid = jsonpath("serviceaccount", OPERATOR_NAME, "{.metadata.uid}");
+    assert_eq!(owner, format!("ServiceAccount/{OPERATOR_NAME}/{sa_uid}"));
+    let t = Instant::now();
     step(cluster, "kubectl delete -k deploy/legacy-1.20/");
+    // Nothing of ours left in the cluster: no DaemonSet (namespace and all), no agent pod.
+    loop {
+        let left = cluster
+            .kubectl_ok(&[
+                "get",
+                "daemonsets,pods",
+                "-A",
+                "-l",
+                "app.kubernetes.io/name=marklb-agent",
+                "-o",
+                "name",
+            ])
+            .unwrap_or_default();
+        let namespace = cluster
+            .kubectl_ok(&[
+                "get",
+                "namespace",
+                "marklb-system",
+                "--ignore-not-found",
+                "-o",
+                "name",
+            ])
+            .unwrap_or_default();
+        if left.trim().is_empty() && namespace.trim().is_empty() {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(180),
+            "after kubectl delete -k: {left} {namespace}\n{}",
+            cluster
+                .kubectl_ok(&["get", "all", "-n", "marklb-system", "-o", "wide"])
+                .unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    report(&format!(
+        "  kubectl delete -k to no DaemonSet, agent pod or namespace left: {}",
+        secs(t.elapsed())
+    ));
     user(
         cluster,
         &format!(
