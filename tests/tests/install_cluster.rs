@@ -101,6 +101,7 @@ fn ours_left(cluster: &Cluster) -> Vec<String> {
 /// its owners.
 async fn wait_nothing_left(cluster: &Cluster, what: &str) {
     let started = Instant::now();
+    let mut last: Vec<String> = Vec::new();
     loop {
         let left = ours_left(cluster);
         if left.is_empty() {
@@ -110,10 +111,18 @@ async fn wait_nothing_left(cluster: &Cluster, what: &str) {
             ));
             return;
         }
+        // What is still there whenever that changes: in a CI log, where the time went.
+        if left != last {
+            report(&format!(
+                "  {what}: {:.1}s: {left:?}",
+                started.elapsed().as_secs_f64()
+            ));
+            last = left.clone();
+        }
         // Generous: kubelet 1.20 on a loaded machine can take minutes to finish a pod.
         assert!(
-            started.elapsed() < Duration::from_secs(180),
-            "{what}: still there after 180 s: {left:?}\n{}\nowners:\n{}",
+            started.elapsed() < Duration::from_secs(300),
+            "{what}: still there after 300 s: {left:?}\n{}\nowners:\n{}",
             cluster
                 .kubectl_ok(&["get", "daemonsets,pods", "-n", NS, "-o", "wide"])
                 .unwrap_or_default(),
