@@ -67,6 +67,10 @@ enum Command {
         /// (median of this many single runs per figure).
         #[arg(long, value_name = "SAMPLES")]
         hooks: Option<u32>,
+        /// Measure the new-flow connection-table write instead, by table size, LRU kind,
+        /// key present or absent, and fill.
+        #[arg(long)]
+        conn_table: bool,
     },
 }
 
@@ -149,8 +153,30 @@ fn main() -> Result<()> {
             rounds,
             flows,
             json,
+            conn_table: true,
+            ..
+        } => {
+            let opts = marklb_agent::bench::BenchOptions {
+                repeat,
+                rounds,
+                flows,
+            };
+            let report = marklb_agent::bench::run_conn_table(&opts)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", marklb_agent::bench::render(&report));
+            }
+        }
+        #[cfg(feature = "bench")]
+        Command::Bench {
+            repeat,
+            rounds,
+            flows,
+            json,
             control_plane: false,
             hooks: None,
+            conn_table: false,
         } => {
             let opts = marklb_agent::bench::BenchOptions {
                 repeat,

@@ -401,3 +401,53 @@ fn the_per_cpu_rate_limit_suppresses_events_beyond_the_burst() {
     assert!(d.get(Counter::EventSent) >= 2, "{d:?}");
     assert_eq!(drain(&mut reader).len() as u64, d.get(Counter::EventSent));
 }
+
+#[test]
+fn a_repeated_syn_of_a_live_flow_keeps_its_pick_and_counts_from_one_again() {
+    pin_to_current_cpu();
+    for hook in HOOKS {
+        let (mut fx, mut reader) = events_fixture(hook);
+        for (client, vip) in [(client4(), vip4()), (client6(), vip6())] {
+            let tag = format!("{hook:?} {vip}");
+            let syn = tcp(client, 4100, vip, 80, true);
+            let ack = tcp(client, 4100, vip, 80, false);
+            let flow = parse_l3l4(&syn).unwrap().flow();
+            let ev = send(&mut fx, &mut reader, "SYN", &syn, Counter::NewFlow);
+            assert!(ev.is_empty(), "{tag}: the SYN raised {ev:?}");
+            let ev = send(&mut fx, &mut reader, "ACK", &ack, Counter::ConnHit);
+            assert_eq!(
+                ev.len(),
+                1,
+                "{tag}: the packet after the SYN raises one event"
+            );
+            for i in 3..EVENT_RETRY_FIRST {
+                let ev = send(&mut fx, &mut reader, "established", &ack, Counter::ConnHit);
+                assert!(ev.is_empty(), "{tag}: packet {i} raised {ev:?}");
+            }
+            let before = fx.dp.conn(&flow).expect("learned");
+            assert_eq!(before.seen, EVENT_RETRY_FIRST - 1, "{tag}: {before:?}");
+            // The same SYN again (retransmitted, or the client port reused): the entry is
+            // refreshed where it is, the same pick, its count back to one.
+            let ev = send(&mut fx, &mut reader, "SYN again", &syn, Counter::NewFlow);
+            assert!(ev.is_empty(), "{tag}: the repeated SYN raised {ev:?}");
+            let after = fx.dp.conn(&flow).expect("still learned");
+            assert_eq!(
+                (after.real_id, after.real_gen, after.vip_id, after.vip_gen),
+                (
+                    before.real_id,
+                    before.real_gen,
+                    before.vip_id,
+                    before.vip_gen
+                ),
+                "{tag}: the repeated SYN changed the pick: {before:?} -> {after:?}"
+            );
+            assert_eq!(after.seen, 1, "{tag}: {after:?}");
+            let ev = send(&mut fx, &mut reader, "ACK again", &ack, Counter::ConnHit);
+            assert_eq!(
+                ev.len(),
+                1,
+                "{tag}: the packet after the repeated SYN raises the event again"
+            );
+        }
+    }
+}

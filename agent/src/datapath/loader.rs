@@ -118,6 +118,10 @@ impl Datapath {
     pub const PINNED_MAPS: &'static [&'static str] = ALL_MAPS;
 }
 
+/// Entries of the benchmark's common-LRU table outside the benchmark (it is never written
+/// there; preallocated, so kept small).
+const BENCH_CONN_COMMON_IDLE: u32 = 256;
+
 const ALL_MAPS: &[&str] = &[
     n::CONFIG,
     n::VIPS,
@@ -152,10 +156,21 @@ impl Datapath {
     /// Loads the object: creates (or, with `pin_dir`, adopts pinned) maps. Programs are
     /// verified on first use ([`Datapath::program`]).
     pub fn load(opts: &LoadOptions) -> Result<Self> {
+        Self::load_sized(opts, BENCH_CONN_COMMON_IDLE)
+    }
+
+    /// [`Datapath::load`] for the benchmark: its common-LRU connection table
+    /// (`BENCH_CONN_COMMON`) gets the connection table's size, to compare the two.
+    pub fn load_for_bench(opts: &LoadOptions) -> Result<Self> {
+        Self::load_sized(opts, opts.conn_table_size)
+    }
+
+    fn load_sized(opts: &LoadOptions, bench_conn_common: u32) -> Result<Self> {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(n::RINGS, opts.ring_capacity.div_ceil(2))
             .map_max_entries(n::CONN_TABLE, opts.conn_table_size)
+            .map_max_entries(n::BENCH_CONN_COMMON, bench_conn_common)
             .map_max_entries(n::NIC_FLOWS, opts.nic_flows);
         let pins: Vec<(&'static str, PathBuf)> = match &opts.pin_dir {
             Some(dir) => ALL_MAPS.iter().map(|m| (*m, dir.join(m))).collect(),

@@ -21,6 +21,15 @@ pub const EVENT_RING_BYTES: u32 = 1 << 22;
 /// Largest frame the benchmark wrapper restores (bytes).
 pub const BENCH_FRAME_MAX: usize = 128;
 
+/// Variants of the benchmark's new-flow step program (`marklb_bench_step`), in the mark
+/// above the step number (bits 0-7): write the connection table on one common LRU list
+/// (`BENCH_CONN_COMMON`, flags 0) instead of `CONN_TABLE`'s per-CPU lists ...
+pub const BENCH_STEP_COMMON_LRU: u32 = 1 << 8;
+/// ... always update (the write before SYNs refreshed a live entry in place) ...
+pub const BENCH_STEP_UPDATE: u32 = 1 << 9;
+/// ... update with `BPF_NOEXIST`.
+pub const BENCH_STEP_NOEXIST: u32 = 1 << 10;
+
 /// Slot of the balancer in the emulated NIC's program array.
 pub const NIC_NEXT_BALANCER: u32 = 0;
 /// Slot of the program under test in the benchmark wrapper's program array.
@@ -44,6 +53,7 @@ pub mod map_names {
     pub const NIC_NEXT: &str = "NIC_NEXT";
     pub const BENCH_FRAME: &str = "BENCH_FRAME";
     pub const BENCH_NEXT: &str = "BENCH_NEXT";
+    pub const BENCH_CONN_COMMON: &str = "BENCH_CONN_COMMON";
 }
 
 pub mod prog_names {

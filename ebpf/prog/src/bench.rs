@@ -6,17 +6,19 @@
 //! measured the same way in front of a trivial program and subtracted.
 
 use aya_ebpf::{
-    bindings::{BPF_RB_NO_WAKEUP, xdp_action},
+    bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP, xdp_action},
     helpers::{bpf_ktime_get_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_meta},
     programs::XdpContext,
 };
-use marklb_common::{BENCH_FRAME_MAX, BENCH_TARGET};
+use marklb_common::{
+    BENCH_FRAME_MAX, BENCH_STEP_COMMON_LRU, BENCH_STEP_NOEXIST, BENCH_STEP_UPDATE, BENCH_TARGET,
+};
 
 use crate::{
     events,
-    maps::{BENCH_FRAME, BENCH_NEXT, CONFIG, VIP_ADDRS},
+    maps::{BENCH_CONN_COMMON, BENCH_FRAME, BENCH_NEXT, CONFIG, CONN_TABLE, VIP_ADDRS},
     parse::{self, Verdict, ptr_at},
-    pick::{ring_pick, vip_lookup},
+    pick::{Learn, learn_syn, new_entry, ring_pick, vip_lookup},
     pkt::Packet,
 };
 
@@ -34,10 +36,13 @@ pub const STEP_RING_NO_WAKEUP: u32 = 7;
 /// the wrapper writes): parse, VIP lookup, Maglev read, connection-table write, clock
 /// read, limiter, ring buffer reserve + submit. A step beyond the last submits with the
 /// ring's default wake-up rule instead of none. Returns XDP_PASS, or XDP_ABORTED if the
-/// path could not go as far as asked (the benchmark checks the action).
+/// path could not go as far as asked (the benchmark checks the action). The mark's bits
+/// above the step choose how the write is done (`marklb_common::BENCH_STEP_*`; none: as
+/// a SYN does it).
 #[inline(always)]
 pub fn step_program(ctx: &XdpContext) -> u32 {
-    let upto = Packet::mark(ctx);
+    let mark = Packet::mark(ctx);
+    let upto = mark & 0xff;
     let Verdict::Flow(p) = parse::parse(ctx, |addr| unsafe { VIP_ADDRS.get(addr) }.is_some())
     else {
         return xdp_action::XDP_ABORTED;
@@ -51,9 +56,26 @@ pub fn step_program(ctx: &XdpContext) -> u32 {
     if upto < STEP_MAGLEV {
         return xdp_action::XDP_PASS;
     }
-    let Ok(pick) = ring_pick(&p.flow, vip, upto >= STEP_LRU) else {
+    let Ok(pick) = ring_pick(&p.flow, vip, Learn::No) else {
         return xdp_action::XDP_ABORTED;
     };
+    if upto >= STEP_LRU {
+        let entry = new_entry(pick.real_id, pick.real, vip);
+        let table = if mark & BENCH_STEP_COMMON_LRU != 0 {
+            &BENCH_CONN_COMMON
+        } else {
+            &CONN_TABLE
+        };
+        // Failures (a full table cannot fail; NOEXIST on a present key does) do not stop
+        // the path, as in `pick::ring_pick`.
+        if mark & BENCH_STEP_NOEXIST != 0 {
+            let _ = table.insert(&p.flow, &entry, BPF_NOEXIST as u64);
+        } else if mark & BENCH_STEP_UPDATE != 0 {
+            let _ = table.insert(&p.flow, &entry, 0);
+        } else {
+            learn_syn(table, &p.flow, &entry);
+        }
+    }
     if upto < STEP_CLOCK {
         return xdp_action::XDP_PASS;
     }

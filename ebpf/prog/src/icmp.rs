@@ -13,7 +13,7 @@ use crate::{
     encap::{self, Inner},
     hdr::*,
     parse::{Parsed, frame_len, ptr_at},
-    pick::{established, ring_pick, vip_lookup},
+    pick::{Learn, established, ring_pick, vip_lookup},
     pkt::{Action, Packet},
     stats::{account, count, drop},
 };
@@ -218,7 +218,7 @@ fn forward_too_big(ctx: &impl Packet, cfg: &LbConfig, p: &Parsed, quoted: usize)
                 count(Counter::PassNotVip);
                 return Action::Pass;
             };
-            match ring_pick(&flow, vip, false) {
+            match ring_pick(&flow, vip, Learn::No) {
                 Ok(pick) => pick,
                 Err(c) => return drop(c),
             }

@@ -9,7 +9,7 @@ use crate::{
     events, icmp,
     maps::VIP_ADDRS,
     parse::{self, Verdict, frame_len},
-    pick::{established_packet, ring_pick, vip_lookup},
+    pick::{Learn, established_packet, ring_pick, vip_lookup},
     pkt::{Action, Packet},
     stats::{account, count, drop, pass},
 };
@@ -41,7 +41,7 @@ pub fn process(ctx: &impl Packet, cfg: &LbConfig) -> Action {
             let Some(vip) = vip_lookup(&p.flow) else {
                 return pass(Counter::PassNotVip);
             };
-            match ring_pick(&p.flow, vip, true) {
+            match ring_pick(&p.flow, vip, if syn { Learn::Syn } else { Learn::Insert }) {
                 Ok(pick) => pick,
                 Err(c) => return drop(c),
             }

@@ -51,6 +51,13 @@ pub static RINGS: Array<u64> = Array::with_max_entries(DEFAULT_RING_CAPACITY / 2
 pub static CONN_TABLE: LruHashMap<FlowKey, ConnEntry> =
     LruHashMap::with_max_entries(DEFAULT_CONN_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
 
+/// Benchmark only: a connection table on one common LRU list (flags 0), next to
+/// `CONN_TABLE`'s per-CPU lists (`bench::step_program`). Resized at load: the benchmark
+/// gives it the connection table's size, everything else a token one.
+#[map]
+pub static BENCH_CONN_COMMON: LruHashMap<FlowKey, ConnEntry> =
+    LruHashMap::with_max_entries(DEFAULT_CONN_TABLE_SIZE, 0);
+
 /// Flow marks: mark -> real (the fast path's only lookup besides the real itself).
 #[map]
 pub static MARKS: Array<MarkEntry> = Array::with_max_entries(MAX_MARKS, 0);

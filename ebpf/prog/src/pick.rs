@@ -3,6 +3,7 @@
 //! and the VIP's Maglev ring (new flows). No packet access here: the normal path and the
 //! ICMP code both call in with a flow they parsed.
 
+use aya_ebpf::maps::LruHashMap;
 use marklb_common::{ConnEntry, Counter, FlowKey, RealDef, VipKey, VipMeta, hash::flow_hash};
 
 use crate::maps::{CONN_TABLE, REALS, RINGS, VIP_GENS, VIPS};
@@ -92,10 +93,22 @@ fn live_entry(c: &ConnEntry) -> Option<Pick> {
     })
 }
 
+/// Whether and how [`ring_pick`] records its choice in the connection table.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Learn {
+    /// Not at all (ICMP errors, benchmark steps that stop before the write).
+    No,
+    /// Write the entry (a packet whose lookup just missed or found a stale entry).
+    Insert,
+    /// A SYN, which skipped the lookup: refresh a live entry that already says the same
+    /// ([`learn_syn`]), write otherwise.
+    Syn,
+}
+
 /// A new flow: the VIP's Maglev ring chooses; `learn` records the choice in the
 /// connection table.
 #[inline(always)]
-pub fn ring_pick(flow: &FlowKey, vip: &VipMeta, learn: bool) -> Result<Pick, Counter> {
+pub fn ring_pick(flow: &FlowKey, vip: &VipMeta, learn: Learn) -> Result<Pick, Counter> {
     if vip.ring_size == 0 {
         return Err(Counter::DropNoReal);
     }
@@ -107,16 +120,14 @@ pub fn ring_pick(flow: &FlowKey, vip: &VipMeta, learn: bool) -> Result<Pick, Cou
     let Some(real) = live_real(real_id) else {
         return Err(Counter::DropNoReal);
     };
-    if learn {
-        let entry = ConnEntry {
-            real_id,
-            real_gen: real.generation,
-            vip_id: vip.vip_id as u16,
-            seen: 1,
-            vip_gen: vip.generation,
-        };
+    if learn != Learn::No {
+        let entry = new_entry(real_id, real, vip);
         // Failure only means the flow is picked from the ring again next time.
-        let _ = CONN_TABLE.insert(flow, &entry, 0);
+        if learn == Learn::Syn {
+            learn_syn(&CONN_TABLE, flow, &entry);
+        } else {
+            let _ = CONN_TABLE.insert(flow, &entry, 0);
+        }
     }
     Ok(Pick {
         real_id,
@@ -125,4 +136,40 @@ pub fn ring_pick(flow: &FlowKey, vip: &VipMeta, learn: bool) -> Result<Pick, Cou
         new: true,
         seen: 1,
     })
+}
+
+/// The connection-table entry of a flow the ring just gave to `real_id`.
+#[inline(always)]
+pub fn new_entry(real_id: u32, real: &RealDef, vip: &VipMeta) -> ConnEntry {
+    ConnEntry {
+        real_id,
+        real_gen: real.generation,
+        vip_id: vip.vip_id as u16,
+        seen: 1,
+        vip_gen: vip.generation,
+    }
+}
+
+/// Records a SYN's pick. A SYN whose flow the table already holds with this very pick (a
+/// retransmitted SYN, a client reusing its port toward the same real) only gets its packet
+/// count reset, in place: the lookup marks the entry recently used, as an update would.
+/// An update of a present key costs the kernel two LRU list-lock round trips (pop a free
+/// node, free the old one) besides the bucket lock; the lookup costs a hash and a bucket
+/// walk (README "Benchmarks"). Any other entry (another real, a stale generation) or none:
+/// written whole, as before.
+#[inline(always)]
+pub fn learn_syn(table: &LruHashMap<FlowKey, ConnEntry>, flow: &FlowKey, entry: &ConnEntry) {
+    if let Some(c) = table.get_ptr_mut(flow) {
+        let c = unsafe { &mut *c };
+        if c.real_id == entry.real_id
+            && c.real_gen == entry.real_gen
+            && c.vip_id == entry.vip_id
+            && c.vip_gen == entry.vip_gen
+        {
+            c.seen = entry.seen;
+            return;
+        }
+    }
+    // Failure only means the flow is picked from the ring again next time.
+    let _ = table.insert(flow, entry, 0);
 }
