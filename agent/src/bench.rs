@@ -23,7 +23,9 @@ use marklb_common::{
 use serde::Serialize;
 
 mod conn_table;
+mod loads;
 pub use conn_table::run as run_conn_table;
+pub use loads::run_loads;
 
 use crate::{
     datapath::{Datapath, LoadOptions, Prog},
@@ -105,12 +107,16 @@ pub struct Figure {
     pub above_floor: f64,
     /// above_floor(established) / above_floor(this path), same family and flow count.
     pub speedup_vs_established: Option<f64>,
+    /// With several loads (`bench --loads`): the row's medians over them.
+    pub across_loads: Option<Spread>,
 }
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
     pub repeat: u32,
     pub rounds: u32,
+    /// Freshly loaded datapaths measured (`bench --loads`); each row is the median load's.
+    pub loads: u32,
     /// The trivial program alone (no wrapper).
     pub trivial_ns: f64,
     /// Wrapper + trivial program: the floor subtracted from wrapped paths.
@@ -141,6 +147,8 @@ pub struct StepFigure {
     pub rounds: Spread,
     pub above_floor: f64,
     pub cost: f64,
+    /// With several loads: the step's medians over them.
+    pub across_loads: Option<Spread>,
 }
 
 const REALS: u8 = 10;
@@ -569,6 +577,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
                 above_floor: r.median - floor_marked,
                 // The last step replaces the one before it (a wake-up instead of none).
                 cost: r.median - prev,
+                across_loads: None,
             });
             if n != 8 {
                 prev = r.median;
@@ -753,6 +762,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
                 rounds: *spread,
                 above_floor: above,
                 speedup_vs_established: established(*flows, &rows).map(|e| e / above.max(0.1)),
+                across_loads: None,
             });
         }
         let leaving = lb.remove_vip(bench.dp, &vip)?;
@@ -766,6 +776,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
     Ok(Report {
         repeat: opts.repeat,
         rounds: opts.rounds,
+        loads: 1,
         trivial_ns,
         floor_ns,
         restore_ns,
@@ -781,6 +792,18 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
     })
 }
 
+/// A row's spread over the loads, when there were several.
+fn loads_column(across: Option<Spread>) -> String {
+    across.map_or_else(String::new, |l| {
+        format!(
+            "  loads {:.0}-{:.0} ({:.1}%)",
+            l.min,
+            l.max,
+            l.spread * 100.0
+        )
+    })
+}
+
 /// The report as a table for people.
 pub fn render(r: &Report) -> String {
     use std::fmt::Write;
@@ -792,6 +815,14 @@ pub fn render(r: &Report) -> String {
          warm-up; min / median / max ns per packet)",
         r.repeat, r.rounds
     );
+    if r.loads > 1 {
+        let _ = writeln!(
+            s,
+            "{} freshly loaded datapaths: each row is the load whose median is the median of \
+             the loads (\"loads\": the spread of the loads' medians)",
+            r.loads
+        );
+    }
     let _ = writeln!(
         s,
         "measuring thread on {}, new-flow event consumer on {}",
@@ -814,6 +845,7 @@ pub fn render(r: &Report) -> String {
             .speedup_vs_established
             .map(|x| format!("{x:.2}x"))
             .unwrap_or_default();
+        let loads = loads_column(f.across_loads);
         let flag = if f.rounds.unstable {
             " UNSTABLE"
         } else if f.rounds.remeasured > 0 {
@@ -823,7 +855,7 @@ pub fn render(r: &Report) -> String {
         };
         let _ = writeln!(
             s,
-            "{:<6} {:<28} {:>7} {:>17} {:>6.1}% {:>11.1} {:>8}{flag}",
+            "{:<6} {:<28} {:>7} {:>17} {:>6.1}% {:>11.1} {:>8}{loads}{flag}",
             f.family,
             f.path,
             f.flows,
@@ -844,7 +876,7 @@ pub fn render(r: &Report) -> String {
     for st in &r.steps {
         let _ = writeln!(
             s,
-            "{:<6} {:<34} {:>17} {:>6.1}% {:>7.1} above floor {:>7.1} ns step{}",
+            "{:<6} {:<34} {:>17} {:>6.1}% {:>7.1} above floor {:>7.1} ns step{}{}",
             st.family,
             st.step,
             format!(
@@ -854,6 +886,7 @@ pub fn render(r: &Report) -> String {
             st.rounds.spread * 100.0,
             st.above_floor,
             st.cost,
+            loads_column(st.across_loads),
             if st.rounds.unstable { " UNSTABLE" } else { "" }
         );
     }

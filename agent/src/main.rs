@@ -57,6 +57,11 @@ enum Command {
         /// Distinct flows in the many-flows variant.
         #[arg(long, default_value_t = 50_000)]
         flows: u32,
+        /// Freshly loaded datapaths to measure one after the other (each row reports the
+        /// median load's figures and the loads' range): shows how far a row moves with
+        /// where the maps land and with the machine's drift.
+        #[arg(long, default_value_t = 1)]
+        loads: u32,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -174,6 +179,7 @@ fn main() -> Result<()> {
             rounds,
             flows,
             json,
+            loads,
             control_plane: false,
             hooks: None,
             conn_table: false,
@@ -183,7 +189,7 @@ fn main() -> Result<()> {
                 rounds,
                 flows,
             };
-            let report = marklb_agent::bench::run(&opts)?;
+            let report = marklb_agent::bench::run_loads(&opts, loads)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

@@ -108,6 +108,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
                     rounds: s,
                     above_floor: s.median - floor,
                     cost: s.median - base,
+                    across_loads: None,
                 });
             };
             // New flows while the table has room: few enough repetitions over all rounds
@@ -185,6 +186,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
                 rounds: Spread::of(vec![before_absent]),
                 above_floor: before_absent - floor,
                 cost: before_absent - floor,
+                across_loads: None,
             });
         }
         for (what, ns) in [("one flow", before_one), ("new flows", before_new)] {
@@ -194,6 +196,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
                 rounds: Spread::of(vec![ns]),
                 above_floor: ns - floor,
                 cost: ns - floor,
+                across_loads: None,
             });
         }
     }
@@ -201,6 +204,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
     Ok(Report {
         repeat: opts.repeat,
         rounds: opts.rounds,
+        loads: 1,
         trivial_ns: 0.0,
         floor_ns,
         restore_ns: 0.0,
