@@ -131,48 +131,21 @@ fn main() -> Result<()> {
             json,
             hooks: Some(samples),
             ..
-        } => {
-            let report = marklb_agent::bench_tc::run(samples)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", marklb_agent::bench_tc::render(&report));
-            }
-        }
+        } => emit(
+            json,
+            &marklb_agent::bench_tc::run(samples)?,
+            marklb_agent::bench_tc::render,
+        )?,
         #[cfg(feature = "bench")]
         Command::Bench {
             json,
             control_plane: true,
             ..
-        } => {
-            let report = marklb_agent::control_bench::run()?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", marklb_agent::control_bench::render(&report));
-            }
-        }
-        #[cfg(feature = "bench")]
-        Command::Bench {
-            repeat,
-            rounds,
-            flows,
+        } => emit(
             json,
-            conn_table: true,
-            ..
-        } => {
-            let opts = marklb_agent::bench::BenchOptions {
-                repeat,
-                rounds,
-                flows,
-            };
-            let report = marklb_agent::bench::run_conn_table(&opts)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", marklb_agent::bench::render(&report));
-            }
-        }
+            &marklb_agent::control_bench::run()?,
+            marklb_agent::control_bench::render,
+        )?,
         #[cfg(feature = "bench")]
         Command::Bench {
             repeat,
@@ -180,22 +153,33 @@ fn main() -> Result<()> {
             flows,
             json,
             loads,
+            conn_table,
             control_plane: false,
             hooks: None,
-            conn_table: false,
         } => {
             let opts = marklb_agent::bench::BenchOptions {
                 repeat,
                 rounds,
                 flows,
             };
-            let report = marklb_agent::bench::run_loads(&opts, loads)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+            let report = if conn_table {
+                marklb_agent::bench::run_conn_table(&opts)?
             } else {
-                print!("{}", marklb_agent::bench::render(&report));
-            }
+                marklb_agent::bench::run_loads(&opts, loads)?
+            };
+            emit(json, &report, marklb_agent::bench::render)?;
         }
+    }
+    Ok(())
+}
+
+/// Prints a benchmark's report as JSON or as its table.
+#[cfg(feature = "bench")]
+fn emit<R: serde::Serialize>(json: bool, report: &R, render: fn(&R) -> String) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        print!("{}", render(report));
     }
     Ok(())
 }
