@@ -22,6 +22,7 @@ demo: setup-base ## Run the network-namespace demo (root)
 test: setup lint ## Everything CI runs: formatting, clippy, all tests (root)
 	$(CARGO) build -p marklb-agent -p marklb-operator --bins  # the end-to-end tests run the agent and operator binaries
 	$(CARGO) test --no-fail-fast
+	$(CARGO) test -p marklb-agent --features bench --lib bench::  # the benchmark's own logic (built only with the feature)
 
 lint: fmt clippy lint-scripts ## Formatting, clippy with warnings denied, shellcheck over scripts/
 

@@ -171,6 +171,7 @@ impl Datapath {
             .map_max_entries(n::RINGS, opts.ring_capacity.div_ceil(2))
             .map_max_entries(n::CONN_TABLE, opts.conn_table_size)
             .map_max_entries(n::BENCH_CONN_COMMON, bench_conn_common)
+            .map_max_entries(n::BENCH_CONN_SETS, (bench_conn_common / 4).max(1))
             .map_max_entries(n::NIC_FLOWS, opts.nic_flows);
         let pins: Vec<(&'static str, PathBuf)> = match &opts.pin_dir {
             Some(dir) => ALL_MAPS.iter().map(|m| (*m, dir.join(m))).collect(),

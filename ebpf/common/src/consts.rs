@@ -27,8 +27,12 @@ pub const BENCH_FRAME_MAX: usize = 128;
 pub const BENCH_STEP_COMMON_LRU: u32 = 1 << 8;
 /// ... always update (the write before SYNs refreshed a live entry in place) ...
 pub const BENCH_STEP_UPDATE: u32 = 1 << 9;
-/// ... update with `BPF_NOEXIST`.
+/// ... update with `BPF_NOEXIST` ...
 pub const BENCH_STEP_NOEXIST: u32 = 1 << 10;
+/// ... or write the prototype set-associative table (`BENCH_CONN_SETS`) instead, whose
+/// number of sets (a power of two) is `1 << ((mark >> BENCH_STEP_SETS_SHIFT) & 31)`.
+pub const BENCH_STEP_SETS: u32 = 1 << 11;
+pub const BENCH_STEP_SETS_SHIFT: u32 = 16;
 
 /// Slot of the balancer in the emulated NIC's program array.
 pub const NIC_NEXT_BALANCER: u32 = 0;
@@ -54,6 +58,7 @@ pub mod map_names {
     pub const BENCH_FRAME: &str = "BENCH_FRAME";
     pub const BENCH_NEXT: &str = "BENCH_NEXT";
     pub const BENCH_CONN_COMMON: &str = "BENCH_CONN_COMMON";
+    pub const BENCH_CONN_SETS: &str = "BENCH_CONN_SETS";
 }
 
 pub mod prog_names {

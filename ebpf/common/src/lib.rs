@@ -25,8 +25,8 @@ pub use counters::Counter;
 pub use decap::DecapCounter;
 pub use event::NewFlowEvent;
 pub use flow::{
-    ConnEntry, DEFAULT_UDP_EVENT_PACKETS, EVENT_RETRY_FIRST, FlowKey, MarkEntry, NicRule,
-    TCP_EVENT_PACKETS, event_due,
+    BENCH_CONN_WAYS, BenchConnSet, BenchConnSlot, ConnEntry, DEFAULT_UDP_EVENT_PACKETS,
+    EVENT_RETRY_FIRST, FlowKey, MarkEntry, NicRule, TCP_EVENT_PACKETS, event_due,
 };
 pub use real::{REAL_F_IPV6, RealDef};
 pub use stats::TrafficStats;
@@ -52,4 +52,5 @@ impl_pod!(
     VipKey,
     VipMeta,
     BenchFrame,
+    BenchConnSlot,
 );

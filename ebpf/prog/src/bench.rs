@@ -11,12 +11,16 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use marklb_common::{
-    BENCH_FRAME_MAX, BENCH_STEP_COMMON_LRU, BENCH_STEP_NOEXIST, BENCH_STEP_UPDATE, BENCH_TARGET,
+    BENCH_FRAME_MAX, BENCH_STEP_COMMON_LRU, BENCH_STEP_NOEXIST, BENCH_STEP_SETS,
+    BENCH_STEP_SETS_SHIFT, BENCH_STEP_UPDATE, BENCH_TARGET, BenchConnSlot, ConnEntry, FlowKey,
+    hash::flow_hash,
 };
 
 use crate::{
     events,
-    maps::{BENCH_CONN_COMMON, BENCH_FRAME, BENCH_NEXT, CONFIG, CONN_TABLE, VIP_ADDRS},
+    maps::{
+        BENCH_CONN_COMMON, BENCH_CONN_SETS, BENCH_FRAME, BENCH_NEXT, CONFIG, CONN_TABLE, VIP_ADDRS,
+    },
     parse::{self, Verdict, ptr_at},
     pick::{Learn, learn_syn, new_entry, ring_pick, vip_lookup},
     pkt::Packet,
@@ -68,7 +72,12 @@ pub fn step_program(ctx: &XdpContext) -> u32 {
         };
         // Failures (a full table cannot fail; NOEXIST on a present key does) do not stop
         // the path, as in `pick::ring_pick`.
-        if mark & BENCH_STEP_NOEXIST != 0 {
+        if mark & BENCH_STEP_SETS != 0 {
+            let sets = 1u32 << ((mark >> BENCH_STEP_SETS_SHIFT) & 31);
+            if !sets_write(&p.flow, &entry, sets) {
+                return xdp_action::XDP_ABORTED;
+            }
+        } else if mark & BENCH_STEP_NOEXIST != 0 {
             let _ = table.insert(&p.flow, &entry, BPF_NOEXIST as u64);
         } else if mark & BENCH_STEP_UPDATE != 0 {
             let _ = table.insert(&p.flow, &entry, 0);
@@ -112,6 +121,43 @@ pub fn step_program(ctx: &XdpContext) -> u32 {
         return xdp_action::XDP_ABORTED;
     }
     xdp_action::XDP_PASS
+}
+
+/// Writes `flow` into the prototype set-associative table of `sets` sets (a power of two):
+/// into the slot already holding the flow, else over the least recently written slot of
+/// the flow's set; either way the slot becomes the set's most recent. No allocation, no
+/// lock, no list: one hash and the set's cache lines. (A prototype to measure: concurrent
+/// writers on two CPUs could tear a slot, which a datapath table would have to detect; the
+/// benchmark writes from one CPU.)
+#[inline(always)]
+fn sets_write(flow: &FlowKey, entry: &ConnEntry, sets: u32) -> bool {
+    let Some(set) = BENCH_CONN_SETS.get_ptr_mut(flow_hash(flow) & (sets - 1)) else {
+        return false;
+    };
+    let set = unsafe { &mut *set };
+    let mut hit = None;
+    let mut victim = 0;
+    let mut oldest = u64::MAX;
+    let mut newest = 0;
+    for (i, slot) in set.iter().enumerate() {
+        if slot.key == *flow {
+            hit = Some(i);
+        }
+        if slot.stamp < oldest {
+            oldest = slot.stamp;
+            victim = i;
+        }
+        newest = newest.max(slot.stamp);
+    }
+    let Some(slot) = set.get_mut(hit.unwrap_or(victim)) else {
+        return false;
+    };
+    *slot = BenchConnSlot {
+        key: *flow,
+        entry: *entry,
+        stamp: newest + 1,
+    };
+    true
 }
 
 #[inline(always)]

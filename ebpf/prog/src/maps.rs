@@ -7,9 +7,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use marklb_common::{
-    BenchFrame, ConnEntry, DEFAULT_CONN_TABLE_SIZE, DEFAULT_NIC_FLOWS, DEFAULT_RING_CAPACITY,
-    EVENT_RING_BYTES, EventBucket, FlowKey, LbConfig, MAX_MARKS, MAX_REALS, MAX_VIP_ADDRS,
-    MAX_VIPS, MarkEntry, NicRule, RealDef, TrafficStats, VipKey, VipMeta, counters::NUM_COUNTERS,
+    BenchConnSet, BenchFrame, ConnEntry, DEFAULT_CONN_TABLE_SIZE, DEFAULT_NIC_FLOWS,
+    DEFAULT_RING_CAPACITY, EVENT_RING_BYTES, EventBucket, FlowKey, LbConfig, MAX_MARKS, MAX_REALS,
+    MAX_VIP_ADDRS, MAX_VIPS, MarkEntry, NicRule, RealDef, TrafficStats, VipKey, VipMeta,
+    counters::NUM_COUNTERS,
 };
 
 /// `BPF_F_NO_COMMON_LRU`: each CPU evicts from its own LRU list, so CPUs never contend on
@@ -57,6 +58,12 @@ pub static CONN_TABLE: LruHashMap<FlowKey, ConnEntry> =
 #[map]
 pub static BENCH_CONN_COMMON: LruHashMap<FlowKey, ConnEntry> =
     LruHashMap::with_max_entries(DEFAULT_CONN_TABLE_SIZE, 0);
+
+/// Benchmark only: the prototype set-associative connection table (`bench::sets_write`),
+/// resized at load like `BENCH_CONN_COMMON`.
+#[map]
+pub static BENCH_CONN_SETS: Array<BenchConnSet> =
+    Array::with_max_entries(DEFAULT_CONN_TABLE_SIZE / 4, 0);
 
 /// Flow marks: mark -> real (the fast path's only lookup besides the real itself).
 #[map]
