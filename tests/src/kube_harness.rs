@@ -315,11 +315,13 @@ impl KubeServer {
         me.url = format!("https://127.0.0.1:{api_port}");
 
         // The self-signed serving certificate (server certificate, then its CA) is written before
-        // the server listens.
+        // the server listens. Wait for both blocks, not for the file: it exists (empty, or
+        // with the first block only) while the server is still writing it (CI once read it
+        // empty: "no certificate in .../apiserver.crt").
         let cert = pki.join("apiserver.crt");
-        me.wait_for("the serving certificate", || {
-            let found = cert.is_file();
-            async move { Ok(found) }
+        me.wait_for("the serving certificate and its CA", || {
+            let complete = fs::read_to_string(&cert).is_ok_and(|pem| pem_blocks(&pem).len() >= 2);
+            async move { Ok(complete) }
         })
         .await?;
         let pem = fs::read_to_string(&cert)?;
