@@ -278,11 +278,9 @@ impl Context {
             served.iter().map(|lb| lb.spec.node_selector.as_ref()),
             interface.as_deref(),
         );
-        ds.metadata.owner_references = self
-            .install_owner
-            .reference(&self.client, &self.metrics)
-            .await
-            .map(|owner| vec![owner]);
+        self.install_owner
+            .own(&mut ds, &self.client, &self.metrics)
+            .await;
         let mut last = self.last_daemonset.lock().await;
         if !apply::daemonset_needs_write(&ds, last.as_ref())? {
             return Ok(());

@@ -20,6 +20,7 @@
 //! (`marklb_operator_reconcile_errors_total{error="install_owner"}`), and the next apply asks
 //! again; once the lookup succeeds the DaemonSet is applied again with the reference.
 
+use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::Api;
@@ -46,6 +47,12 @@ impl InstallOwner {
             name: name.filter(|n| !n.is_empty()).map(str::to_string),
             found: tokio::sync::Mutex::default(),
         }
+    }
+
+    /// Makes `ds` owned by the ServiceAccount, or by nothing when none is configured or the
+    /// lookup failed ([`reference`](Self::reference)).
+    pub async fn own(&self, ds: &mut DaemonSet, client: &Client, metrics: &Metrics) {
+        ds.metadata.owner_references = self.reference(client, metrics).await.map(|o| vec![o]);
     }
 
     /// The owner reference to put on what the operator applies, `None` when none is

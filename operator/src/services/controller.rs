@@ -212,11 +212,9 @@ impl Context {
             return Ok(());
         }
         let mut ds = desired::decap_daemonset(&self.settings.namespace, &self.settings.agent);
-        ds.metadata.owner_references = self
-            .install_owner
-            .reference(&self.client, &self.metrics)
-            .await
-            .map(|owner| vec![owner]);
+        self.install_owner
+            .own(&mut ds, &self.client, &self.metrics)
+            .await;
         let mut last = self.last_decap.lock().await;
         if !crate::apply::daemonset_needs_write(&ds, last.as_ref())? {
             return Ok(());
