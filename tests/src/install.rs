@@ -22,7 +22,36 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::cluster::Cluster;
 use crate::kube_harness::{cache_dir, yaml_documents};
+
+/// The agent DaemonSet's owner references in `namespace` as `Kind/name/uid`, and what they
+/// must be: the operator's ServiceAccount there, whose removal by an uninstall lets the
+/// garbage collector delete the DaemonSet the operator applied.
+pub fn agent_daemonset_owner(cluster: &Cluster, namespace: &str) -> (String, String) {
+    let jsonpath = |kind: &str, name: &str, path: &str| {
+        cluster
+            .kubectl_ok(&[
+                "get",
+                kind,
+                name,
+                "-n",
+                namespace,
+                "-o",
+                &format!("jsonpath={path}"),
+            ])
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let owners = jsonpath(
+        "daemonset",
+        "marklb-agent",
+        "{range .metadata.ownerReferences[*]}{.kind}/{.name}/{.uid}{end}",
+    );
+    let sa_uid = jsonpath("serviceaccount", "marklb-operator", "{.metadata.uid}");
+    (owners, format!("ServiceAccount/marklb-operator/{sa_uid}"))
+}
 
 /// The README user's guide's commands that `install_manifests` runs, in this order, against
 /// the 1.20 API server (no kubelet needed).

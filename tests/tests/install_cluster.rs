@@ -30,7 +30,8 @@ use marklb_crds::{LoadBalancer, conditions};
 use marklb_tests::cluster::Cluster;
 use marklb_tests::cluster_or_skip;
 use marklb_tests::install::{
-    README_AGENT_TARGETS, README_ON_CLUSTER, README_OPERATOR_TARGETS, repo_root,
+    README_AGENT_TARGETS, README_ON_CLUSTER, README_OPERATOR_TARGETS, agent_daemonset_owner,
+    repo_root,
 };
 use marklb_tests::kube_harness::report;
 use marklb_tests::lb_side::{
@@ -748,33 +749,8 @@ async fn helm_installs_scrapes_upgrades_and_uninstalls() {
     ));
     // The agent DaemonSet is the operator's (applied at run time, unknown to Helm); it is
     // owned by the operator's ServiceAccount, which Helm does delete.
-    let owners = cluster
-        .kubectl_ok(&[
-            "get",
-            "daemonset",
-            "marklb-agent",
-            "-n",
-            NS,
-            "-o",
-            "jsonpath={range .metadata.ownerReferences[*]}{.kind}/{.name}/{.uid}{end}",
-        ])
-        .unwrap();
-    let sa_uid = cluster
-        .kubectl_ok(&[
-            "get",
-            "serviceaccount",
-            "marklb-operator",
-            "-n",
-            NS,
-            "-o",
-            "jsonpath={.metadata.uid}",
-        ])
-        .unwrap();
-    assert_eq!(
-        owners.trim(),
-        format!("ServiceAccount/marklb-operator/{}", sa_uid.trim()),
-        "the agent DaemonSet's owner"
-    );
+    let (owners, operator_sa) = agent_daemonset_owner(cluster, NS);
+    assert_eq!(owners, operator_sa, "the agent DaemonSet's owner");
     let t0 = Instant::now();
     let out = step(
         cluster,

@@ -53,7 +53,7 @@ use marklb_operator::manifests::OPERATOR_NAME;
 use marklb_tests::{
     cluster::Cluster,
     cluster_or_skip,
-    install::README_USER_PATH,
+    install::{README_USER_PATH, agent_daemonset_owner},
     kube_harness::report,
     lb_side::{
         AGENT_SELECTOR, IFACE, NODE_LABEL, PORT, Side, T, WAIT, WEB_BACKENDS, WEB_VIP,
@@ -638,28 +638,8 @@ async fn loadbalancers_become_programmed_nodes_and_conditions() {
     step(cluster, "kubectl delete namespace shop");
     // The kubectl install's operator owns the agent DaemonSet through its ServiceAccount (the
     // name from the downward API, read with the Role's one-object `get`).
-    let jsonpath = |kind: &str, name: &str, path: &str| {
-        cluster
-            .kubectl_ok(&[
-                "get",
-                kind,
-                name,
-                "-n",
-                "marklb-system",
-                "-o",
-                &format!("jsonpath={path}"),
-            ])
-            .unwrap()
-            .trim()
-            .to_string()
-    };
-    let owner = jsonpath(
-        "daemonset",
-        "marklb-agent",
-        "{range .metadata.ownerReferences[*]}{.kind}/{.name}/{.uid}{end}",
-    );
-    let sa_uid = jsonpath("serviceaccount", OPERATOR_NAME, "{.metadata.uid}");
-    assert_eq!(owner, format!("ServiceAccount/{OPERATOR_NAME}/{sa_uid}"));
+    let (owner, operator_sa) = agent_daemonset_owner(cluster, "marklb-system");
+    assert_eq!(owner, operator_sa, "the agent DaemonSet's owner");
     let t = Instant::now();
     step(cluster, "kubectl delete -k deploy/legacy-1.20/");
     // Nothing of ours left in the cluster: no DaemonSet (namespace and all), no agent pod.
