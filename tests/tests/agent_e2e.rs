@@ -753,13 +753,10 @@ fn an_explicit_xdp_mode_re_attaches_an_adopted_datapath_keeping_connections() {
     );
     eprintln!("re-attach (gap_us: detach to attached): {}", moved[0]);
     let s = env.scrape();
+    let mode = s.by_label("marklb_datapath_info", "xdp_mode");
     assert_eq!(
-        s.samples
-            .iter()
-            .find(|x| x.name == "marklb_datapath_info")
-            .and_then(|x| x.labels.get("xdp_mode"))
-            .map(String::as_str),
-        Some("native"),
+        mode.keys().collect::<Vec<_>>(),
+        ["native"],
         "{}",
         interesting(&s)
     );
@@ -821,12 +818,13 @@ fn a_refused_xdp_mode_puts_the_previous_mode_back_and_keeps_serving() {
     eprintln!("refused (gap_us: detach to generic again): {}", refused[0]);
     assert_eq!(ip_link_xdp_mode(&ns, &iface).as_deref(), Some("xdpgeneric"));
     let s = env.scrape();
-    let mode = s
-        .samples
-        .iter()
-        .find(|x| x.name == "marklb_datapath_info")
-        .and_then(|x| x.labels.get("xdp_mode").cloned());
-    assert_eq!(mode.as_deref(), Some("generic"), "{}", interesting(&s));
+    let mode = s.by_label("marklb_datapath_info", "xdp_mode");
+    assert_eq!(
+        mode.keys().collect::<Vec<_>>(),
+        ["generic"],
+        "{}",
+        interesting(&s)
+    );
     assert_keep_real(&mut conns, "after the refused re-attach");
     let fresh = env.connect(tcp4(), 6);
     assert!(fresh.iter().all(|c| env.real_names().contains(&c.real)));
