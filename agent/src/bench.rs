@@ -770,9 +770,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
     }
     let counters = dp.counters()?;
     let _seen = drain.stop();
-    let max_spread = figures.iter().map(|f| f.rounds.spread).fold(0.0, f64::max);
-    let rows_remeasured = figures.iter().filter(|f| f.rounds.remeasured > 0).count();
-    let rows_unstable = figures.iter().filter(|f| f.rounds.unstable).count();
+    let (max_spread, rows_remeasured, rows_unstable) = spread_totals(&figures);
     Ok(Report {
         repeat: opts.repeat,
         rounds: opts.rounds,
@@ -790,6 +788,15 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
         events_sent: counters.get(Counter::EventSent),
         events_lost: counters.get(Counter::EventLost),
     })
+}
+
+/// The largest spread of any row, and how many rows were re-measured or stayed unstable.
+fn spread_totals(figures: &[Figure]) -> (f64, usize, usize) {
+    (
+        figures.iter().map(|f| f.rounds.spread).fold(0.0, f64::max),
+        figures.iter().filter(|f| f.rounds.remeasured > 0).count(),
+        figures.iter().filter(|f| f.rounds.unstable).count(),
+    )
 }
 
 /// A row's spread over the loads, when there were several.

@@ -85,15 +85,15 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
         // (the wrapper's source rewrite costs a few ns).
         let before_one = bench.wrapped(Prog::BenchStep, &cut, &[])?.median;
         let mut fresh = Fresh(1);
-        let small = (opts.repeat / 16).max(1);
-        let before_new = {
-            let b = &mut bench;
+        // The step program cut as `mark` says, `n` flows never sent before a call.
+        let new_flows = |bench: &mut Bench, fresh: &mut Fresh, mark: u32, n: u32| {
             stable(opts.rounds, || {
-                let f = fresh.frame(&cut, STEP_MAGLEV, small);
-                b.wrapped_once(Prog::BenchStep, &f, &[], small)
-            })?
-            .median
+                let f = fresh.frame(&syn, mark, n);
+                bench.wrapped_once(Prog::BenchStep, &f, &[], n)
+            })
         };
+        let small = (opts.repeat / 16).max(1);
+        let before_new = new_flows(&mut bench, &mut fresh, STEP_MAGLEV, small)?.median;
         let ncpu = aya::util::nr_cpus().map_err(|(_, e)| e)? as u32;
         let kinds = [
             Kind {
@@ -132,23 +132,13 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
             let absent = (kind.room / 64).max(4);
             // Its base: the program before the write over as many new flows per call (a
             // call's fixed costs weigh on few repetitions).
-            let before_absent = {
-                let b = &mut bench;
-                let f = &mut fresh;
-                stable(opts.rounds, || {
-                    let cut = f.frame(&syn, STEP_MAGLEV, absent);
-                    b.wrapped_once(Prog::BenchStep, &cut, &[], absent)
-                })?
-                .median
-            };
+            let before_absent = new_flows(&mut bench, &mut fresh, STEP_MAGLEV, absent)?.median;
+            let write = |bits: u32| STEP_WRITE | kind.bits | bits;
             let absent_row = |bench: &mut Bench, fresh: &mut Fresh, bits: u32| {
-                stable(opts.rounds, || {
-                    let f = fresh.frame(&syn, STEP_WRITE | kind.bits | bits, absent);
-                    bench.wrapped_once(Prog::BenchStep, &f, &[], absent)
-                })
+                new_flows(bench, fresh, write(bits), absent)
             };
             let same = |bench: &mut Bench, bits: u32| {
-                let f = with_flows(&syn, STEP_WRITE | kind.bits | bits, 1, 0);
+                let f = with_flows(&syn, write(bits), 1, 0);
                 bench.wrapped(Prog::BenchStep, &f, &[])
             };
             let s = absent_row(&mut bench, &mut fresh, 0)?;
@@ -165,7 +155,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
             row("same key as SYN, empty", s, before_one);
             // Half the benchmark CPU's room taken by flows never touched again.
             let fill = kind.room / 2;
-            let f = fresh.frame(&syn, STEP_WRITE | kind.bits | BENCH_STEP_UPDATE, fill);
+            let f = fresh.frame(&syn, write(BENCH_STEP_UPDATE), fill);
             bench.wrapped_once(Prog::BenchStep, &f, &[], fill)?;
             let s = absent_row(&mut bench, &mut fresh, 0)?;
             row("absent key as SYN, half full", s, before_absent);
@@ -179,25 +169,12 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
             row("same key as SYN, half full", s, before_one);
             // Full: twice the room again, then every new flow evicts.
             let fill = kind.room * 2;
-            let f = fresh.frame(&syn, STEP_WRITE | kind.bits | BENCH_STEP_UPDATE, fill);
+            let f = fresh.frame(&syn, write(BENCH_STEP_UPDATE), fill);
             bench.wrapped_once(Prog::BenchStep, &f, &[], fill)?;
-            let s = {
-                let b = &mut bench;
-                stable(opts.rounds, || {
-                    let f = fresh.frame(&syn, STEP_WRITE | kind.bits, small);
-                    b.wrapped_once(Prog::BenchStep, &f, &[], small)
-                })?
-            };
+            let s = new_flows(&mut bench, &mut fresh, write(0), small)?;
             row("absent key as SYN, full (evicts)", s, before_new);
             if kind.lru {
-                let s = {
-                    let b = &mut bench;
-                    stable(opts.rounds, || {
-                        let bits = STEP_WRITE | kind.bits | BENCH_STEP_UPDATE;
-                        let f = fresh.frame(&syn, bits, small);
-                        b.wrapped_once(Prog::BenchStep, &f, &[], small)
-                    })?
-                };
+                let s = new_flows(&mut bench, &mut fresh, write(BENCH_STEP_UPDATE), small)?;
                 row("absent key update, full (evicts)", s, before_new);
             }
             steps.push(StepFigure {

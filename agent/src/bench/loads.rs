@@ -13,7 +13,7 @@
 
 use anyhow::{Result, ensure};
 
-use super::{BenchOptions, Figure, Report, Spread, StepFigure, run};
+use super::{BenchOptions, Figure, Report, Spread, StepFigure, run, spread_totals};
 
 /// Runs the benchmark on `loads` freshly loaded datapaths and combines the reports.
 pub fn run_loads(opts: &BenchOptions, loads: u32) -> Result<Report> {
@@ -32,11 +32,6 @@ fn median_index(values: &[f64]) -> usize {
 
 fn median(values: &[f64]) -> f64 {
     values[median_index(values)]
-}
-
-/// The spread of one row's medians over the loads.
-fn across(values: Vec<f64>) -> Spread {
-    Spread::of(values)
 }
 
 /// One report from several of the same benchmark: per row the median load's figures.
@@ -63,7 +58,7 @@ pub fn combine(mut reports: Vec<Report>) -> Result<Report> {
         );
         let ns: Vec<f64> = rows.iter().map(|f| f.ns).collect();
         let mut f = rows[median_index(&ns)].clone();
-        f.across_loads = Some(across(ns));
+        f.across_loads = Some(Spread::of(ns));
         figures.push(f);
     }
     // Ratios from the combined figures: the chosen established row may come from another
@@ -87,10 +82,11 @@ pub fn combine(mut reports: Vec<Report>) -> Result<Report> {
         let ns: Vec<f64> = rows.iter().map(|s| s.rounds.median).collect();
         let mut s = rows[median_index(&ns)].clone();
         s.cost = median(&rows.iter().map(|s| s.cost).collect::<Vec<_>>());
-        s.across_loads = Some(across(ns));
+        s.across_loads = Some(Spread::of(ns));
         steps.push(s);
     }
     let field = |get: fn(&Report) -> f64| median(&reports.iter().map(get).collect::<Vec<_>>());
+    let (max_spread, rows_remeasured, rows_unstable) = spread_totals(&figures);
     Ok(Report {
         repeat: first.repeat,
         rounds: first.rounds,
@@ -100,9 +96,9 @@ pub fn combine(mut reports: Vec<Report>) -> Result<Report> {
         restore_ns: field(|r| r.restore_ns),
         bench_cpu: first.bench_cpu,
         consumer_cpu: first.consumer_cpu,
-        max_spread: figures.iter().map(|f| f.rounds.spread).fold(0.0, f64::max),
-        rows_remeasured: figures.iter().filter(|f| f.rounds.remeasured > 0).count(),
-        rows_unstable: figures.iter().filter(|f| f.rounds.unstable).count(),
+        max_spread,
+        rows_remeasured,
+        rows_unstable,
         events_sent: reports.iter().map(|r| r.events_sent).sum(),
         events_lost: reports.iter().map(|r| r.events_lost).sum(),
         figures,
