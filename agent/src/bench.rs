@@ -28,7 +28,7 @@ pub use conn_table::run as run_conn_table;
 pub use loads::run_loads;
 
 use crate::{
-    datapath::{Datapath, LoadOptions, Prog},
+    datapath::{CounterSnapshot, Datapath, LoadOptions, Prog},
     maglev::Backend,
     model::DatapathModel,
     packet::FrameSpec,
@@ -159,7 +159,7 @@ const STEPS: [(u32, &str); 8] = [
     (1, "parse"),
     (2, "VIP lookup"),
     (3, "Maglev read"),
-    (4, "conn table write (LRU)"),
+    (4, "conn table write"),
     (5, "clock read"),
     (6, "limiter"),
     (7, "ring reserve+submit, no wake-up"),
@@ -285,6 +285,36 @@ impl Bench<'_> {
         expect: &[Counter],
         repeat: u32,
     ) -> Result<f64> {
+        let (ns, delta) = self.counted(target, frame, repeat)?;
+        for c in expect {
+            let mut got = delta.get(*c);
+            // Many flows cycling through the table: the few whose set holds more of them
+            // than it has ways keep evicting each other and take the ring (0.05% of the
+            // 50,000-flow rows' packets); counted as established so long as each such
+            // packet evicted a flow.
+            let conflicts = delta.get(Counter::NewFlow);
+            if *c == Counter::ConnHit && conflicts <= delta.get(Counter::ConnEvicted) {
+                got += conflicts;
+            }
+            if got != repeat as u64 {
+                bail!(
+                    "path check failed for {target:?}: {} counted {got} of {repeat} repetitions \
+                     (all counters: {:?})",
+                    c.label(),
+                    delta.0.iter().filter(|(_, v)| **v > 0).collect::<Vec<_>>()
+                );
+            }
+        }
+        Ok(ns)
+    }
+
+    /// ns/packet of `target` behind the wrapper, and what the counters counted meanwhile.
+    fn counted(
+        &mut self,
+        target: Prog,
+        frame: &BenchFrame,
+        repeat: u32,
+    ) -> Result<(f64, CounterSnapshot)> {
         self.dp.set_bench_frame(frame)?;
         let before = self.dp.counters()?;
         let input = &frame.data[..frame.len as usize];
@@ -299,19 +329,7 @@ impl Bench<'_> {
                 r.action
             );
         }
-        for c in expect {
-            let got = delta.get(*c);
-            if got != repeat as u64 {
-                bail!(
-                    "path check failed for {target:?}: {} counted {got} of {repeat} repetitions \
-                     (action {}, all counters: {:?})",
-                    c.label(),
-                    r.action,
-                    delta.0.iter().filter(|(_, v)| **v > 0).collect::<Vec<_>>()
-                );
-            }
-        }
-        Ok(r.ns_per_run as f64)
+        Ok((r.ns_per_run as f64, delta))
     }
 
     /// ns/packet of the `skip + 1`-th packet after the SYN over [`AFTER_SYN_FLOWS`] flows
@@ -332,17 +350,35 @@ impl Bench<'_> {
         };
         self.dp.set_bench_target(Prog::Balancer)?;
         stable(self.opts.rounds, || {
-            self.wrapped_once(Prog::Balancer, &learn, &[Counter::NewFlow], n)?;
+            let (_, learned) = self.counted(Prog::Balancer, &learn, n)?;
+            ensure!(
+                learned.get(Counter::NewFlow) == n as u64,
+                "the SYNs of {n} flows took the new-flow path {} times",
+                learned.get(Counter::NewFlow)
+            );
+            // A flow whose set overflowed while the SYNs were written (more than 4 of the
+            // flows in one set, rare) is picked from the ring again by its next packet.
+            let evicted = learned.get(Counter::ConnEvicted);
+            let established = |d: &CounterSnapshot| {
+                let (hit, new) = (d.get(Counter::ConnHit), d.get(Counter::NewFlow));
+                ensure!(
+                    hit + new == n as u64 && new <= evicted,
+                    "{hit} established and {new} new of {n} packets after the SYN \
+                     ({evicted} flows evicted by the SYNs)"
+                );
+                Ok(())
+            };
             for _ in 0..skip {
-                self.wrapped_once(Prog::Balancer, &next, &[Counter::ConnHit], n)?;
+                established(&self.counted(Prog::Balancer, &next, n)?.1)?;
             }
-            let before = self.dp.counters()?;
-            let ns = self.wrapped_once(Prog::Balancer, &next, &[Counter::ConnHit], n)?;
-            let d = self.dp.counters()?.since(&before);
+            let (ns, d) = self.counted(Prog::Balancer, &next, n)?;
+            established(&d)?;
             let raised = d.get(Counter::EventSent) + d.get(Counter::EventLost);
+            // The first packet after the SYN raises the flow's event; an evicted flow's
+            // count starts again, so it raises it one packet later.
             let want = if skip == 0 { n as u64 } else { 0 };
             ensure!(
-                raised == want && d.get(Counter::EventRateLimited) == 0,
+                raised.abs_diff(want) <= evicted && d.get(Counter::EventRateLimited) == 0,
                 "packet {} after the SYN raised {raised} events over {n} flows, {} rate-limited (expected {want})",
                 skip + 1,
                 d.get(Counter::EventRateLimited)
@@ -666,6 +702,10 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
                 80,
                 false,
             );
+            // A flow its set let go (more of the flows than ways) learns its real again.
+            if bench.dp.conn(&spec.flow()).is_none() {
+                bench.dp.test_run(Prog::Balancer, &spec.build(), None)?;
+            }
             let c = bench.dp.conn(&spec.flow()).context("flow learned")?;
             let e = MarkEntry {
                 real_id: c.real_id,

@@ -72,8 +72,8 @@ enum Command {
         /// (median of this many single runs per figure).
         #[arg(long, value_name = "SAMPLES")]
         hooks: Option<u32>,
-        /// Measure the new-flow connection-table write instead, by table size, LRU kind,
-        /// key present or absent, and fill.
+        /// Measure the new-flow connection-table write instead, by table size, table kind
+        /// (the datapath's sets, the kernel LRU hashes), key present or absent, and fill.
         #[arg(long)]
         conn_table: bool,
     },

@@ -31,6 +31,7 @@ pub struct Metrics {
     path_packets: IntCounterVec,
     flow_events: IntCounterVec,
     nic_packets: IntCounterVec,
+    conn_evictions: IntCounter,
     mark_installs: IntCounterVec,
     marks_removed: IntCounterVec,
     marks_in_use: IntGauge,
@@ -166,6 +167,16 @@ impl Metrics {
                 "Packets seen by the emulated NIC",
                 &["result"],
             ),
+            conn_evictions: {
+                let c = IntCounter::new(
+                    "marklb_conn_table_evictions_total",
+                    "Established flows the connection table let go to make room for a new \
+                     flow (its set was full)",
+                )
+                .expect("metric");
+                r.register(Box::new(c.clone())).expect("register");
+                c
+            },
             mark_installs: counter(
                 &r,
                 "marklb_mark_installs_total",
@@ -254,7 +265,10 @@ impl Metrics {
             self.nic_packets.reset();
             for &c in Counter::ALL {
                 let v = snap.get(c);
-                if let Some(r) = event_result(c) {
+                if c == Counter::ConnEvicted {
+                    self.conn_evictions.reset();
+                    self.conn_evictions.inc_by(v);
+                } else if let Some(r) = event_result(c) {
                     self.flow_events.with_label_values(&[r]).inc_by(v);
                 } else if let Some(r) = nic_result(c) {
                     self.nic_packets.with_label_values(&[r]).inc_by(v);

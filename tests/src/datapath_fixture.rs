@@ -294,10 +294,15 @@ impl Fixture {
     }
 
     pub fn with_config(cfg: LbConfig) -> Self {
+        Self::with_conn_table(cfg, 1 << 14)
+    }
+
+    /// [`Fixture::with_config`] with a connection table of `conn_table_size` flows.
+    pub fn with_conn_table(cfg: LbConfig, conn_table_size: u32) -> Self {
         require_root_bpf();
         let opts = LoadOptions {
             ring_capacity: 1 << 18,
-            conn_table_size: 1 << 14,
+            conn_table_size,
             ..Default::default()
         };
         let mut dp = Datapath::load(&opts).unwrap_or_else(|e| {

@@ -1,16 +1,15 @@
 //! `marklb-agent bench --conn-table`: where a new flow's connection-table write spends its
 //! time. The new-flow step program (`marklb_bench_step`) cut after the write, minus the same
-//! program cut before it (the Maglev read), for each table size, LRU kind (the per-CPU lists
-//! of `CONN_TABLE`, one common list in `BENCH_CONN_COMMON`; and a prototype without the
-//! kernel's LRU, 4-way sets in a plain array, `BENCH_CONN_SETS`), write (as a SYN does it:
-//! refresh a live entry in place, else update; plain update; `BPF_NOEXIST`), key (present,
-//! absent) and fill (empty, half full, full and evicting). Each size is a freshly loaded
-//! datapath, so "empty" means never written.
+//! program cut before it (the Maglev read), for each table size and kind (the datapath's
+//! 4-way sets, `CONN_TABLE`; the kernel LRU hash it replaced, on per-CPU lists in
+//! `BENCH_CONN_LRU` and on one common list in `BENCH_CONN_COMMON`), write (as a SYN does
+//! it: refresh a live entry in place, else write; for the LRU kinds also a plain update and
+//! `BPF_NOEXIST`), key (present, absent) and fill (empty, half full, full and evicting).
+//! Each size is a freshly loaded datapath, so "empty" means never written.
 
 use anyhow::{Context, Result};
 use marklb_common::{
-    BENCH_STEP_COMMON_LRU, BENCH_STEP_NOEXIST, BENCH_STEP_SETS, BENCH_STEP_SETS_SHIFT,
-    BENCH_STEP_UPDATE, BenchFrame,
+    BENCH_STEP_COMMON_LRU, BENCH_STEP_LRU, BENCH_STEP_NOEXIST, BENCH_STEP_UPDATE, BenchFrame,
 };
 
 use super::{
@@ -38,7 +37,7 @@ struct Kind {
     bits: u32,
     room: u32,
     /// A kernel LRU hash (which has plain and `BPF_NOEXIST` updates to compare); else the
-    /// prototype set-associative array, which writes one way.
+    /// datapath's sets, which write one way.
     lru: bool,
 }
 
@@ -96,9 +95,16 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
         let before_new = new_flows(&mut bench, &mut fresh, STEP_MAGLEV, small)?.median;
         let ncpu = aya::util::nr_cpus().map_err(|(_, e)| e)? as u32;
         let kinds = [
+            // `size` entries in sets of 4 (a power of two: SIZES are), shared by all CPUs.
+            Kind {
+                name: "4-way sets (datapath)",
+                bits: 0,
+                room: size,
+                lru: false,
+            },
             Kind {
                 name: "per-CPU LRU",
-                bits: 0,
+                bits: BENCH_STEP_LRU,
                 room: size.div_ceil(ncpu),
                 lru: true,
             },
@@ -107,13 +113,6 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
                 bits: BENCH_STEP_COMMON_LRU,
                 room: size,
                 lru: true,
-            },
-            // `size` entries in sets of 4 (a power of two: SIZES are).
-            Kind {
-                name: "4-way sets (prototype)",
-                bits: BENCH_STEP_SETS | ((size / 4).trailing_zeros() << BENCH_STEP_SETS_SHIFT),
-                room: size,
-                lru: false,
             },
         ];
         for kind in kinds {
@@ -218,66 +217,4 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
         events_sent: 0,
         events_lost: 0,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use aya::maps::Array;
-    use marklb_common::{BenchConnSet, FlowKey, IPPROTO_TCP, map_names as n};
-
-    use super::*;
-
-    /// Flow `i` of the test: the benchmark's SYN from source port BASE_SPORT + i.
-    fn flow(fam: &super::super::Family, i: u16) -> FlowKey {
-        FlowKey::new(fam.client, BASE_SPORT + i, fam.vip, 80, IPPROTO_TCP)
-    }
-
-    /// The prototype table keeps the most recently written flows of a set: with one set,
-    /// four flows fill it, a refreshed flow becomes the most recent, and a fifth flow
-    /// evicts the least recently written one (not the first inserted, which was refreshed).
-    #[test]
-    fn the_prototype_sets_evict_the_least_recently_written_flow() {
-        let mut dp = Datapath::load_for_bench(&LoadOptions {
-            conn_table_size: 1 << 10,
-            ..LoadOptions::default()
-        })
-        .expect("loading the datapath (root and bpf())");
-        dp.set_config(&bench_config()).unwrap();
-        let fam = &families()[0];
-        let backends: Vec<Backend> = fam
-            .reals
-            .iter()
-            .map(|&addr| Backend { addr, weight: 1 })
-            .collect();
-        DatapathModel::new(&dp)
-            .set_vip(&mut dp, VipId::tcp(fam.vip, 80), &backends, 65_537)
-            .unwrap();
-        // One set (shift 0): every flow lands in set 0.
-        let mark = STEP_WRITE | BENCH_STEP_SETS;
-        let send = |dp: &mut Datapath, i: u16| {
-            let syn = FrameSpec::tcp(fam.client, BASE_SPORT + i, fam.vip, 80, true).build();
-            let r = dp.test_run(Prog::BenchStep, &syn, Some(mark)).unwrap();
-            assert_eq!(r.action, super::super::XDP_PASS, "flow {i} written");
-        };
-        for i in 1..=4 {
-            send(&mut dp, i);
-        }
-        send(&mut dp, 1);
-        send(&mut dp, 5);
-        let sets: Array<_, BenchConnSet> =
-            Array::try_from(dp.ebpf.map(n::BENCH_CONN_SETS).expect("the map")).unwrap();
-        let set = sets.get(&0, 0).unwrap();
-        let mut held: Vec<(u64, FlowKey)> = set.iter().map(|s| (s.stamp, s.key)).collect();
-        held.sort();
-        let expected: Vec<FlowKey> = [3, 4, 1, 5].iter().map(|&i| flow(fam, i)).collect();
-        assert_eq!(
-            held.iter().map(|h| h.1).collect::<Vec<_>>(),
-            expected,
-            "flow 2 evicted, the others in the order they were last written"
-        );
-        assert!(
-            set.iter().all(|s| s.entry.real_id != 0),
-            "each slot names a real"
-        );
-    }
 }

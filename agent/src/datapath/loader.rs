@@ -8,12 +8,12 @@ use aya::{
     programs::{SchedClassifier, Xdp},
 };
 use marklb_common::{
-    BenchFrame, ConnEntry, DEFAULT_CONN_TABLE_SIZE, DEFAULT_NIC_FLOWS, DEFAULT_RING_CAPACITY,
-    FlowKey, LbConfig, MarkEntry, NicRule, RealDef, TrafficStats, VipKey, VipMeta, map_names as n,
-    prog_names,
+    BenchFrame, CONN_SET_MASK_SYMBOL, ConnSet, DEFAULT_CONN_TABLE_SIZE, DEFAULT_NIC_FLOWS,
+    DEFAULT_RING_CAPACITY, FlowKey, LbConfig, MarkEntry, NicRule, RealDef, TrafficStats, VipKey,
+    VipMeta, conn_sets, map_names as n, prog_names,
 };
 
-use super::{DatapathError, Result, RingStore, map_err, prog_err};
+use super::{ConnTable, DatapathError, Result, RingStore, map_err, prog_err};
 
 /// The XDP object, built by build.rs from `ebpf/prog`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/marklb-ebpf"));
@@ -24,7 +24,8 @@ pub struct LoadOptions {
     /// Slots of the shared Maglev ring storage (sum of all VIPs' table sizes, plus room
     /// for one ring being replaced).
     pub ring_capacity: u32,
-    /// Established flows remembered (LRU beyond that).
+    /// Established flows remembered, rounded up to 4-way sets of a power of two (beyond
+    /// that, a set's least recently used flow gives way). A pinned table keeps its size.
     pub conn_table_size: u32,
     /// Flow rules of the emulated NIC.
     pub nic_flows: u32,
@@ -99,7 +100,7 @@ pub struct Datapath {
     pub(crate) vip_gens: Array<MapData, u32>,
     pub(crate) reals: Array<MapData, RealDef>,
     pub(crate) rings: RingStore,
-    pub(crate) conn_table: HashMap<MapData, FlowKey, ConnEntry>,
+    pub(crate) conn_table: ConnTable,
     pub(crate) marks: Array<MapData, MarkEntry>,
     pub(crate) vip_stats: PerCpuArray<MapData, TrafficStats>,
     pub(crate) real_stats: PerCpuArray<MapData, TrafficStats>,
@@ -109,8 +110,9 @@ pub struct Datapath {
     pub(crate) bench_frame: Array<MapData, BenchFrame>,
     pub(crate) bench_next: ProgramArray<MapData>,
     pub(crate) events: Option<RingBuf<MapData>>,
-    /// Keeps the ring storage map alive for the mapping.
+    /// Keep the mapped maps alive for their mappings.
     _rings_map: MapData,
+    _conn_map: MapData,
 }
 
 impl Datapath {
@@ -118,9 +120,9 @@ impl Datapath {
     pub const PINNED_MAPS: &'static [&'static str] = ALL_MAPS;
 }
 
-/// Entries of the benchmark's common-LRU table outside the benchmark (it is never written
+/// Entries of the benchmark's LRU tables outside the benchmark (they are never written
 /// there; preallocated, so kept small).
-const BENCH_CONN_COMMON_IDLE: u32 = 256;
+const BENCH_CONN_LRU_IDLE: u32 = 256;
 
 const ALL_MAPS: &[&str] = &[
     n::CONFIG,
@@ -156,22 +158,25 @@ impl Datapath {
     /// Loads the object: creates (or, with `pin_dir`, adopts pinned) maps. Programs are
     /// verified on first use ([`Datapath::program`]).
     pub fn load(opts: &LoadOptions) -> Result<Self> {
-        Self::load_sized(opts, BENCH_CONN_COMMON_IDLE)
+        Self::load_sized(opts, BENCH_CONN_LRU_IDLE)
     }
 
-    /// [`Datapath::load`] for the benchmark: its common-LRU connection table
-    /// (`BENCH_CONN_COMMON`) gets the connection table's size, to compare the two.
+    /// [`Datapath::load`] for the benchmark: its LRU connection tables (`BENCH_CONN_LRU`,
+    /// `BENCH_CONN_COMMON`) get the connection table's size, to compare with it.
     pub fn load_for_bench(opts: &LoadOptions) -> Result<Self> {
         Self::load_sized(opts, opts.conn_table_size)
     }
 
-    fn load_sized(opts: &LoadOptions, bench_conn_common: u32) -> Result<Self> {
+    fn load_sized(opts: &LoadOptions, bench_conn_lru: u32) -> Result<Self> {
+        let conn_sets = conn_table_sets(opts);
+        let conn_set_mask = conn_sets - 1;
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(n::RINGS, opts.ring_capacity.div_ceil(2))
-            .map_max_entries(n::CONN_TABLE, opts.conn_table_size)
-            .map_max_entries(n::BENCH_CONN_COMMON, bench_conn_common)
-            .map_max_entries(n::BENCH_CONN_SETS, (bench_conn_common / 4).max(1))
+            .map_max_entries(n::CONN_TABLE, conn_sets)
+            .override_global(CONN_SET_MASK_SYMBOL, &conn_set_mask, true)
+            .map_max_entries(n::BENCH_CONN_LRU, bench_conn_lru)
+            .map_max_entries(n::BENCH_CONN_COMMON, bench_conn_lru)
             .map_max_entries(n::NIC_FLOWS, opts.nic_flows);
         let pins: Vec<(&'static str, PathBuf)> = match &opts.pin_dir {
             Some(dir) => ALL_MAPS.iter().map(|m| (*m, dir.join(m))).collect(),
@@ -189,6 +194,20 @@ impl Datapath {
         let ring_entries = rings_map.info().map_err(map_err(n::RINGS))?.max_entries();
         // Two u32 ring slots per 8-byte array element.
         let rings = RingStore::map(rings_map.fd(), ring_entries * 2)?;
+        let conn_map = match take(&mut ebpf, n::CONN_TABLE)? {
+            Map::Array(data) => data,
+            _ => return Err(DatapathError::MissingMap(n::CONN_TABLE)),
+        };
+        let sets = conn_map
+            .info()
+            .map_err(map_err(n::CONN_TABLE))?
+            .max_entries();
+        if sets != conn_sets {
+            return Err(DatapathError::Capacity(format!(
+                "the connection table has {sets} sets, the program was given {conn_sets}"
+            )));
+        }
+        let conn_table = ConnTable::map(conn_map.fd(), sets, true)?;
 
         Ok(Self {
             config: typed!(&mut ebpf, n::CONFIG),
@@ -196,7 +215,7 @@ impl Datapath {
             vip_addrs: typed!(&mut ebpf, n::VIP_ADDRS),
             vip_gens: typed!(&mut ebpf, n::VIP_GENS),
             reals: typed!(&mut ebpf, n::REALS),
-            conn_table: typed!(&mut ebpf, n::CONN_TABLE),
+            conn_table,
             marks: typed!(&mut ebpf, n::MARKS),
             vip_stats: typed!(&mut ebpf, n::VIP_STATS),
             real_stats: typed!(&mut ebpf, n::REAL_STATS),
@@ -208,8 +227,18 @@ impl Datapath {
             events: Some(typed!(&mut ebpf, n::EVENTS)),
             rings,
             _rings_map: rings_map,
+            _conn_map: conn_map,
             ebpf,
         })
+    }
+
+    /// The connection table.
+    pub fn conn_table(&self) -> &ConnTable {
+        &self.conn_table
+    }
+
+    pub fn conn_table_mut(&mut self) -> &mut ConnTable {
+        &mut self.conn_table
     }
 
     /// The program, loaded into the kernel (verified) on first use.
@@ -266,5 +295,25 @@ impl Datapath {
         self.bench_next
             .set(marklb_common::BENCH_TARGET, &fd, 0)
             .map_err(map_err(n::BENCH_NEXT))
+    }
+}
+
+/// Sets of the connection table the program will use: a pinned table's own (so a restarted
+/// agent keeps its flows even when `conn_table_size` changed), else `conn_table_size`'s.
+/// The program masks flow hashes with this number minus one, so it must be the map's.
+fn conn_table_sets(opts: &LoadOptions) -> u32 {
+    let pinned = opts
+        .pin_dir
+        .as_ref()
+        .map(|dir| dir.join(n::CONN_TABLE))
+        .filter(|p| p.exists())
+        .and_then(|p| MapData::from_pin(p).ok())
+        .and_then(|m| m.info().ok())
+        .filter(|i| {
+            i.value_size() as usize == size_of::<ConnSet>() && i.max_entries().is_power_of_two()
+        });
+    match pinned {
+        Some(info) => info.max_entries(),
+        None => conn_sets(opts.conn_table_size),
     }
 }

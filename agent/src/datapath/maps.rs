@@ -160,30 +160,17 @@ impl Datapath {
     }
 
     pub fn conn(&self, flow: &FlowKey) -> Option<ConnEntry> {
-        self.conn_table.get(flow, 0).ok()
+        self.conn_table.get(flow)
     }
 
     /// Deletes the connection-table entries `matches` selects; returns how many. Used when a
     /// real leaves one VIP but stays in others (its slot, and so its generation, stay).
     pub fn purge_conns(&mut self, matches: impl Fn(&FlowKey, &ConnEntry) -> bool) -> Result<usize> {
-        let doomed: Vec<FlowKey> = self
-            .conn_table
-            .iter()
-            .filter_map(|r| r.ok())
-            .filter(|(k, v)| matches(k, v))
-            .map(|(k, _)| k)
-            .collect();
-        for k in &doomed {
-            match self.conn_table.remove(k) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(n::CONN_TABLE)(e)),
-            }
-        }
-        Ok(doomed.len())
+        Ok(self.conn_table.remove_where(matches))
     }
 
     pub fn conn_count(&self) -> usize {
-        self.conn_table.keys().count()
+        self.conn_table.len()
     }
 
     pub fn mark(&self, mark: u32) -> Result<MarkEntry> {

@@ -2,6 +2,7 @@
 //! map. This is the only code that touches aya maps; everything above it speaks in
 //! VIPs, reals, rings and marks.
 
+mod conn_table;
 mod handles;
 mod loader;
 mod maps;
@@ -9,6 +10,7 @@ mod pinned;
 mod rings;
 pub mod testrun;
 
+pub use conn_table::ConnTable;
 pub use handles::{NicFlowTable, StatsReader};
 pub use loader::{Datapath, LoadOptions, Prog, TcProg};
 pub use maps::{CounterSnapshot, EventReader};

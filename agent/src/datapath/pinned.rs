@@ -9,18 +9,19 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use marklb_common::{
-    ConnEntry, FlowKey, MarkEntry, NicRule, RealDef, TrafficStats, VipKey, VipMeta, map_names as n,
+    FlowKey, MarkEntry, NicRule, RealDef, TrafficStats, VipKey, VipMeta, map_names as n,
 };
 
 use super::maps::{counter_snapshot, stats_slot};
-use super::{CounterSnapshot, DatapathError, Result, map_err};
+use super::{ConnTable, CounterSnapshot, DatapathError, Result, map_err};
 
 /// The pinned maps `status` reads.
 pub struct PinnedMaps {
     vips: HashMap<MapData, VipKey, VipMeta>,
     reals: Array<MapData, RealDef>,
     marks: Array<MapData, MarkEntry>,
-    conn_table: HashMap<MapData, FlowKey, ConnEntry>,
+    conn_table: ConnTable,
+    _conn_map: MapData,
     nic_flows: HashMap<MapData, FlowKey, NicRule>,
     vip_stats: PerCpuArray<MapData, TrafficStats>,
     real_stats: PerCpuArray<MapData, TrafficStats>,
@@ -46,11 +47,18 @@ impl PinnedMaps {
                     .map_err(map_err($name))?
             };
         }
+        let conn_map = open(dir, n::CONN_TABLE)?;
+        let sets = conn_map
+            .info()
+            .map_err(map_err(n::CONN_TABLE))?
+            .max_entries();
+        let conn_table = ConnTable::map(conn_map.fd(), sets, false)?;
         Ok(Self {
             vips: typed!(HashMap, n::VIPS),
             reals: typed!(Array, n::REALS),
             marks: typed!(Array, n::MARKS),
-            conn_table: typed!(HashMap, n::CONN_TABLE),
+            conn_table,
+            _conn_map: conn_map,
             nic_flows: typed!(HashMap, n::NIC_FLOWS),
             vip_stats: typed!(PerCpuArray, n::VIP_STATS),
             real_stats: typed!(PerCpuArray, n::REAL_STATS),
@@ -95,7 +103,7 @@ impl PinnedMaps {
     }
 
     pub fn conn_count(&self) -> usize {
-        self.conn_table.keys().count()
+        self.conn_table.len()
     }
 
     pub fn nic_flows(&self) -> Result<Vec<(FlowKey, NicRule)>> {

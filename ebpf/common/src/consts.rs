@@ -12,8 +12,12 @@ pub const MAX_REALS: u32 = 4096;
 pub const MAX_MARKS: u32 = 1 << 16;
 /// Default size (slots, one u32 real id each; even) of the shared Maglev ring storage.
 pub const DEFAULT_RING_CAPACITY: u32 = 1 << 22;
-/// Default connection-table size (established flows).
-pub const DEFAULT_CONN_TABLE_SIZE: u32 = 1 << 18;
+/// Default connection-table size (established flows; rounded up to 4-way sets of a power
+/// of two, `conn::conn_sets`): 131,072 sets, 32 MiB, about what the kernel LRU hash of
+/// 262,144 flows it replaced took (104-112 bytes an element). A set overflows before the
+/// table is full (more than 4 live flows hashed to it: its least recently used one gives
+/// way, `conn_evicted`), so twice the slots keep 262,144 flows with few such evictions.
+pub const DEFAULT_CONN_TABLE_SIZE: u32 = 1 << 19;
 /// Default size of the emulated NIC's flow table (the "hardware" rules).
 pub const DEFAULT_NIC_FLOWS: u32 = 1 << 16;
 /// New-flow event ring buffer size in bytes (power of two, page multiple).
@@ -21,18 +25,20 @@ pub const EVENT_RING_BYTES: u32 = 1 << 22;
 /// Largest frame the benchmark wrapper restores (bytes).
 pub const BENCH_FRAME_MAX: usize = 128;
 
+/// The program global holding `CONN_TABLE`'s number of sets minus one (set at load).
+pub const CONN_SET_MASK_SYMBOL: &str = "CONN_SET_MASK";
+
 /// Variants of the benchmark's new-flow step program (`marklb_bench_step`), in the mark
-/// above the step number (bits 0-7): write the connection table on one common LRU list
-/// (`BENCH_CONN_COMMON`, flags 0) instead of `CONN_TABLE`'s per-CPU lists ...
+/// above the step number (bits 0-7); none: the connection table's sets written as a SYN
+/// does it. The kernel LRU hash instead, on per-CPU lists (`BENCH_CONN_LRU`) ...
+pub const BENCH_STEP_LRU: u32 = 1 << 11;
+/// ... or on one common list (`BENCH_CONN_COMMON`, flags 0); either written as a SYN did
+/// it (look up, refresh a live entry with the same pick in place, else update) ...
 pub const BENCH_STEP_COMMON_LRU: u32 = 1 << 8;
-/// ... always update (the write before SYNs refreshed a live entry in place) ...
+/// ... or always updated ...
 pub const BENCH_STEP_UPDATE: u32 = 1 << 9;
-/// ... update with `BPF_NOEXIST` ...
+/// ... or updated with `BPF_NOEXIST`.
 pub const BENCH_STEP_NOEXIST: u32 = 1 << 10;
-/// ... or write the prototype set-associative table (`BENCH_CONN_SETS`) instead, whose
-/// number of sets (a power of two) is `1 << ((mark >> BENCH_STEP_SETS_SHIFT) & 31)`.
-pub const BENCH_STEP_SETS: u32 = 1 << 11;
-pub const BENCH_STEP_SETS_SHIFT: u32 = 16;
 
 /// Slot of the balancer in the emulated NIC's program array.
 pub const NIC_NEXT_BALANCER: u32 = 0;
@@ -58,7 +64,7 @@ pub mod map_names {
     pub const BENCH_FRAME: &str = "BENCH_FRAME";
     pub const BENCH_NEXT: &str = "BENCH_NEXT";
     pub const BENCH_CONN_COMMON: &str = "BENCH_CONN_COMMON";
-    pub const BENCH_CONN_SETS: &str = "BENCH_CONN_SETS";
+    pub const BENCH_CONN_LRU: &str = "BENCH_CONN_LRU";
 }
 
 pub mod prog_names {

@@ -71,7 +71,10 @@ counters! {
     NicTailCallFailed = 23 => "nic_tail_call_failed",
     /// Datapath not enabled yet (no configuration): passed.
     PassDisabled = 24 => "pass_disabled",
+    /// Not a path: a connection-table insert overwrote another flow's entry (its set was
+    /// full; the set's least recently used flow left).
+    ConnEvicted = 25 => "conn_evicted",
 }
 
-pub const NUM_COUNTERS: u32 = 25;
+pub const NUM_COUNTERS: u32 = 26;
 const _: () = assert!(Counter::ALL.len() as u32 == NUM_COUNTERS);

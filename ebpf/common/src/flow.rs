@@ -146,22 +146,3 @@ mod tests {
         assert_eq!(&n[n.len() - 3..], [32_768, 65_536 + 2, 65_536 + 16]);
     }
 }
-
-/// Benchmark only (`marklb-agent bench --conn-table`): one set of a prototype connection
-/// table that does without the kernel's LRU hash, 4-way set-associative in a plain array.
-/// A flow's set is its hash modulo the number of sets; inside, the slot with the flow's key,
-/// else the least recently written slot (the smallest `stamp`, a per-set logical clock).
-/// Each slot is one 64-byte cache line.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct BenchConnSlot {
-    pub key: FlowKey,
-    pub entry: ConnEntry,
-    pub stamp: u64,
-}
-const _: () = assert!(core::mem::size_of::<BenchConnSlot>() == 64);
-
-/// Slots of one [`BenchConnSlot`] set.
-pub const BENCH_CONN_WAYS: usize = 4;
-/// A set of the prototype table.
-pub type BenchConnSet = [BenchConnSlot; BENCH_CONN_WAYS];

@@ -31,6 +31,15 @@ const fn pair(hi: u32, lo: u32) -> u64 {
 /// Hash of a flow's 5-tuple, used to pick its slot in the VIP's Maglev ring.
 #[inline(always)]
 pub const fn flow_hash(k: &FlowKey) -> u32 {
+    let h = flow_hash64(k);
+    (h ^ (h >> 32)) as u32
+}
+
+/// The 64 bits [`flow_hash`] folds: the connection table takes its set from the low half
+/// and its slot check from the high half (`crate::conn`), two independent 32-bit hashes
+/// for the price of one.
+#[inline(always)]
+pub const fn flow_hash64(k: &FlowKey) -> u64 {
     let mut h = SEED;
     h = absorb(h, pair(k.src_be[0], k.src_be[1]));
     h = absorb(h, pair(k.src_be[2], k.src_be[3]));
@@ -43,8 +52,7 @@ pub const fn flow_hash(k: &FlowKey) -> u32 {
             k.proto as u32,
         ),
     );
-    let h = fmix64(h);
-    (h ^ (h >> 32)) as u32
+    fmix64(h)
 }
 
 /// 16 bits that vary with the client (address and port): the low bits of the outer source.

@@ -8,6 +8,7 @@
 
 pub mod addr;
 pub mod config;
+pub mod conn;
 pub mod consts;
 pub mod counters;
 pub mod decap;
@@ -20,13 +21,14 @@ pub mod vip;
 
 pub use addr::{addr_words, words_addr};
 pub use config::*;
+pub use conn::{CONN_WAYS, ConnHash, ConnSet, ConnSlot, conn_sets};
 pub use consts::*;
 pub use counters::Counter;
 pub use decap::DecapCounter;
 pub use event::NewFlowEvent;
 pub use flow::{
-    BENCH_CONN_WAYS, BenchConnSet, BenchConnSlot, ConnEntry, DEFAULT_UDP_EVENT_PACKETS,
-    EVENT_RETRY_FIRST, FlowKey, MarkEntry, NicRule, TCP_EVENT_PACKETS, event_due,
+    ConnEntry, DEFAULT_UDP_EVENT_PACKETS, EVENT_RETRY_FIRST, FlowKey, MarkEntry, NicRule,
+    TCP_EVENT_PACKETS, event_due,
 };
 pub use real::{REAL_F_IPV6, RealDef};
 pub use stats::TrafficStats;
@@ -52,5 +54,5 @@ impl_pod!(
     VipKey,
     VipMeta,
     BenchFrame,
-    BenchConnSlot,
+    ConnSlot,
 );

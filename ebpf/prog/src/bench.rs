@@ -8,21 +8,19 @@
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP, xdp_action},
     helpers::{bpf_ktime_get_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_meta},
+    maps::LruHashMap,
     programs::XdpContext,
 };
 use marklb_common::{
-    BENCH_FRAME_MAX, BENCH_STEP_COMMON_LRU, BENCH_STEP_NOEXIST, BENCH_STEP_SETS,
-    BENCH_STEP_SETS_SHIFT, BENCH_STEP_UPDATE, BENCH_TARGET, BenchConnSlot, ConnEntry, FlowKey,
-    hash::flow_hash,
+    BENCH_FRAME_MAX, BENCH_STEP_COMMON_LRU, BENCH_STEP_LRU, BENCH_STEP_NOEXIST, BENCH_STEP_UPDATE,
+    BENCH_TARGET, ConnEntry, FlowKey,
 };
 
 use crate::{
-    events,
-    maps::{
-        BENCH_CONN_COMMON, BENCH_CONN_SETS, BENCH_FRAME, BENCH_NEXT, CONFIG, CONN_TABLE, VIP_ADDRS,
-    },
+    conn, events,
+    maps::{BENCH_CONN_COMMON, BENCH_CONN_LRU, BENCH_FRAME, BENCH_NEXT, CONFIG, VIP_ADDRS},
     parse::{self, Verdict, ptr_at},
-    pick::{Learn, learn_syn, new_entry, ring_pick, vip_lookup},
+    pick::{Learn, new_entry, ring_pick, vip_lookup},
     pkt::Packet,
 };
 
@@ -31,7 +29,7 @@ use crate::{
 /// Step 1 is the parse alone.
 pub const STEP_VIP: u32 = 2;
 pub const STEP_MAGLEV: u32 = 3;
-pub const STEP_LRU: u32 = 4;
+pub const STEP_CONN: u32 = 4;
 pub const STEP_CLOCK: u32 = 5;
 pub const STEP_LIMITER: u32 = 6;
 pub const STEP_RING_NO_WAKEUP: u32 = 7;
@@ -63,26 +61,25 @@ pub fn step_program(ctx: &XdpContext) -> u32 {
     let Ok(pick) = ring_pick(&p.flow, vip, Learn::No) else {
         return xdp_action::XDP_ABORTED;
     };
-    if upto >= STEP_LRU {
+    if upto >= STEP_CONN {
         let entry = new_entry(pick.real_id, pick.real, vip);
-        let table = if mark & BENCH_STEP_COMMON_LRU != 0 {
-            &BENCH_CONN_COMMON
+        if mark & (BENCH_STEP_LRU | BENCH_STEP_COMMON_LRU) == 0 {
+            conn::learn_syn(&p.flow, &entry);
         } else {
-            &CONN_TABLE
-        };
-        // Failures (a full table cannot fail; NOEXIST on a present key does) do not stop
-        // the path, as in `pick::ring_pick`.
-        if mark & BENCH_STEP_SETS != 0 {
-            let sets = 1u32 << ((mark >> BENCH_STEP_SETS_SHIFT) & 31);
-            if !sets_write(&p.flow, &entry, sets) {
-                return xdp_action::XDP_ABORTED;
+            let table = if mark & BENCH_STEP_COMMON_LRU != 0 {
+                &BENCH_CONN_COMMON
+            } else {
+                &BENCH_CONN_LRU
+            };
+            // Failures (a full LRU cannot fail; NOEXIST on a present key does) do not stop
+            // the path, as in `pick::ring_pick`.
+            if mark & BENCH_STEP_NOEXIST != 0 {
+                let _ = table.insert(&p.flow, &entry, BPF_NOEXIST as u64);
+            } else if mark & BENCH_STEP_UPDATE != 0 {
+                let _ = table.insert(&p.flow, &entry, 0);
+            } else {
+                lru_learn_syn(table, &p.flow, &entry);
             }
-        } else if mark & BENCH_STEP_NOEXIST != 0 {
-            let _ = table.insert(&p.flow, &entry, BPF_NOEXIST as u64);
-        } else if mark & BENCH_STEP_UPDATE != 0 {
-            let _ = table.insert(&p.flow, &entry, 0);
-        } else {
-            learn_syn(table, &p.flow, &entry);
         }
     }
     if upto < STEP_CLOCK {
@@ -123,41 +120,23 @@ pub fn step_program(ctx: &XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
-/// Writes `flow` into the prototype set-associative table of `sets` sets (a power of two):
-/// into the slot already holding the flow, else over the least recently written slot of
-/// the flow's set; either way the slot becomes the set's most recent. No allocation, no
-/// lock, no list: one hash and the set's cache lines. (A prototype to measure: concurrent
-/// writers on two CPUs could tear a slot, which a datapath table would have to detect; the
-/// benchmark writes from one CPU.)
+/// A SYN's write into a kernel LRU hash as the datapath did it before its sets: a live
+/// entry with the same pick gets its packet count reset in place (the lookup marks it
+/// recently used), anything else an update.
 #[inline(always)]
-fn sets_write(flow: &FlowKey, entry: &ConnEntry, sets: u32) -> bool {
-    let Some(set) = BENCH_CONN_SETS.get_ptr_mut(flow_hash(flow) & (sets - 1)) else {
-        return false;
-    };
-    let set = unsafe { &mut *set };
-    let mut hit = None;
-    let mut victim = 0;
-    let mut oldest = u64::MAX;
-    let mut newest = 0;
-    for (i, slot) in set.iter().enumerate() {
-        if slot.key == *flow {
-            hit = Some(i);
+fn lru_learn_syn(table: &LruHashMap<FlowKey, ConnEntry>, flow: &FlowKey, entry: &ConnEntry) {
+    if let Some(c) = table.get_ptr_mut(flow) {
+        let c = unsafe { &mut *c };
+        if c.real_id == entry.real_id
+            && c.real_gen == entry.real_gen
+            && c.vip_id == entry.vip_id
+            && c.vip_gen == entry.vip_gen
+        {
+            c.seen = entry.seen;
+            return;
         }
-        if slot.stamp < oldest {
-            oldest = slot.stamp;
-            victim = i;
-        }
-        newest = newest.max(slot.stamp);
     }
-    let Some(slot) = set.get_mut(hit.unwrap_or(victim)) else {
-        return false;
-    };
-    *slot = BenchConnSlot {
-        key: *flow,
-        entry: *entry,
-        stamp: newest + 1,
-    };
-    true
+    let _ = table.insert(flow, entry, 0);
 }
 
 #[inline(always)]

@@ -7,6 +7,7 @@
 #![allow(clippy::needless_borrows_for_generic_args)]
 
 mod bench;
+mod conn;
 mod csum;
 mod encap;
 mod events;

@@ -3,22 +3,22 @@
 //! (`marklb_common::map_names`); capacities marked "default" are resized at load time.
 
 use aya_ebpf::{
+    Global,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use marklb_common::{
-    BenchConnSet, BenchFrame, ConnEntry, DEFAULT_CONN_TABLE_SIZE, DEFAULT_NIC_FLOWS,
+    BenchFrame, ConnEntry, ConnSet, DEFAULT_CONN_TABLE_SIZE, DEFAULT_NIC_FLOWS,
     DEFAULT_RING_CAPACITY, EVENT_RING_BYTES, EventBucket, FlowKey, LbConfig, MAX_MARKS, MAX_REALS,
-    MAX_VIP_ADDRS, MAX_VIPS, MarkEntry, NicRule, RealDef, TrafficStats, VipKey, VipMeta,
+    MAX_VIP_ADDRS, MAX_VIPS, MarkEntry, NicRule, RealDef, TrafficStats, VipKey, VipMeta, conn_sets,
     counters::NUM_COUNTERS,
 };
 
-/// `BPF_F_NO_COMMON_LRU`: each CPU evicts from its own LRU list, so CPUs never contend on
-/// one list lock (the reason Katran keeps per-CPU LRU tables) while a flow stays visible
-/// from every CPU (RSS changes and veth's sender-CPU execution do not lose flows).
+/// `BPF_F_NO_COMMON_LRU`: each CPU evicts from its own LRU list (the benchmark's LRU
+/// table, what the connection table was before its sets).
 const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 /// `BPF_F_MMAPABLE`: user space writes Maglev rings through mmap (65k entries per VIP
-/// would take 65k syscalls otherwise).
+/// would take 65k syscalls otherwise) and reads the connection table the same way.
 const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// Datapath-wide settings (one entry).
@@ -47,23 +47,31 @@ pub static REALS: Array<RealDef> = Array::with_max_entries(MAX_REALS, 0);
 #[map]
 pub static RINGS: Array<u64> = Array::with_max_entries(DEFAULT_RING_CAPACITY / 2, BPF_F_MMAPABLE);
 
-/// Established connections: 5-tuple -> real (default capacity).
+/// Established connections: 4-way sets of flows (`marklb_common::conn`), one 256-byte set
+/// an element (default capacity). Mmapable: the agent reads, counts and purges flows
+/// through a mapping instead of a syscall per set.
 #[map]
-pub static CONN_TABLE: LruHashMap<FlowKey, ConnEntry> =
+pub static CONN_TABLE: Array<ConnSet> =
+    Array::with_max_entries(conn_sets(DEFAULT_CONN_TABLE_SIZE), BPF_F_MMAPABLE);
+
+/// Sets of `CONN_TABLE` minus one. Set at load time to match the map the program gets (a
+/// pinned one keeps its size), so that a flow's set is its hash masked by it.
+#[unsafe(no_mangle)]
+pub static CONN_SET_MASK: Global<u32> = Global::new(conn_sets(DEFAULT_CONN_TABLE_SIZE) - 1);
+
+/// Benchmark only: the kernel LRU hash the connection table used to be, on per-CPU LRU
+/// lists (`BPF_F_NO_COMMON_LRU`), which `bench --conn-table` measures against the sets.
+/// Resized at load: the benchmark gives it the connection table's size, everything else a
+/// token one.
+#[map]
+pub static BENCH_CONN_LRU: LruHashMap<FlowKey, ConnEntry> =
     LruHashMap::with_max_entries(DEFAULT_CONN_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
 
-/// Benchmark only: a connection table on one common LRU list (flags 0), next to
-/// `CONN_TABLE`'s per-CPU lists (`bench::step_program`). Resized at load: the benchmark
-/// gives it the connection table's size, everything else a token one.
+/// Benchmark only: the same on one common LRU list (flags 0), resized like
+/// `BENCH_CONN_LRU`.
 #[map]
 pub static BENCH_CONN_COMMON: LruHashMap<FlowKey, ConnEntry> =
     LruHashMap::with_max_entries(DEFAULT_CONN_TABLE_SIZE, 0);
-
-/// Benchmark only: the prototype set-associative connection table (`bench::sets_write`),
-/// resized at load like `BENCH_CONN_COMMON`.
-#[map]
-pub static BENCH_CONN_SETS: Array<BenchConnSet> =
-    Array::with_max_entries(DEFAULT_CONN_TABLE_SIZE / 4, 0);
 
 /// Flow marks: mark -> real (the fast path's only lookup besides the real itself).
 #[map]

@@ -3,10 +3,12 @@
 //! and the VIP's Maglev ring (new flows). No packet access here: the normal path and the
 //! ICMP code both call in with a flow they parsed.
 
-use aya_ebpf::maps::LruHashMap;
 use marklb_common::{ConnEntry, Counter, FlowKey, RealDef, VipKey, VipMeta, hash::flow_hash};
 
-use crate::maps::{CONN_TABLE, REALS, RINGS, VIP_GENS, VIPS};
+use crate::{
+    conn,
+    maps::{REALS, RINGS, VIP_GENS, VIPS},
+};
 
 /// The VIP serving `flow`: an exact (address, port, protocol) entry, else the address's
 /// all-ports entry.
@@ -54,19 +56,20 @@ fn live_real(real_id: u32) -> Option<&'static RealDef> {
 /// needed; an entry whose real or VIP has left (generation changed) does not count.
 #[inline(always)]
 pub fn established(flow: &FlowKey) -> Option<Pick> {
-    let c = unsafe { &*CONN_TABLE.get_ptr_mut(flow)? };
-    live_entry(c)
+    live_entry(&conn::lookup(flow)?.entry)
 }
 
 /// [`established`] for a packet of the flow itself: also counts it in the entry
-/// (`ConnEntry::seen`), which decides when the flow raises its new-flow event. Not
-/// atomic: two CPUs may lose an increment, which only moves the event by a packet.
+/// (`ConnEntry::seen`), which decides when the flow raises its new-flow event, and marks
+/// its slot used. Not atomic: two CPUs may lose an increment, which only moves the event
+/// by a packet.
 #[inline(always)]
 pub fn established_packet(flow: &FlowKey) -> Option<Pick> {
-    let c = CONN_TABLE.get_ptr_mut(flow)?;
-    let mut pick = live_entry(unsafe { &*c })?;
+    let s = conn::lookup(flow)?;
+    let mut pick = live_entry(&s.entry)?;
     let seen = pick.seen.wrapping_add(1);
-    unsafe { (*c).seen = seen };
+    s.entry.seen = seen;
+    conn::touch(s);
     pick.seen = seen;
     Some(pick)
 }
@@ -101,7 +104,7 @@ pub enum Learn {
     /// Write the entry (a packet whose lookup just missed or found a stale entry).
     Insert,
     /// A SYN, which skipped the lookup: refresh a live entry that already says the same
-    /// ([`learn_syn`]), write otherwise.
+    /// ([`conn::learn_syn`]), write otherwise.
     Syn,
 }
 
@@ -122,11 +125,10 @@ pub fn ring_pick(flow: &FlowKey, vip: &VipMeta, learn: Learn) -> Result<Pick, Co
     };
     if learn != Learn::No {
         let entry = new_entry(real_id, real, vip);
-        // Failure only means the flow is picked from the ring again next time.
         if learn == Learn::Syn {
-            learn_syn(&CONN_TABLE, flow, &entry);
+            conn::learn_syn(flow, &entry);
         } else {
-            let _ = CONN_TABLE.insert(flow, &entry, 0);
+            conn::insert(flow, &entry);
         }
     }
     Ok(Pick {
@@ -148,28 +150,4 @@ pub fn new_entry(real_id: u32, real: &RealDef, vip: &VipMeta) -> ConnEntry {
         seen: 1,
         vip_gen: vip.generation,
     }
-}
-
-/// Records a SYN's pick. A SYN whose flow the table already holds with this very pick (a
-/// retransmitted SYN, a client reusing its port toward the same real) only gets its packet
-/// count reset, in place: the lookup marks the entry recently used, as an update would.
-/// An update of a present key costs the kernel two LRU list-lock round trips (pop a free
-/// node, free the old one) besides the bucket lock; the lookup costs a hash and a bucket
-/// walk (README "Benchmarks"). Any other entry (another real, a stale generation) or none:
-/// written whole, as before.
-#[inline(always)]
-pub fn learn_syn(table: &LruHashMap<FlowKey, ConnEntry>, flow: &FlowKey, entry: &ConnEntry) {
-    if let Some(c) = table.get_ptr_mut(flow) {
-        let c = unsafe { &mut *c };
-        if c.real_id == entry.real_id
-            && c.real_gen == entry.real_gen
-            && c.vip_id == entry.vip_id
-            && c.vip_gen == entry.vip_gen
-        {
-            c.seen = entry.seen;
-            return;
-        }
-    }
-    // Failure only means the flow is picked from the ring again next time.
-    let _ = table.insert(flow, entry, 0);
 }
