@@ -13,10 +13,11 @@ use marklb_common::{
     prog_names,
 };
 
-use super::{DatapathError, Result, RingStore, map_err, prog_err};
+use super::{DatapathError, Result, RingStore, map_err, pin_compat, prog_err};
 
 /// The XDP object, built by build.rs from `ebpf/prog`.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/marklb-ebpf"));
+pub(super) static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/marklb-ebpf"));
 
 /// Sizes chosen at load time, and where maps are pinned (None: not pinned).
 #[derive(Clone, Debug)]
@@ -122,7 +123,7 @@ impl Datapath {
 /// there; preallocated, so kept small).
 const BENCH_CONN_COMMON_IDLE: u32 = 256;
 
-const ALL_MAPS: &[&str] = &[
+pub(super) const ALL_MAPS: &[&str] = &[
     n::CONFIG,
     n::VIPS,
     n::VIP_ADDRS,
@@ -140,6 +141,15 @@ const ALL_MAPS: &[&str] = &[
     n::NIC_NEXT,
     n::BENCH_FRAME,
     n::BENCH_NEXT,
+];
+
+/// Every map `load_sized` gives a size (`map_max_entries`): a pin of one keeps its own size.
+pub(super) const SIZED_AT_LOAD: &[&str] = &[
+    n::RINGS,
+    n::CONN_TABLE,
+    n::BENCH_CONN_COMMON,
+    n::BENCH_CONN_SETS,
+    n::NIC_FLOWS,
 ];
 
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map> {
@@ -179,6 +189,9 @@ impl Datapath {
         };
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
+        }
+        if let Some(dir) = &opts.pin_dir {
+            pin_compat::replace_incompatible(dir)?;
         }
         let mut ebpf = loader.load(OBJECT)?;
 

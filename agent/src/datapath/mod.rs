@@ -5,6 +5,7 @@
 mod handles;
 mod loader;
 mod maps;
+pub mod pin_compat;
 mod pinned;
 mod rings;
 pub mod testrun;
@@ -40,6 +41,8 @@ pub enum DatapathError {
     Mmap(std::io::Error),
     #[error("{0}")]
     Capacity(String),
+    #[error(transparent)]
+    PinCompat(#[from] pin_compat::PinCompatError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
