@@ -293,7 +293,13 @@ fn compatible_pins_are_adopted_with_their_contents() {
 
     // Nothing the object itself pinned is taken for incompatible (ring buffer, program
     // arrays, per-CPU arrays, LRU tables included).
+    let t = Instant::now();
     let replaced = pin_compat::replace_incompatible(&dir).expect("checking the pins");
+    println!(
+        "checking {} pins against the object: {:.1} ms",
+        ids.len(),
+        t.elapsed().as_secs_f64() * 1e3
+    );
     assert!(replaced.is_empty(), "replaced: {replaced:?}");
 
     // A restart with a larger connection table setting keeps the pinned table and contents.
