@@ -10,18 +10,21 @@
 
 use std::{
     collections::HashMap,
-    os::fd::{FromRawFd, OwnedFd},
     path::{Path, PathBuf},
     time::Instant,
 };
 
-use aya::maps::{MapData, MapType};
+use aya::maps::MapType;
 use marklb_agent::datapath::{
     Datapath, DatapathError, LoadOptions, Prog,
     pin_compat::{self, Difference, MapDef},
 };
 use marklb_common::{LbConfig, RealDef, map_names as n};
-use marklb_tests::{agent_proc::unmount_all, datapath_fixture::require_root_bpf};
+use marklb_tests::{
+    agent_proc::unmount_all,
+    datapath_fixture::require_root_bpf,
+    pins::{pin_map, pinned},
+};
 
 const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 const BPF_F_MMAPABLE: u32 = 1 << 10;
@@ -81,23 +84,6 @@ fn opts(pin_dir: &Path, conn_table_size: u32) -> LoadOptions {
     }
 }
 
-/// The definition of the map pinned at `path` as the kernel reports it, and its id.
-fn pinned(path: &Path) -> (MapDef, u32) {
-    let info = MapData::from_pin(path)
-        .and_then(|m| m.info())
-        .unwrap_or_else(|e| panic!("reading the pin {}: {e}", path.display()));
-    let def = MapDef {
-        map_type: info
-            .map_type()
-            .map_or(pin_compat::UNKNOWN_TYPE, |t| t as u32),
-        key_size: info.key_size(),
-        value_size: info.value_size(),
-        max_entries: info.max_entries(),
-        flags: info.map_flags(),
-    };
-    (def, info.id())
-}
-
 /// Every map pinned by a fresh load of the object: its definitions as created.
 fn reference_defs(fs: &Bpffs, conn_table_size: u32) -> HashMap<&'static str, MapDef> {
     let dir = fs.pin_dir("reference");
@@ -106,46 +92,6 @@ fn reference_defs(fs: &Bpffs, conn_table_size: u32) -> HashMap<&'static str, Map
         .iter()
         .map(|name| (*name, pinned(&dir.join(name)).0))
         .collect()
-}
-
-/// Creates a map of `def` (raw `BPF_MAP_CREATE`, no object) and pins it at `path`; its id.
-fn pin_map(path: &Path, def: MapDef) -> u32 {
-    #[repr(C)]
-    struct MapCreate {
-        map_type: u32,
-        key_size: u32,
-        value_size: u32,
-        max_entries: u32,
-        map_flags: u32,
-        _rest: [u8; 108],
-    }
-    let attr = MapCreate {
-        map_type: def.map_type,
-        key_size: def.key_size,
-        value_size: def.value_size,
-        max_entries: def.max_entries,
-        map_flags: def.flags,
-        _rest: [0; 108],
-    };
-    // SAFETY: BPF_MAP_CREATE reads `attr` (size given) and returns a new fd or -1.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            0, // BPF_MAP_CREATE
-            &attr as *const MapCreate,
-            std::mem::size_of::<MapCreate>() as u32,
-        )
-    };
-    assert!(
-        fd >= 0,
-        "BPF_MAP_CREATE {def:?}: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: a fresh fd this process owns.
-    let map = MapData::from_fd(unsafe { OwnedFd::from_raw_fd(fd as i32) }).expect("map from fd");
-    map.pin(path)
-        .unwrap_or_else(|e| panic!("pinning {}: {e}", path.display()));
-    pinned(path).1
 }
 
 /// The connection table's other generation: today's LRU hash of flow keys if the object
