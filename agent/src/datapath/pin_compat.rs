@@ -131,7 +131,8 @@ pub struct ReplacedPin {
     pub differences: Vec<Difference>,
 }
 
-/// Why the pins could not be checked; nothing was removed for the map named.
+/// Why the pins could not be checked or replaced. Every pin is read before any is removed:
+/// after any error but `Remove` nothing was removed.
 #[derive(Debug, thiserror::Error)]
 pub enum PinCompatError {
     #[error("the embedded eBPF object does not parse: {0}")]
@@ -194,7 +195,9 @@ fn object_defs(object: &[u8]) -> Result<HashMap<String, MapDef>, PinCompatError>
 
 /// `def` with the adjustments aya's loader makes before creating the map (ring buffers:
 /// no value size, bytes rounded up to a power-of-two number of pages), so that a pin the
-/// loader created itself compares equal.
+/// loader created itself compares equal. aya also adjusts CPU and device maps (value size)
+/// and perf event arrays of 0 entries; the object has none (`datapath_pins` checks that a
+/// load over the object's own pins replaces nothing).
 fn as_created(mut def: MapDef) -> MapDef {
     if def.map_type == bpf_map_type::BPF_MAP_TYPE_RINGBUF as u32 {
         def.value_size = 0;
