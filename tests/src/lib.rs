@@ -10,5 +10,6 @@ pub mod netns;
 pub mod ns_forward;
 pub mod operator_harness;
 pub mod operator_install;
+pub mod pins;
 pub mod prometheus;
 pub mod supervise;

@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use marklb_agent::decap::Decap;
+use marklb_agent::{datapath::pin_compat::MapDef, decap::Decap};
 use marklb_tests::install::{README_TROUBLESHOOTING, readme_form};
 use marklb_tests::{
     agent_proc::{
@@ -28,6 +28,7 @@ use marklb_tests::{
         Servers, TcpConn, Topology, TopologyOptions, UdpFlow, in_netns, ip, require_root, tally,
         tcp_connect_many, udp_flows, udp_flows_earning_marks,
     },
+    pins,
 };
 
 const TCP_PORT: u16 = 80;
@@ -704,6 +705,65 @@ fn kill_9_and_restart_adopts_the_pinned_datapath_without_losing_flows() {
         hits0,
         path(&s, "mark_hit")
     );
+    assert_eq!(drops(&s), 0.0, "{}", interesting(&s));
+}
+
+/// An agent of the previous version left `COUNTERS` with one entry fewer (a counter was
+/// added since): the restarted agent replaces that pin (a warning names it and what
+/// differed), adopts every other pinned map and serves on: connections keep their real (the
+/// connection table is adopted) and the fresh counters count.
+#[test]
+fn a_restart_over_a_pin_of_another_definition_replaces_it_and_keeps_connections() {
+    let mut env = Env::up(2);
+    let maps = env
+        .work
+        .bpffs()
+        .join("marklb")
+        .join(&env.topo.lb.port.iface)
+        .join("maps");
+    let mut conns = env.connect(tcp4(), 30);
+    env.agent().kill9();
+
+    let counters = maps.join("COUNTERS");
+    let (def, _) = pins::pinned(&counters);
+    std::fs::remove_file(&counters).expect("unpinning COUNTERS");
+    let old = MapDef {
+        max_entries: def.max_entries - 1,
+        ..def
+    };
+    let old_id = pins::pin_map(&counters, old);
+
+    let opts = env.options();
+    env.start(opts);
+    let warned = env
+        .agent()
+        .log_lines("does not match this agent's definition");
+    assert!(
+        warned.len() == 1 && warned[0].contains("COUNTERS") && warned[0].contains("max entries"),
+        "log:\n{}",
+        env.agent().log()
+    );
+    eprintln!("{}", warned[0]);
+    assert_eq!(
+        env.agent().log_lines("adopted the pinned datapath").len(),
+        1,
+        "log:\n{}",
+        env.agent().log()
+    );
+    let (now, id) = pins::pinned(&counters);
+    assert_eq!(now, def, "COUNTERS pinned with this agent's definition");
+    assert_ne!(id, old_id, "a fresh COUNTERS map");
+
+    assert_keep_real(&mut conns, "after the restart");
+    let s = env.scrape();
+    let counted: f64 = s
+        .samples
+        .iter()
+        .filter(|x| x.name == "marklb_datapath_packets_total")
+        .map(|x| x.value)
+        .sum();
+    eprintln!("packets counted in the fresh COUNTERS: {counted}");
+    assert!(counted >= 30.0, "{}", interesting(&s));
     assert_eq!(drops(&s), 0.0, "{}", interesting(&s));
 }
 

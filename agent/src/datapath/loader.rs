@@ -13,10 +13,11 @@ use marklb_common::{
     VipMeta, conn_sets, map_names as n, prog_names,
 };
 
-use super::{ConnTable, DatapathError, Result, RingStore, map_err, prog_err};
+use super::{ConnTable, DatapathError, Result, RingStore, map_err, pin_compat, prog_err};
 
 /// The XDP object, built by build.rs from `ebpf/prog`.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/marklb-ebpf"));
+pub(super) static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/marklb-ebpf"));
 
 /// Sizes chosen at load time, and where maps are pinned (None: not pinned).
 #[derive(Clone, Debug)]
@@ -124,7 +125,7 @@ impl Datapath {
 /// there; preallocated, so kept small).
 const BENCH_CONN_LRU_IDLE: u32 = 256;
 
-const ALL_MAPS: &[&str] = &[
+pub(super) const ALL_MAPS: &[&str] = &[
     n::CONFIG,
     n::VIPS,
     n::VIP_ADDRS,
@@ -142,6 +143,15 @@ const ALL_MAPS: &[&str] = &[
     n::NIC_NEXT,
     n::BENCH_FRAME,
     n::BENCH_NEXT,
+];
+
+/// Every map `load_sized` gives a size (`map_max_entries`): a pin of one keeps its own size.
+pub(super) const SIZED_AT_LOAD: &[&str] = &[
+    n::RINGS,
+    n::CONN_TABLE,
+    n::BENCH_CONN_LRU,
+    n::BENCH_CONN_COMMON,
+    n::NIC_FLOWS,
 ];
 
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map> {
@@ -168,6 +178,10 @@ impl Datapath {
     }
 
     fn load_sized(opts: &LoadOptions, bench_conn_lru: u32) -> Result<Self> {
+        if let Some(dir) = &opts.pin_dir {
+            pin_compat::replace_incompatible(dir)?;
+        }
+        // After the check: a pinned table of another layout is gone by now.
         let conn_sets = conn_table_sets(opts);
         let conn_set_mask = conn_sets - 1;
         let mut loader = EbpfLoader::new();

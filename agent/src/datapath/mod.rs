@@ -6,6 +6,7 @@ mod conn_table;
 mod handles;
 mod loader;
 mod maps;
+pub mod pin_compat;
 mod pinned;
 mod rings;
 pub mod testrun;
@@ -42,6 +43,8 @@ pub enum DatapathError {
     Mmap(std::io::Error),
     #[error("{0}")]
     Capacity(String),
+    #[error(transparent)]
+    PinCompat(#[from] pin_compat::PinCompatError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
