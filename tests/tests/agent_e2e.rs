@@ -1052,6 +1052,7 @@ fn metrics_pass_promtool_and_health_endpoints_answer() {
         ("marklb_real_bytes_total", "counter"),
         ("marklb_datapath_packets_total", "counter"),
         ("marklb_flow_events_total", "counter"),
+        ("marklb_conn_table_evictions_total", "counter"),
         ("marklb_mark_installs_total", "counter"),
         ("marklb_marks_removed_total", "counter"),
         ("marklb_marks_in_use", "gauge"),

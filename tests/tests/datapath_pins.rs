@@ -186,7 +186,7 @@ fn a_fixed_size_map_pinned_with_another_size_is_replaced_a_sized_table_keeps_its
         ..reference[n::COUNTERS]
     };
     let counters_id = pin_map(&dir.join(n::COUNTERS), smaller_counters);
-    // CONN_TABLE as an agent run with --conn-table-size 2048 pinned it.
+    // CONN_TABLE as an agent run with --conn-table-size 8192 pinned it (2048 sets).
     let smaller_table = MapDef {
         max_entries: 2048,
         ..reference[n::CONN_TABLE]
@@ -260,7 +260,10 @@ fn compatible_pins_are_adopted_with_their_contents() {
     println!("{} pins adopted, none replaced", ids.len());
     assert_eq!(second.real(3).expect("reading the real"), real);
     assert_eq!(second.config().expect("reading the config"), config);
-    assert_eq!(pinned(&dir.join(n::CONN_TABLE)).0.max_entries, 2048);
+    assert_eq!(
+        pinned(&dir.join(n::CONN_TABLE)).0.max_entries,
+        marklb_common::conn_sets(2048)
+    );
     second.program(Prog::Balancer).expect("the balancer loads");
 }
 

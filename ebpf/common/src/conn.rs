@@ -71,7 +71,12 @@ impl ConnHash {
     /// `set_mask` is the table's number of sets minus one.
     #[inline(always)]
     pub const fn of(flow: &FlowKey, set_mask: u32) -> Self {
-        let h = flow_hash64(flow);
+        Self::from_hash(flow_hash64(flow), set_mask)
+    }
+
+    /// The same from the flow's [`flow_hash64`].
+    #[inline(always)]
+    pub const fn from_hash(h: u64, set_mask: u32) -> Self {
         Self {
             set: h as u32 & set_mask,
             key_check: (h >> 32) as u32,

@@ -31,7 +31,13 @@ const fn pair(hi: u32, lo: u32) -> u64 {
 /// Hash of a flow's 5-tuple, used to pick its slot in the VIP's Maglev ring.
 #[inline(always)]
 pub const fn flow_hash(k: &FlowKey) -> u32 {
-    let h = flow_hash64(k);
+    fold(flow_hash64(k))
+}
+
+/// [`flow_hash`] of a flow whose [`flow_hash64`] is `h` (the datapath hashes a flow once
+/// for its connection-table set and its Maglev slot).
+#[inline(always)]
+pub const fn fold(h: u64) -> u32 {
     (h ^ (h >> 32)) as u32
 }
 

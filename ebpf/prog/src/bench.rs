@@ -13,7 +13,7 @@ use aya_ebpf::{
 };
 use marklb_common::{
     BENCH_FRAME_MAX, BENCH_STEP_COMMON_LRU, BENCH_STEP_LRU, BENCH_STEP_NOEXIST, BENCH_STEP_UPDATE,
-    BENCH_TARGET, ConnEntry, FlowKey,
+    BENCH_TARGET, ConnEntry, FlowKey, hash::flow_hash64,
 };
 
 use crate::{
@@ -58,13 +58,14 @@ pub fn step_program(ctx: &XdpContext) -> u32 {
     if upto < STEP_MAGLEV {
         return xdp_action::XDP_PASS;
     }
-    let Ok(pick) = ring_pick(&p.flow, vip, Learn::No) else {
+    let hash = flow_hash64(&p.flow);
+    let Ok(pick) = ring_pick(&p.flow, hash, vip, Learn::No) else {
         return xdp_action::XDP_ABORTED;
     };
     if upto >= STEP_CONN {
         let entry = new_entry(pick.real_id, pick.real, vip);
         if mark & (BENCH_STEP_LRU | BENCH_STEP_COMMON_LRU) == 0 {
-            conn::learn_syn(&p.flow, &entry);
+            conn::learn_syn(&p.flow, hash, &entry);
         } else {
             let table = if mark & BENCH_STEP_COMMON_LRU != 0 {
                 &BENCH_CONN_COMMON

@@ -20,19 +20,19 @@ fn now() -> u32 {
     conn_stamp(unsafe { bpf_ktime_get_coarse_ns() })
 }
 
-/// The set `flow` lives in, and its hash.
+/// The set a flow whose `flow_hash64` is `hash` lives in, and its place.
 #[inline(always)]
-fn set_of(flow: &FlowKey) -> Option<(&'static mut ConnSet, ConnHash)> {
+fn set_of(hash: u64) -> Option<(&'static mut ConnSet, ConnHash)> {
     // Read at run time: the loader sets it to the sets of the map this program got.
-    let h = ConnHash::of(flow, CONN_SET_MASK.load());
+    let h = ConnHash::from_hash(hash, CONN_SET_MASK.load());
     let set = CONN_TABLE.get_ptr_mut(h.set)?;
     Some((unsafe { &mut *set }, h))
 }
 
-/// The slot holding a valid entry for `flow`.
+/// The slot holding a valid entry for `flow` (whose `flow_hash64` is `hash`).
 #[inline(always)]
-pub fn lookup(flow: &FlowKey) -> Option<&'static mut ConnSlot> {
-    let (set, h) = set_of(flow)?;
+pub fn lookup(flow: &FlowKey, hash: u64) -> Option<&'static mut ConnSlot> {
+    let (set, h) = set_of(hash)?;
     let way = find(set, flow, h.key_check)?;
     set.get_mut(way)
 }
@@ -51,8 +51,8 @@ pub fn touch(s: &mut ConnSlot) {
 /// least recently used flow (counted as `conn_evicted`). Never fails once the set is
 /// found: a full table evicts.
 #[inline(always)]
-pub fn insert(flow: &FlowKey, entry: &ConnEntry) {
-    if let Some((set, h)) = set_of(flow) {
+pub fn insert(flow: &FlowKey, hash: u64, entry: &ConnEntry) {
+    if let Some((set, h)) = set_of(hash) {
         write(set, h, flow, entry);
     }
 }
@@ -74,8 +74,8 @@ fn write(set: &mut ConnSet, h: ConnHash, flow: &FlowKey, entry: &ConnEntry) {
 /// count reset and its stamp refreshed, in place, leaving the check word alone; any other
 /// entry (another real, a stale generation) or none is written whole.
 #[inline(always)]
-pub fn learn_syn(flow: &FlowKey, entry: &ConnEntry) {
-    let Some((set, h)) = set_of(flow) else {
+pub fn learn_syn(flow: &FlowKey, hash: u64, entry: &ConnEntry) {
+    let Some((set, h)) = set_of(hash) else {
         return;
     };
     if let Some(way) = find(set, flow, h.key_check)

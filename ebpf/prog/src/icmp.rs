@@ -5,7 +5,7 @@
 
 use marklb_common::{
     CFG_F_ICMP_ECHO, CFG_F_ICMP_TOO_BIG, Counter, FlowKey, IPPROTO_ICMP, IPPROTO_ICMPV6,
-    IPPROTO_TCP, IPPROTO_UDP, LbConfig, RealDef,
+    IPPROTO_TCP, IPPROTO_UDP, LbConfig, RealDef, hash::flow_hash64,
 };
 
 use crate::{
@@ -211,14 +211,15 @@ fn forward_too_big(ctx: &impl Packet, cfg: &LbConfig, p: &Parsed, quoted: usize)
         flow.sport_be = (*ports).dport_be;
         flow.dport_be = (*ports).sport_be;
     }
-    let pick = match established(&flow) {
+    let hash = flow_hash64(&flow);
+    let pick = match established(&flow, hash) {
         Some(pick) => pick,
         None => {
             let Some(vip) = vip_lookup(&flow) else {
                 count(Counter::PassNotVip);
                 return Action::Pass;
             };
-            match ring_pick(&flow, vip, Learn::No) {
+            match ring_pick(&flow, hash, vip, Learn::No) {
                 Ok(pick) => pick,
                 Err(c) => return drop(c),
             }

@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: GPL-2.0 OR MIT
 //! The normal path: parse, pick the real (`pick`), encapsulate; ICMP goes to `icmp`.
 
-use marklb_common::{Counter, IPPROTO_TCP, LbConfig, TCP_EVENT_PACKETS, event_due};
+use marklb_common::{
+    Counter, IPPROTO_TCP, LbConfig, TCP_EVENT_PACKETS, event_due, hash::flow_hash64,
+};
 
 use crate::hdr::{TCP_ACK, TCP_RST, TCP_SYN};
 use crate::{
@@ -30,10 +32,12 @@ pub fn process(ctx: &impl Packet, cfg: &LbConfig) -> Action {
     // A reset earns nothing either: it ends the flow, and it is what the owners of spoofed
     // addresses answer to the SYN-ACKs of a flood (their second packet of the "flow").
     let earns = !syn && p.tcp_flags & TCP_RST == 0;
+    // One hash for the connection table's set and the Maglev slot.
+    let hash = flow_hash64(&p.flow);
     let known = if syn {
         None
     } else {
-        established_packet(&p.flow)
+        established_packet(&p.flow, hash)
     };
     let pick = match known {
         Some(pick) => pick,
@@ -41,7 +45,8 @@ pub fn process(ctx: &impl Packet, cfg: &LbConfig) -> Action {
             let Some(vip) = vip_lookup(&p.flow) else {
                 return pass(Counter::PassNotVip);
             };
-            match ring_pick(&p.flow, vip, if syn { Learn::Syn } else { Learn::Insert }) {
+            let learn = if syn { Learn::Syn } else { Learn::Insert };
+            match ring_pick(&p.flow, hash, vip, learn) {
                 Ok(pick) => pick,
                 Err(c) => return drop(c),
             }

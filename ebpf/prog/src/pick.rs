@@ -3,7 +3,7 @@
 //! and the VIP's Maglev ring (new flows). No packet access here: the normal path and the
 //! ICMP code both call in with a flow they parsed.
 
-use marklb_common::{ConnEntry, Counter, FlowKey, RealDef, VipKey, VipMeta, hash::flow_hash};
+use marklb_common::{ConnEntry, Counter, FlowKey, RealDef, VipKey, VipMeta, hash::fold};
 
 use crate::{
     conn,
@@ -55,8 +55,8 @@ fn live_real(real_id: u32) -> Option<&'static RealDef> {
 /// An established flow: the connection table names its real and VIP. No VIP lookup is
 /// needed; an entry whose real or VIP has left (generation changed) does not count.
 #[inline(always)]
-pub fn established(flow: &FlowKey) -> Option<Pick> {
-    live_entry(&conn::lookup(flow)?.entry)
+pub fn established(flow: &FlowKey, hash: u64) -> Option<Pick> {
+    live_entry(&conn::lookup(flow, hash)?.entry)
 }
 
 /// [`established`] for a packet of the flow itself: also counts it in the entry
@@ -64,8 +64,8 @@ pub fn established(flow: &FlowKey) -> Option<Pick> {
 /// its slot used. Not atomic: two CPUs may lose an increment, which only moves the event
 /// by a packet.
 #[inline(always)]
-pub fn established_packet(flow: &FlowKey) -> Option<Pick> {
-    let s = conn::lookup(flow)?;
+pub fn established_packet(flow: &FlowKey, hash: u64) -> Option<Pick> {
+    let s = conn::lookup(flow, hash)?;
     let mut pick = live_entry(&s.entry)?;
     let seen = pick.seen.wrapping_add(1);
     s.entry.seen = seen;
@@ -109,13 +109,14 @@ pub enum Learn {
 }
 
 /// A new flow: the VIP's Maglev ring chooses; `learn` records the choice in the
-/// connection table.
+/// connection table. `hash` is the flow's `flow_hash64`, which the caller computed once
+/// for the connection table and the ring.
 #[inline(always)]
-pub fn ring_pick(flow: &FlowKey, vip: &VipMeta, learn: Learn) -> Result<Pick, Counter> {
+pub fn ring_pick(flow: &FlowKey, hash: u64, vip: &VipMeta, learn: Learn) -> Result<Pick, Counter> {
     if vip.ring_size == 0 {
         return Err(Counter::DropNoReal);
     }
-    let idx = vip.ring_off.wrapping_add(flow_hash(flow) % vip.ring_size);
+    let idx = vip.ring_off.wrapping_add(fold(hash) % vip.ring_size);
     let Some(&pair) = RINGS.get(idx >> 1) else {
         return Err(Counter::DropNoReal);
     };
@@ -126,9 +127,9 @@ pub fn ring_pick(flow: &FlowKey, vip: &VipMeta, learn: Learn) -> Result<Pick, Co
     if learn != Learn::No {
         let entry = new_entry(real_id, real, vip);
         if learn == Learn::Syn {
-            conn::learn_syn(flow, &entry);
+            conn::learn_syn(flow, hash, &entry);
         } else {
-            conn::insert(flow, &entry);
+            conn::insert(flow, hash, &entry);
         }
     }
     Ok(Pick {
