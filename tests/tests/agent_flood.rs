@@ -418,12 +418,14 @@ fn a_syn_flood_takes_no_marks_and_legitimate_flows_keep_getting_theirs() {
     };
     let new_flows = d(&s_flood, "new_flow");
     eprintln!(
-        "balancer during the flood: new_flow +{new_flows}, established +{}, mark_hit +{}; events sent +{}, rate-limited +{}, lost +{}",
+        "balancer during the flood: new_flow +{new_flows}, established +{}, mark_hit +{}; events sent +{}, rate-limited +{}, lost +{}; connection-table evictions +{}",
         d(&s_flood, "established"),
         d(&s_flood, "mark_hit"),
         ev(&s_flood, "sent"),
         ev(&s_flood, "rate_limited"),
         ev(&s_flood, "lost"),
+        s_flood.get("marklb_conn_table_evictions_total", &[])
+            - s0.get("marklb_conn_table_evictions_total", &[]),
     );
     eprintln!(
         "legitimate connections: {legit_total} ({HELD} held, {during} during, 20 after); marks in use: before {marks0}, max {max_marks}, after {}; installs ok +{}, no_free_mark +{}, evicted {}",
