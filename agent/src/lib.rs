@@ -37,6 +37,9 @@ mod tc_attach;
 pub mod vip;
 pub mod xdp_link;
 
+/// Mounting the bpf filesystem where pins go (also for tests that pin).
+pub use attach::ensure_bpffs;
+
 #[cfg(feature = "bench")]
 pub mod bench;
 #[cfg(feature = "bench")]

@@ -53,40 +53,20 @@ pub fn require_root_bpf() {
          on a kernel with BPF (BPF_PROG_TEST_RUN, XDP). These tests are never skipped.\n"
     );
     // BPF_MAP_CREATE of a one-entry array: the cheapest proof that bpf() is usable.
-    #[repr(C)]
-    struct MapCreate {
-        map_type: u32,
-        key_size: u32,
-        value_size: u32,
-        max_entries: u32,
-        map_flags: u32,
-        _rest: [u8; 108],
-    }
-    let attr = MapCreate {
+    let probe = crate::pins::create_map(marklb_agent::datapath::pin_compat::MapDef {
         map_type: 2, // BPF_MAP_TYPE_ARRAY
         key_size: 4,
         value_size: 4,
         max_entries: 1,
-        map_flags: 0,
-        _rest: [0; 108],
-    };
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            0, // BPF_MAP_CREATE
-            &attr as *const MapCreate,
-            std::mem::size_of::<MapCreate>() as u32,
-        )
-    };
-    if fd < 0 {
-        let err = std::io::Error::last_os_error();
+        flags: 0,
+    });
+    if let Err(err) = probe {
         panic!(
             "\n\n*** THE DATAPATH TESTS NEED ROOT AND THE KERNEL'S BPF ***\n\
              bpf(BPF_MAP_CREATE) failed: {err}. Run as root on a kernel with BPF enabled \
              (not in a sandbox that filters bpf()). These tests are never skipped.\n"
         );
     }
-    unsafe { libc::close(fd as i32) };
 }
 
 /// Pins the calling thread to the CPU it runs on, so per-CPU datapath state (the event

@@ -24,8 +24,8 @@ pub fn pinned(path: &Path) -> (MapDef, u32) {
     (def, info.id())
 }
 
-/// Creates a map of `def` (raw `BPF_MAP_CREATE`, no object) and pins it at `path`; its id.
-pub fn pin_map(path: &Path, def: MapDef) -> u32 {
+/// A map of `def` made with a raw `BPF_MAP_CREATE` (no object, no aya), or the error.
+pub fn create_map(def: MapDef) -> std::io::Result<OwnedFd> {
     #[repr(C)]
     struct MapCreate {
         map_type: u32,
@@ -52,13 +52,17 @@ pub fn pin_map(path: &Path, def: MapDef) -> u32 {
             std::mem::size_of::<MapCreate>() as u32,
         )
     };
-    assert!(
-        fd >= 0,
-        "BPF_MAP_CREATE {def:?}: {}",
-        std::io::Error::last_os_error()
-    );
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     // SAFETY: a fresh fd that nothing else owns.
-    let map = MapData::from_fd(unsafe { OwnedFd::from_raw_fd(fd as i32) }).expect("map from fd");
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Creates a map of `def` ([`create_map`]) and pins it at `path`; its id.
+pub fn pin_map(path: &Path, def: MapDef) -> u32 {
+    let fd = create_map(def).unwrap_or_else(|e| panic!("BPF_MAP_CREATE {def:?}: {e}"));
+    let map = MapData::from_fd(fd).expect("map from fd");
     map.pin(path)
         .unwrap_or_else(|e| panic!("pinning {}: {e}", path.display()));
     pinned(path).1

@@ -149,12 +149,8 @@ fn a_pinned_table_keeps_its_flows_and_its_size_across_a_reload() {
     require_root_bpf();
     let work = Workdir::new("marklb-conn-pins").expect("work dir");
     let bpffs = work.bpffs();
-    let st = std::process::Command::new("mount")
-        .args(["-t", "bpf", "bpf"])
-        .arg(&bpffs)
-        .status()
-        .expect("mount");
-    assert!(st.success(), "mounting a bpffs on {}", bpffs.display());
+    marklb_agent::ensure_bpffs(&bpffs)
+        .unwrap_or_else(|e| panic!("mounting a bpffs on {}: {e:#}", bpffs.display()));
     let opts = LoadOptions {
         ring_capacity: 1 << 18,
         conn_table_size: 1 << 12,

@@ -41,23 +41,8 @@ impl Bpffs {
             .prefix("marklb-pins-")
             .tempdir()
             .expect("temporary directory");
-        let target = std::ffi::CString::new(dir.path().as_os_str().as_encoded_bytes()).unwrap();
-        let rc = unsafe {
-            libc::mount(
-                c"bpf".as_ptr(),
-                target.as_ptr(),
-                c"bpf".as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
-        assert_eq!(
-            rc,
-            0,
-            "mounting a bpffs on {}: {}",
-            dir.path().display(),
-            std::io::Error::last_os_error()
-        );
+        marklb_agent::ensure_bpffs(dir.path())
+            .unwrap_or_else(|e| panic!("mounting a bpffs on {}: {e:#}", dir.path().display()));
         Self { dir }
     }
 

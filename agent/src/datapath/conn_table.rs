@@ -9,25 +9,21 @@
 //! picked from its Maglev ring again on its next packet (the same real unless the ring
 //! changed), as after an eviction.
 
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 
 use marklb_common::{
     ConnEntry, ConnHash, ConnSet, ConnSlot, FlowKey,
     conn::{CONN_WAYS, find, slot_check},
 };
 
-use super::{DatapathError, Result};
+use super::{DatapathError, Result, mapping::Mapping};
 
 /// A mapping of `CONN_TABLE`.
 pub struct ConnTable {
-    sets: *mut ConnSet,
+    /// Written through &mut self only.
+    map: Mapping,
     count: u32,
-    map_bytes: usize,
 }
-
-// Plain shared memory; writes go through &mut self.
-unsafe impl Send for ConnTable {}
-unsafe impl Sync for ConnTable {}
 
 impl ConnTable {
     /// Maps the table of `sets` sets (the map's max_entries) behind `fd`; read-only unless
@@ -38,31 +34,20 @@ impl ConnTable {
                 "the connection table has {sets} sets, not a power of two"
             )));
         }
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
-        let bytes = (sets as usize * size_of::<ConnSet>()).div_ceil(page) * page;
-        let prot = if writable {
-            libc::PROT_READ | libc::PROT_WRITE
-        } else {
-            libc::PROT_READ
-        };
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                prot,
-                libc::MAP_SHARED,
-                fd.as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(DatapathError::Mmap(std::io::Error::last_os_error()));
+        let map = Mapping::new(fd, sets as usize * size_of::<ConnSet>(), writable)?;
+        Ok(Self { map, count: sets })
+    }
+
+    /// Slot `way` of set `set` in the mapping.
+    fn slot_ptr(&self, set: u32, way: usize) -> *mut ConnSlot {
+        debug_assert!(set < self.count && way < CONN_WAYS);
+        unsafe {
+            self.map
+                .base::<ConnSet>()
+                .add(set as usize)
+                .cast::<ConnSlot>()
+                .add(way)
         }
-        Ok(Self {
-            sets: ptr.cast(),
-            count: sets,
-            map_bytes: bytes,
-        })
     }
 
     /// Sets of the table (a power of two).
@@ -81,9 +66,7 @@ impl ConnTable {
 
     /// A copy of set `i` (below `sets()`), each slot read once.
     fn read_set(&self, i: u32) -> ConnSet {
-        debug_assert!(i < self.count);
-        let set = unsafe { self.sets.add(i as usize) };
-        std::array::from_fn(|w| unsafe { std::ptr::read_volatile(set.cast::<ConnSlot>().add(w)) })
+        std::array::from_fn(|w| unsafe { std::ptr::read_volatile(self.slot_ptr(i, w)) })
     }
 
     /// Whether `s` holds a valid entry for its own key.
@@ -125,8 +108,7 @@ impl ConnTable {
             let set = self.read_set(i);
             for (w, s) in set.iter().enumerate() {
                 if self.valid(s) && matches(&s.key, &s.entry) {
-                    let at = unsafe { self.sets.add(i as usize).cast::<ConnSlot>().add(w) };
-                    unsafe { std::ptr::write_volatile(at, ConnSlot::default()) };
+                    unsafe { std::ptr::write_volatile(self.slot_ptr(i, w), ConnSlot::default()) };
                     removed += 1;
                 }
             }
@@ -151,13 +133,6 @@ impl ConnTable {
             set < self.count && way < CONN_WAYS,
             "slot {set}/{way} out of range"
         );
-        let at = unsafe { self.sets.add(set as usize).cast::<ConnSlot>().add(way) };
-        unsafe { std::ptr::write_volatile(at, slot) };
-    }
-}
-
-impl Drop for ConnTable {
-    fn drop(&mut self) {
-        unsafe { libc::munmap(self.sets.cast(), self.map_bytes) };
+        unsafe { std::ptr::write_volatile(self.slot_ptr(set, way), slot) };
     }
 }

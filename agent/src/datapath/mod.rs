@@ -5,6 +5,7 @@
 mod conn_table;
 mod handles;
 mod loader;
+mod mapping;
 mod maps;
 pub mod pin_compat;
 mod pinned;

@@ -1,42 +1,23 @@
 //! Direct writes into the Maglev ring storage through mmap (the array is created with
 //! `BPF_F_MMAPABLE`): a 65,537-entry ring is one memcpy instead of 65,537 syscalls.
 
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 
-use super::{DatapathError, Result};
+use super::{DatapathError, Result, mapping::Mapping};
 
 /// A shared, writable mapping of the `RINGS` array.
 pub struct RingStore {
-    ptr: *mut u32,
+    /// Written through &mut self only.
+    map: Mapping,
     len: usize,
-    map_bytes: usize,
 }
-
-// The mapping is plain shared memory; access goes through &mut self.
-unsafe impl Send for RingStore {}
-unsafe impl Sync for RingStore {}
 
 impl RingStore {
     pub(crate) fn map(fd: &impl AsFd, entries: u32) -> Result<Self> {
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
-        let bytes = (entries as usize * 4).div_ceil(page) * page;
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(DatapathError::Mmap(std::io::Error::last_os_error()));
-        }
+        let map = Mapping::new(fd, entries as usize * 4, true)?;
         Ok(Self {
-            ptr: ptr.cast(),
+            map,
             len: entries as usize,
-            map_bytes: bytes,
         })
     }
 
@@ -53,8 +34,9 @@ impl RingStore {
                 self.len
             )));
         }
-        let dst =
-            unsafe { std::slice::from_raw_parts_mut(self.ptr.add(offset as usize), ring.len()) };
+        let dst = unsafe {
+            std::slice::from_raw_parts_mut(self.map.base::<u32>().add(offset as usize), ring.len())
+        };
         dst.copy_from_slice(ring);
         // Make the ring visible before the VIP entry that points at it (the map update
         // that follows is a syscall, itself a full barrier; this keeps the order explicit).
@@ -65,12 +47,7 @@ impl RingStore {
     pub fn read(&self, offset: u32, len: u32) -> Vec<u32> {
         let end = (offset as usize + len as usize).min(self.len);
         let start = (offset as usize).min(end);
-        unsafe { std::slice::from_raw_parts(self.ptr.add(start), end - start) }.to_vec()
-    }
-}
-
-impl Drop for RingStore {
-    fn drop(&mut self) {
-        unsafe { libc::munmap(self.ptr.cast(), self.map_bytes) };
+        unsafe { std::slice::from_raw_parts(self.map.base::<u32>().add(start), end - start) }
+            .to_vec()
     }
 }
