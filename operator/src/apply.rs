@@ -5,10 +5,15 @@
 //! already holds what would be written ([`contains`]: every field we set has that value; the
 //! server's defaults and other managers' fields are ignored), which is what keeps the number of
 //! requests per LoadBalancer change proportional to the nodes that change, not to all nodes.
-//! Deleting what is already gone (404) is success.
+//! Deleting what is already gone (404) is success. After writing, a reconcile waits (briefly)
+//! until the cache shows its writes ([`await_cached`]), so the reconcile queued behind it does
+//! not compare against the objects as they were and write them again.
+
+use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, ResourceExt};
 use marklb_crds::labels::{OPERATOR_FIELD_MANAGER, OPERATOR_STATUS_FIELD_MANAGER};
 use marklb_crds::{API_VERSION, LoadBalancer, LoadBalancerNodeState, LoadBalancerStatus};
@@ -106,6 +111,44 @@ pub async fn delete_node_state(
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// How often [`await_cached`] looks at the cache.
+const CACHE_POLL: Duration = Duration::from_millis(5);
+
+/// Waits at most `limit` until `cache` holds every node state of `applied` as written (nothing
+/// left to write, by [`node_state_needs_write`]) and none of `deleted` (names in `namespace`);
+/// returns whether it did.
+///
+/// Why: agents write their node state's status while the operator is still applying the
+/// others, which queues the next reconcile of the LoadBalancer; it starts as soon as this one
+/// returns, and the watch may not have delivered the last applies yet. Without the wait it saw
+/// a node state without its new spec and applied it a second time (1,001 applies for 1,000
+/// nodes). Giving up after `limit` costs at most such an idempotent write, never correctness.
+pub async fn await_cached(
+    cache: &Store<LoadBalancerNodeState>,
+    namespace: &str,
+    applied: &[LoadBalancerNodeState],
+    deleted: &[String],
+    limit: Duration,
+) -> bool {
+    let key = |name: &str| ObjectRef::new(name).within(namespace);
+    let caught_up = || {
+        applied.iter().all(|want| {
+            let have = cache.get(&key(&want.name_any()));
+            matches!(node_state_needs_write(want, have.as_deref()), Ok(false))
+        }) && deleted.iter().all(|name| cache.get(&key(name)).is_none())
+    };
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if caught_up() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(CACHE_POLL).await;
     }
 }
 
@@ -236,6 +279,58 @@ mod tests {
             .unwrap()
             .remove(marklb_crds::labels::NODE_LABEL);
         assert!(node_state_needs_write(&want, Some(&relabelled)).unwrap());
+    }
+
+    /// A store whose writer the test drives, holding `states`.
+    fn node_state_store(
+        states: Vec<LoadBalancerNodeState>,
+    ) -> (
+        Store<LoadBalancerNodeState>,
+        kube::runtime::reflector::store::Writer<LoadBalancerNodeState>,
+    ) {
+        use kube::runtime::watcher::Event;
+        let (reader, mut writer) = kube::runtime::reflector::store();
+        writer.apply_watcher_event(&Event::Init);
+        for s in states {
+            writer.apply_watcher_event(&Event::InitApply(s));
+        }
+        writer.apply_watcher_event(&Event::InitDone);
+        (reader, writer)
+    }
+
+    #[tokio::test]
+    async fn await_cached_returns_once_the_watch_delivers_the_writes() {
+        use kube::runtime::watcher::Event;
+        let web = lb("prod", "web", 1, "vips: [{address: 10.0.0.1}]");
+        let old = crate::desired::node_state(&web, "a", &web.spec);
+        let gone = crate::desired::node_state(&web, "b", &web.spec);
+        let mut want = old.clone();
+        want.spec.lb.vips[0].port = 8;
+        let (cache, mut writer) = node_state_store(vec![old, gone.clone()]);
+        let deleted = [gone.name_any()];
+        let long = Duration::from_secs(30);
+
+        // Nothing delivered: the wait gives up at its limit.
+        let started = std::time::Instant::now();
+        let limit = Duration::from_millis(50);
+        assert!(!await_cached(&cache, "prod", std::slice::from_ref(&want), &deleted, limit).await);
+        assert!(started.elapsed() >= limit);
+
+        // The apply and the delete arrive a moment later: the wait ends then, not at its limit.
+        let (stored, deletion) = (want.clone(), gone.clone());
+        let deliver = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            writer.apply_watcher_event(&Event::Apply(stored));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            writer.apply_watcher_event(&Event::Delete(deletion));
+            writer
+        });
+        let started = std::time::Instant::now();
+        assert!(await_cached(&cache, "prod", std::slice::from_ref(&want), &deleted, long).await);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let _writer = deliver.await.unwrap();
+        // Already caught up: no wait at all.
+        assert!(await_cached(&cache, "prod", &[want], &deleted, Duration::ZERO).await);
     }
 
     #[test]

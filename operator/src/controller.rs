@@ -491,43 +491,46 @@ async fn apply_lb(lb: &LoadBalancer, namespace: &str, ctx: &Context) -> Result<A
         }
     }
     // A few writes in flight at once: a new LoadBalancer on 1,000 nodes is 1,000 applies.
-    let results: Vec<(String, Result<LoadBalancerNodeState>)> = futures::stream::iter(to_write)
-        .map(|state| {
-            let (client, metrics) = (ctx.client.clone(), ctx.metrics.clone());
-            async move {
-                let result = apply::apply_node_state(&client, &metrics, &state).await;
-                (state.name_any(), result)
-            }
-        })
-        .buffered(APPLY_CONCURRENCY)
-        .collect()
-        .boxed()
-        .await;
-    let mut written = 0usize;
-    for (state_name, result) in results {
+    let results: Vec<(LoadBalancerNodeState, Result<LoadBalancerNodeState>)> =
+        futures::stream::iter(to_write)
+            .map(|state| {
+                let (client, metrics) = (ctx.client.clone(), ctx.metrics.clone());
+                async move {
+                    let result = apply::apply_node_state(&client, &metrics, &state).await;
+                    (state, result)
+                }
+            })
+            .buffered(APPLY_CONCURRENCY)
+            .collect()
+            .boxed()
+            .await;
+    let mut written = Vec::new();
+    for (state, result) in results {
         match result {
-            Ok(_) => written += 1,
+            Ok(_) => written.push(state),
             Err(e) => {
-                warn!(%namespace, %name, state = %state_name, error = %e, "could not apply node state");
+                warn!(%namespace, %name, state = %state.name_any(), error = %e, "could not apply node state");
                 apply_error.get_or_insert(e);
             }
         }
     }
-    let mut pruned = 0usize;
+    let mut pruned = Vec::new();
     for (node, state) in &existing {
         if !want.contains_key(node) {
-            match apply::delete_node_state(&ctx.client, &ctx.metrics, namespace, &state.name_any())
-                .await
+            let state_name = state.name_any();
+            match apply::delete_node_state(&ctx.client, &ctx.metrics, namespace, &state_name).await
             {
-                Ok(()) => pruned += 1,
+                Ok(()) => pruned.push(state_name),
                 Err(e) => {
                     apply_error.get_or_insert(e);
                 }
             }
         }
     }
-    if written + pruned > 0 {
-        debug!(%namespace, %name, written, pruned, "node states");
+    if !written.is_empty() || !pruned.is_empty() {
+        let (limit, cache) = (ctx.settings.cache_catch_up, &ctx.caches.node_states);
+        let seen = apply::await_cached(cache, namespace, &written, &pruned, limit).await;
+        debug!(%namespace, %name, written = written.len(), pruned = pruned.len(), seen, "node states");
     }
 
     let lost = ctx.lost_by(lb, &selected);

@@ -286,6 +286,8 @@ pub fn context(client: Client, world: World, settings: Settings) -> Arc<Context>
         client,
         Settings {
             watch_agent_pods: false,
+            // These stores never see the writes: waiting for them would only slow the tests.
+            cache_catch_up: std::time::Duration::ZERO,
             ..settings
         },
         Arc::new(Metrics::new()),

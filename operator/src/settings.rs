@@ -111,6 +111,9 @@ pub struct Settings {
     pub cleanup_timeout: Duration,
     /// Requeue interval of a healthy LoadBalancer (a safety net; watches drive the rest).
     pub resync: Duration,
+    /// How long a reconcile waits for the watch cache to show the node states it wrote
+    /// ([`crate::apply::await_cached`]); usually milliseconds.
+    pub cache_catch_up: Duration,
     /// Services of type LoadBalancer (`crate::services`).
     pub services: ServiceSettings,
 }
@@ -151,6 +154,7 @@ impl Default for Settings {
             agent_pod_grace: Duration::from_secs(15),
             cleanup_timeout: Duration::from_secs(30),
             resync: Duration::from_secs(300),
+            cache_catch_up: Duration::from_secs(2),
             services: ServiceSettings::default(),
         }
     }

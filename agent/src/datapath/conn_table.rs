@@ -20,9 +20,10 @@ use super::{DatapathError, Result, mapping::Mapping};
 
 /// A mapping of `CONN_TABLE`.
 pub struct ConnTable {
-    /// Written through &mut self only.
+    /// Written through &mut self only, and only if `writable`.
     map: Mapping,
     count: u32,
+    writable: bool,
 }
 
 impl ConnTable {
@@ -35,7 +36,11 @@ impl ConnTable {
             )));
         }
         let map = Mapping::new(fd, sets as usize * size_of::<ConnSet>(), writable)?;
-        Ok(Self { map, count: sets })
+        Ok(Self {
+            map,
+            count: sets,
+            writable,
+        })
     }
 
     /// Slot `way` of set `set` in the mapping.
@@ -103,6 +108,7 @@ impl ConnTable {
 
     /// Empties the slots of the valid entries `matches` selects; returns how many.
     pub fn remove_where(&mut self, matches: impl Fn(&FlowKey, &ConnEntry) -> bool) -> usize {
+        assert!(self.writable, "the connection table was mapped read-only");
         let mut removed = 0;
         for i in 0..self.count {
             let set = self.read_set(i);
@@ -133,6 +139,7 @@ impl ConnTable {
             set < self.count && way < CONN_WAYS,
             "slot {set}/{way} out of range"
         );
+        assert!(self.writable, "the connection table was mapped read-only");
         unsafe { std::ptr::write_volatile(self.slot_ptr(set, way), slot) };
     }
 }
