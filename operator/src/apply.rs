@@ -281,23 +281,6 @@ mod tests {
         assert!(node_state_needs_write(&want, Some(&relabelled)).unwrap());
     }
 
-    /// A store whose writer the test drives, holding `states`.
-    fn node_state_store(
-        states: Vec<LoadBalancerNodeState>,
-    ) -> (
-        Store<LoadBalancerNodeState>,
-        kube::runtime::reflector::store::Writer<LoadBalancerNodeState>,
-    ) {
-        use kube::runtime::watcher::Event;
-        let (reader, mut writer) = kube::runtime::reflector::store();
-        writer.apply_watcher_event(&Event::Init);
-        for s in states {
-            writer.apply_watcher_event(&Event::InitApply(s));
-        }
-        writer.apply_watcher_event(&Event::InitDone);
-        (reader, writer)
-    }
-
     #[tokio::test]
     async fn await_cached_returns_once_the_watch_delivers_the_writes() {
         use kube::runtime::watcher::Event;
@@ -306,7 +289,7 @@ mod tests {
         let gone = crate::desired::node_state(&web, "b", &web.spec);
         let mut want = old.clone();
         want.spec.lb.vips[0].port = 8;
-        let (cache, mut writer) = node_state_store(vec![old, gone.clone()]);
+        let (cache, mut writer) = crate::fixtures::store_with_writer(vec![old, gone.clone()]);
         let deleted = [gone.name_any()];
         let long = Duration::from_secs(30);
 

@@ -241,13 +241,24 @@ where
     K: Resource + Clone + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
+    store_with_writer(objects).0
+}
+
+/// [`store_of`] with its writer, for a test that delivers watch events later.
+pub fn store_with_writer<K>(
+    objects: impl IntoIterator<Item = K>,
+) -> (Store<K>, reflector::store::Writer<K>)
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
     let (reader, mut writer) = reflector::store();
     writer.apply_watcher_event(&watcher::Event::Init);
     for o in objects {
         writer.apply_watcher_event(&watcher::Event::InitApply(o));
     }
     writer.apply_watcher_event(&watcher::Event::InitDone);
-    reader
+    (reader, writer)
 }
 
 /// What a test cluster holds.
