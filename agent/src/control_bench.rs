@@ -308,7 +308,7 @@ pub fn run() -> Result<ControlReport> {
         vip_id,
         real_id,
         real_gen,
-        _pad: 0,
+        check: 0,
         ts_ns: 0,
     };
     let mut per_flow = MarkManager::new(

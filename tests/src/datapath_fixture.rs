@@ -279,13 +279,20 @@ impl Fixture {
 
     /// [`Fixture::with_config`] with a connection table of `conn_table_size` flows.
     pub fn with_conn_table(cfg: LbConfig, conn_table_size: u32) -> Self {
+        Self::with_load_options(
+            cfg,
+            &LoadOptions {
+                ring_capacity: 1 << 18,
+                conn_table_size,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// [`Fixture::with_config`] loaded with `opts` (sizes, a pin directory).
+    pub fn with_load_options(cfg: LbConfig, opts: &LoadOptions) -> Self {
         require_root_bpf();
-        let opts = LoadOptions {
-            ring_capacity: 1 << 18,
-            conn_table_size,
-            ..Default::default()
-        };
-        let mut dp = Datapath::load(&opts).unwrap_or_else(|e| {
+        let mut dp = Datapath::load(opts).unwrap_or_else(|e| {
             panic!("\n\n*** loading the datapath failed (these tests need root and BPF): {e:#}\n")
         });
         dp.set_config(&cfg).expect("set config");

@@ -3,7 +3,7 @@
 
 use std::{
     os::fd::{FromRawFd, OwnedFd},
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use aya::maps::MapData;
@@ -66,4 +66,36 @@ pub fn pin_map(path: &Path, def: MapDef) -> u32 {
     map.pin(path)
         .unwrap_or_else(|e| panic!("pinning {}: {e}", path.display()));
     pinned(path).1
+}
+
+/// A bpffs mounted on a temporary directory (the machine may have none at /sys/fs/bpf, and
+/// each test its own, so they run in parallel); unmounted (freeing its pins) when dropped.
+pub struct Bpffs {
+    dir: tempfile::TempDir,
+}
+
+impl Bpffs {
+    pub fn mount() -> Self {
+        crate::datapath_fixture::require_root_bpf();
+        let dir = tempfile::Builder::new()
+            .prefix("marklb-pins-")
+            .tempdir()
+            .expect("temporary directory");
+        marklb_agent::ensure_bpffs(dir.path())
+            .unwrap_or_else(|e| panic!("mounting a bpffs on {}: {e:#}", dir.path().display()));
+        Self { dir }
+    }
+
+    /// A new directory of pins on this bpffs.
+    pub fn pin_dir(&self, name: &str) -> PathBuf {
+        let d = self.dir.path().join(name);
+        std::fs::create_dir(&d).expect("a directory on the bpffs");
+        d
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        crate::agent_proc::unmount_all(self.dir.path());
+    }
 }

@@ -122,7 +122,7 @@ impl Node {
                 vip_id: conn.vip_id.into(),
                 real_id: conn.real_id,
                 real_gen: conn.real_gen,
-                _pad: 0,
+                check: 0,
                 ts_ns: 0,
             };
             self.marks

@@ -8,11 +8,7 @@
 //! /sys/fs/bpf), so they run in parallel. The object's real definitions are taken from a
 //! reference load, so the tests follow the object when a map changes.
 
-use std::{
-    collections::HashMap,
-    path::{Path, PathBuf},
-    time::Instant,
-};
+use std::{collections::HashMap, path::Path, time::Instant};
 
 use aya::maps::MapType;
 use marklb_agent::datapath::{
@@ -20,45 +16,10 @@ use marklb_agent::datapath::{
     pin_compat::{self, Difference, MapDef},
 };
 use marklb_common::{LbConfig, RealDef, map_names as n};
-use marklb_tests::{
-    agent_proc::unmount_all,
-    datapath_fixture::require_root_bpf,
-    pins::{pin_map, pinned},
-};
+use marklb_tests::pins::{Bpffs, pin_map, pinned};
 
 const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 const BPF_F_MMAPABLE: u32 = 1 << 10;
-
-/// A bpffs mounted on a temporary directory; unmounted (freeing its pins) when dropped.
-struct Bpffs {
-    dir: tempfile::TempDir,
-}
-
-impl Bpffs {
-    fn mount() -> Self {
-        require_root_bpf();
-        let dir = tempfile::Builder::new()
-            .prefix("marklb-pins-")
-            .tempdir()
-            .expect("temporary directory");
-        marklb_agent::ensure_bpffs(dir.path())
-            .unwrap_or_else(|e| panic!("mounting a bpffs on {}: {e:#}", dir.path().display()));
-        Self { dir }
-    }
-
-    /// A new directory of pins on this bpffs.
-    fn pin_dir(&self, name: &str) -> PathBuf {
-        let d = self.dir.path().join(name);
-        std::fs::create_dir(&d).expect("a directory on the bpffs");
-        d
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        unmount_all(self.dir.path());
-    }
-}
 
 fn opts(pin_dir: &Path, conn_table_size: u32) -> LoadOptions {
     LoadOptions {

@@ -772,7 +772,7 @@ mod with_datapath {
                 vip_id: u32::from(conn.vip_id),
                 real_id: conn.real_id,
                 real_gen: conn.real_gen,
-                _pad: 0,
+                check: 0,
                 ts_ns: 0,
             });
         }

@@ -4,16 +4,18 @@ use std::path::PathBuf;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, PerCpuArray, ProgramArray, RingBuf},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, ProgramArray},
     programs::{SchedClassifier, Xdp},
 };
 use marklb_common::{
     BenchFrame, CONN_SET_MASK_SYMBOL, ConnSet, DEFAULT_CONN_TABLE_SIZE, DEFAULT_NIC_FLOWS,
-    DEFAULT_RING_CAPACITY, FlowKey, LbConfig, MarkEntry, NicRule, RealDef, TrafficStats, VipKey,
-    VipMeta, conn_sets, map_names as n, prog_names,
+    DEFAULT_RING_CAPACITY, EVENT_DOORBELL_BYTES, EVENT_SLOTS_PER_CPU, FlowKey, LbConfig, MarkEntry,
+    NicRule, RealDef, TrafficStats, VipKey, VipMeta, conn_sets, map_names as n, prog_names,
 };
 
-use super::{ConnTable, DatapathError, Result, RingStore, map_err, pin_compat, prog_err};
+use super::{
+    ConnTable, DatapathError, EventReader, Result, RingStore, map_err, pin_compat, prog_err,
+};
 
 /// The XDP object, built by build.rs from `ebpf/prog`.
 pub(super) static OBJECT: &[u8] =
@@ -110,7 +112,7 @@ pub struct Datapath {
     pub(crate) nic_next: ProgramArray<MapData>,
     pub(crate) bench_frame: Array<MapData, BenchFrame>,
     pub(crate) bench_next: ProgramArray<MapData>,
-    pub(crate) events: Option<RingBuf<MapData>>,
+    pub(crate) events: Option<EventReader>,
     /// Keep the mapped maps alive for their mappings.
     _rings_map: MapData,
     _conn_map: MapData,
@@ -139,6 +141,8 @@ pub(super) const ALL_MAPS: &[&str] = &[
     n::COUNTERS,
     n::EVENTS,
     n::EVENT_BUCKET,
+    n::EVENT_SLOTS,
+    n::EVENT_CURSORS,
     n::NIC_FLOWS,
     n::NIC_NEXT,
     n::BENCH_FRAME,
@@ -152,10 +156,34 @@ pub(super) const SIZED_AT_LOAD: &[&str] = &[
     n::BENCH_CONN_LRU,
     n::BENCH_CONN_COMMON,
     n::NIC_FLOWS,
+    n::EVENTS,
 ];
+
+/// Bytes of the doorbell ring (`EVENTS`) outside the benchmark, and in it, where whole
+/// events go through it for the comparison with the per-CPU rings (4 MiB, what the event
+/// ring buffer was).
+const DOORBELL_BYTES_BENCH: u32 = 1 << 22;
 
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map> {
     ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))
+}
+
+/// The event rings' sizes: one ring of `EVENT_SLOTS_PER_CPU` per possible CPU
+/// (`bpf_get_smp_processor_id` ranges over them), and a cursor each.
+pub(super) fn event_ring_sizes() -> std::io::Result<[(&'static str, u32); 2]> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)? as u32;
+    Ok([
+        (n::EVENT_SLOTS, cpus * EVENT_SLOTS_PER_CPU),
+        (n::EVENT_CURSORS, cpus),
+    ])
+}
+
+/// A plain array map's data (for mapping it).
+fn array_data(ebpf: &mut Ebpf, name: &'static str) -> Result<MapData> {
+    match take(ebpf, name)? {
+        Map::Array(data) => Ok(data),
+        _ => Err(DatapathError::MissingMap(name)),
+    }
 }
 
 macro_rules! typed {
@@ -168,19 +196,22 @@ impl Datapath {
     /// Loads the object: creates (or, with `pin_dir`, adopts pinned) maps. Programs are
     /// verified on first use ([`Datapath::program`]).
     pub fn load(opts: &LoadOptions) -> Result<Self> {
-        Self::load_sized(opts, BENCH_CONN_LRU_IDLE)
+        Self::load_sized(opts, BENCH_CONN_LRU_IDLE, EVENT_DOORBELL_BYTES)
     }
 
     /// [`Datapath::load`] for the benchmark: its LRU connection tables (`BENCH_CONN_LRU`,
-    /// `BENCH_CONN_COMMON`) get the connection table's size, to compare with it.
+    /// `BENCH_CONN_COMMON`) get the connection table's size, to compare with it, and the
+    /// kernel ring buffer room for the step that sends every event through it as before
+    /// the per-CPU rings (a page fills within the consumer's sleep).
     pub fn load_for_bench(opts: &LoadOptions) -> Result<Self> {
-        Self::load_sized(opts, opts.conn_table_size)
+        Self::load_sized(opts, opts.conn_table_size, DOORBELL_BYTES_BENCH)
     }
 
-    fn load_sized(opts: &LoadOptions, bench_conn_lru: u32) -> Result<Self> {
+    fn load_sized(opts: &LoadOptions, bench_conn_lru: u32, doorbell_bytes: u32) -> Result<Self> {
         if let Some(dir) = &opts.pin_dir {
             pin_compat::replace_incompatible(dir)?;
         }
+        let [(_, event_slots), (_, cpus)] = event_ring_sizes().map_err(DatapathError::Io)?;
         // After the check: a pinned table of another layout is gone by now.
         let conn_sets = conn_table_sets(opts);
         let conn_set_mask = conn_sets - 1;
@@ -191,7 +222,10 @@ impl Datapath {
             .override_global(CONN_SET_MASK_SYMBOL, &conn_set_mask, true)
             .map_max_entries(n::BENCH_CONN_LRU, bench_conn_lru)
             .map_max_entries(n::BENCH_CONN_COMMON, bench_conn_lru)
-            .map_max_entries(n::NIC_FLOWS, opts.nic_flows);
+            .map_max_entries(n::NIC_FLOWS, opts.nic_flows)
+            .map_max_entries(n::EVENTS, doorbell_bytes)
+            .map_max_entries(n::EVENT_SLOTS, event_slots)
+            .map_max_entries(n::EVENT_CURSORS, cpus);
         let pins: Vec<(&'static str, PathBuf)> = match &opts.pin_dir {
             Some(dir) => ALL_MAPS.iter().map(|m| (*m, dir.join(m))).collect(),
             None => Vec::new(),
@@ -222,6 +256,12 @@ impl Datapath {
             )));
         }
         let conn_table = ConnTable::map(conn_map.fd(), sets, true)?;
+        let events = EventReader::new(
+            array_data(&mut ebpf, n::EVENT_SLOTS)?,
+            array_data(&mut ebpf, n::EVENT_CURSORS)?,
+            cpus,
+            typed!(&mut ebpf, n::EVENTS),
+        )?;
 
         Ok(Self {
             config: typed!(&mut ebpf, n::CONFIG),
@@ -238,7 +278,7 @@ impl Datapath {
             nic_next: typed!(&mut ebpf, n::NIC_NEXT),
             bench_frame: typed!(&mut ebpf, n::BENCH_FRAME),
             bench_next: typed!(&mut ebpf, n::BENCH_NEXT),
-            events: Some(typed!(&mut ebpf, n::EVENTS)),
+            events: Some(events),
             rings,
             _rings_map: rings_map,
             _conn_map: conn_map,

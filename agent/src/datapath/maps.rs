@@ -2,13 +2,13 @@
 
 use std::collections::BTreeMap;
 
-use aya::maps::{MapData, PerCpuArray, RingBuf};
+use aya::maps::{MapData, PerCpuArray};
 use marklb_common::{
-    BenchFrame, ConnEntry, Counter, FlowKey, LbConfig, MarkEntry, NewFlowEvent, NicRule, RealDef,
-    TrafficStats, VipKey, VipMeta, map_names as n,
+    BenchFrame, ConnEntry, Counter, FlowKey, LbConfig, MarkEntry, NicRule, RealDef, TrafficStats,
+    VipKey, VipMeta, map_names as n,
 };
 
-use super::{Datapath, DatapathError, Result, map_err};
+use super::{Datapath, DatapathError, EventReader, Result, map_err};
 
 /// Sum over CPUs of every path counter.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -27,28 +27,6 @@ impl CounterSnapshot {
                 .map(|(k, v)| (*k, v.saturating_sub(earlier.0.get(k).copied().unwrap_or(0))))
                 .collect(),
         )
-    }
-}
-
-/// Reads new-flow events from the ring buffer.
-pub struct EventReader(pub(crate) RingBuf<MapData>);
-
-impl EventReader {
-    /// The next event, if one is waiting.
-    pub fn next_event(&mut self) -> Option<NewFlowEvent> {
-        let item = self.0.next()?;
-        if item.len() < std::mem::size_of::<NewFlowEvent>() {
-            return None;
-        }
-        // The ring buffer's records are 8-byte aligned; read_unaligned keeps it simple.
-        Some(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<NewFlowEvent>()) })
-    }
-}
-
-/// For epoll / tokio `AsyncFd`: readable when events are waiting.
-impl std::os::fd::AsRawFd for EventReader {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        self.0.as_raw_fd()
     }
 }
 
@@ -265,6 +243,6 @@ impl Datapath {
 
     /// Hands out the new-flow event reader (once).
     pub fn take_events(&mut self) -> Option<EventReader> {
-        self.events.take().map(EventReader)
+        self.events.take()
     }
 }

@@ -3,6 +3,7 @@
 //! VIPs, reals, rings and marks.
 
 mod conn_table;
+mod event_rings;
 mod handles;
 mod loader;
 mod mapping;
@@ -13,9 +14,10 @@ mod rings;
 pub mod testrun;
 
 pub use conn_table::ConnTable;
+pub use event_rings::EventReader;
 pub use handles::{NicFlowTable, StatsReader};
 pub use loader::{Datapath, LoadOptions, Prog, TcProg};
-pub use maps::{CounterSnapshot, EventReader};
+pub use maps::CounterSnapshot;
 pub use pinned::PinnedMaps;
 pub use rings::RingStore;
 

@@ -155,6 +155,8 @@ pub enum PinCompatError {
         path: PathBuf,
         error: MapError,
     },
+    #[error("counting the possible CPUs (the event rings' size): {0}")]
+    Cpus(#[source] std::io::Error),
     #[error("removing the incompatible pin of map {name} at {}: {source}", path.display())]
     Remove {
         name: &'static str,
@@ -236,14 +238,18 @@ fn pinned_def(name: &'static str, path: &Path) -> Result<MapDef, PinCompatError>
 
 /// Checks every pin under `dir` against the embedded object and unpins those that differ
 /// (see the module comment); what [`super::Datapath::load`] does first with a pin directory.
+/// The per-CPU event rings are sized at load by the CPU count, and a pin of another count
+/// is replaced like a fixed-size map of another size.
 pub fn replace_incompatible(dir: &Path) -> Result<Vec<ReplacedPin>, PinCompatError> {
-    use super::loader::{ALL_MAPS, OBJECT, SIZED_AT_LOAD};
-    replace_incompatible_pins(OBJECT, dir, ALL_MAPS, SIZED_AT_LOAD)
+    use super::loader::{ALL_MAPS, OBJECT, SIZED_AT_LOAD, event_ring_sizes};
+    let per_cpu = event_ring_sizes().map_err(PinCompatError::Cpus)?;
+    replace_incompatible_pins(OBJECT, dir, ALL_MAPS, SIZED_AT_LOAD, &per_cpu)
 }
 
 /// Compares every existing pin `dir/<name>` of `names` with `object`'s definition of the
 /// map and unpins those that differ (warning with what differed), so that loading `object`
-/// creates them afresh. `sized_at_load`: the maps whose entry count the loader overrides.
+/// creates them afresh. `sized_at_load`: the maps whose entry count the loader overrides;
+/// `fixed_at_load`: maps the loader sizes whose pins must have that size all the same.
 /// A pin of a map the object does not have is left alone. Every pin is read before any is
 /// removed: a pin that cannot be read fails the whole check with nothing removed.
 fn replace_incompatible_pins(
@@ -251,6 +257,7 @@ fn replace_incompatible_pins(
     dir: &Path,
     names: &[&'static str],
     sized_at_load: &[&str],
+    fixed_at_load: &[(&str, u32)],
 ) -> Result<Vec<ReplacedPin>, PinCompatError> {
     let mut stale = Vec::new();
     let mut defs = None;
@@ -269,11 +276,18 @@ fn replace_incompatible_pins(
             Some(defs) => defs,
             None => defs.insert(object_defs(object)?),
         };
-        let Some(object_def) = defs.get(name) else {
+        let Some(&object_def) = defs.get(name) else {
             continue;
         };
+        let object_def = match fixed_at_load.iter().find(|(m, _)| *m == name) {
+            Some(&(_, max_entries)) => MapDef {
+                max_entries,
+                ..object_def
+            },
+            None => object_def,
+        };
         let pinned = pinned_def(name, &path)?;
-        let differences = differences(&pinned, object_def, sized_at_load.contains(&name));
+        let differences = differences(&pinned, &object_def, sized_at_load.contains(&name));
         if !differences.is_empty() {
             stale.push(ReplacedPin {
                 name,

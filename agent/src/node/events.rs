@@ -1,8 +1,8 @@
-//! The new-flow event consumer: drains the datapath's ring buffer as events arrive and
-//! turns them into marks through the engine ([`NodeHandle::handle_events`]), one batch per
-//! wake-up and one lock per batch. The datapath wakes this task at most once per
-//! `EVENT_WAKE_GAP_NS` per CPU (waking costs a self-IPI per event), so it also drains the
-//! ring every `EVENT_POLL_NS`: no event waits longer than that.
+//! The new-flow event consumer: drains the datapath's per-CPU event rings and turns the
+//! events into marks through the engine ([`NodeHandle::handle_events`]), one batch per
+//! wake-up and one lock per batch. The datapath rings the doorbell (which wakes this task)
+//! at most once per `EVENT_WAKE_GAP_NS` per CPU (waking costs a self-IPI), so it also
+//! drains the rings every `EVENT_POLL_NS`: no event waits longer than that.
 
 use std::time::Duration;
 
@@ -33,6 +33,7 @@ pub async fn consume_events(
     };
     let backend = node.published().view().hw_backend;
     let mut batch = Vec::with_capacity(BATCH);
+    let mut reported_skips = 0;
     let mut tick = tokio::time::interval(Duration::from_nanos(EVENT_POLL_NS));
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
@@ -54,6 +55,14 @@ pub async fn consume_events(
                     continue;
                 }
             }
+        }
+        let skipped = fd.get_ref().skipped();
+        if skipped > reported_skips {
+            tracing::warn!(
+                skipped,
+                "event slots whose check did not match were skipped (torn or unfinished writes)"
+            );
+            reported_skips = skipped;
         }
         for latency in node.handle_events(&mut batch) {
             on_mark(backend, latency);

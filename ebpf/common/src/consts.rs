@@ -20,8 +20,9 @@ pub const DEFAULT_RING_CAPACITY: u32 = 1 << 22;
 pub const DEFAULT_CONN_TABLE_SIZE: u32 = 1 << 19;
 /// Default size of the emulated NIC's flow table (the "hardware" rules).
 pub const DEFAULT_NIC_FLOWS: u32 = 1 << 16;
-/// New-flow event ring buffer size in bytes (power of two, page multiple).
-pub const EVENT_RING_BYTES: u32 = 1 << 22;
+/// Size in bytes of the kernel ring buffer that only rings the event consumer's doorbell
+/// (the events are in `EVENT_SLOTS`): one page, 256 doorbells.
+pub const EVENT_DOORBELL_BYTES: u32 = 4096;
 /// Largest frame the benchmark wrapper restores (bytes).
 pub const BENCH_FRAME_MAX: usize = 128;
 
@@ -59,6 +60,8 @@ pub mod map_names {
     pub const COUNTERS: &str = "COUNTERS";
     pub const EVENTS: &str = "EVENTS";
     pub const EVENT_BUCKET: &str = "EVENT_BUCKET";
+    pub const EVENT_SLOTS: &str = "EVENT_SLOTS";
+    pub const EVENT_CURSORS: &str = "EVENT_CURSORS";
     pub const NIC_FLOWS: &str = "NIC_FLOWS";
     pub const NIC_NEXT: &str = "NIC_NEXT";
     pub const BENCH_FRAME: &str = "BENCH_FRAME";

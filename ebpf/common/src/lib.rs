@@ -25,7 +25,10 @@ pub use conn::{CONN_WAYS, ConnHash, ConnSet, ConnSlot, conn_sets};
 pub use consts::*;
 pub use counters::Counter;
 pub use decap::DecapCounter;
-pub use event::NewFlowEvent;
+pub use event::{
+    EVENT_CURSOR_HEAD, EVENT_CURSOR_TAIL, EVENT_SLOTS_PER_CPU, EventCursor, NewFlowEvent,
+    event_check, event_slot,
+};
 pub use flow::{
     ConnEntry, DEFAULT_UDP_EVENT_PACKETS, EVENT_RETRY_FIRST, FlowKey, MarkEntry, NicRule,
     TCP_EVENT_PACKETS, event_due,
@@ -49,6 +52,7 @@ impl_pod!(
     MarkEntry,
     NicRule,
     NewFlowEvent,
+    EventCursor,
     RealDef,
     TrafficStats,
     VipKey,

@@ -6,14 +6,14 @@
 //! measured the same way in front of a trivial program and subtracted.
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, BPF_RB_NO_WAKEUP, xdp_action},
+    bindings::{BPF_NOEXIST, xdp_action},
     helpers::{bpf_ktime_get_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_meta},
     maps::LruHashMap,
     programs::XdpContext,
 };
 use marklb_common::{
     BENCH_FRAME_MAX, BENCH_STEP_COMMON_LRU, BENCH_STEP_LRU, BENCH_STEP_NOEXIST, BENCH_STEP_UPDATE,
-    BENCH_TARGET, ConnEntry, FlowKey, hash::flow_hash64,
+    BENCH_TARGET, ConnEntry, Counter, FlowKey, hash::flow_hash64,
 };
 
 use crate::{
@@ -22,6 +22,7 @@ use crate::{
     parse::{self, Verdict, ptr_at},
     pick::{Learn, new_entry, ring_pick, vip_lookup},
     pkt::Packet,
+    stats::count,
 };
 
 /// Steps of the new-flow path, cumulative: step `n` does steps 1..=n of
@@ -32,12 +33,16 @@ pub const STEP_MAGLEV: u32 = 3;
 pub const STEP_CONN: u32 = 4;
 pub const STEP_CLOCK: u32 = 5;
 pub const STEP_LIMITER: u32 = 6;
-pub const STEP_RING_NO_WAKEUP: u32 = 7;
+pub const STEP_EVENT_RING: u32 = 7;
+/// Not cumulative: the per-CPU ring's event, then the doorbell with its wake-up ...
+pub const STEP_DOORBELL: u32 = 8;
+/// ... or instead of the per-CPU ring, the kernel ring buffer as events went before it.
+pub const STEP_KERNEL_RING: u32 = 9;
 
 /// The new-flow path cut after a step (the step number comes as the packet's mark, which
 /// the wrapper writes): parse, VIP lookup, Maglev read, connection-table write, clock
-/// read, limiter, ring buffer reserve + submit. A step beyond the last submits with the
-/// ring's default wake-up rule instead of none. Returns XDP_PASS, or XDP_ABORTED if the
+/// read, limiter, the event in this CPU's ring; [`STEP_DOORBELL`] and [`STEP_KERNEL_RING`]
+/// are the two variants after it. Returns XDP_PASS, or XDP_ABORTED if the
 /// path could not go as far as asked (the benchmark checks the action). The mark's bits
 /// above the step choose how the write is done (`marklb_common::BENCH_STEP_*`; none: as
 /// a SYN does it).
@@ -100,23 +105,28 @@ pub fn step_program(ctx: &XdpContext) -> u32 {
     if !events::allow(cfg, now) {
         return xdp_action::XDP_ABORTED;
     }
-    if upto < STEP_RING_NO_WAKEUP {
+    if upto < STEP_EVENT_RING {
         return xdp_action::XDP_PASS;
     }
-    let flags = if upto == STEP_RING_NO_WAKEUP {
-        BPF_RB_NO_WAKEUP as u64
-    } else {
-        0
+    let event = events::EventPick {
+        vip_id: pick.vip_id,
+        real_id: pick.real_id,
+        real_gen: pick.real.generation,
     };
-    if !events::emit(
-        &p.flow,
-        pick.vip_id,
-        pick.real_id,
-        pick.real.generation,
-        now,
-        flags,
-    ) {
+    let written = if upto == STEP_KERNEL_RING {
+        events::emit_to_kernel_ring(&p.flow, &event, now)
+    } else {
+        events::emit(&p.flow, hash, &event, now)
+    };
+    // Counted as the datapath counts them: the benchmark checks that every repetition
+    // wrote its event (a full ring's early return would measure something cheaper).
+    if !written {
+        count(Counter::EventLost);
         return xdp_action::XDP_ABORTED;
+    }
+    count(Counter::EventSent);
+    if upto == STEP_DOORBELL {
+        events::ring_doorbell();
     }
     xdp_action::XDP_PASS
 }

@@ -78,13 +78,12 @@ pub fn process(ctx: &impl Packet, cfg: &LbConfig) -> Action {
                 events::udp_threshold(cfg)
             };
             if earns && event_due(pick.seen, threshold) {
-                events::notify(
-                    cfg,
-                    &p.flow,
-                    pick.vip_id,
-                    pick.real_id,
-                    pick.real.generation,
-                );
+                let event = events::EventPick {
+                    vip_id: pick.vip_id,
+                    real_id: pick.real_id,
+                    real_gen: pick.real.generation,
+                };
+                events::notify(cfg, &p.flow, hash, &event);
             }
             action
         }

@@ -9,9 +9,9 @@ use aya_ebpf::{
 };
 use marklb_common::{
     BenchFrame, ConnEntry, ConnSet, DEFAULT_CONN_TABLE_SIZE, DEFAULT_NIC_FLOWS,
-    DEFAULT_RING_CAPACITY, EVENT_RING_BYTES, EventBucket, FlowKey, LbConfig, MAX_MARKS, MAX_REALS,
-    MAX_VIP_ADDRS, MAX_VIPS, MarkEntry, NicRule, RealDef, TrafficStats, VipKey, VipMeta, conn_sets,
-    counters::NUM_COUNTERS,
+    DEFAULT_RING_CAPACITY, EVENT_DOORBELL_BYTES, EVENT_SLOTS_PER_CPU, EventBucket, EventCursor,
+    FlowKey, LbConfig, MAX_MARKS, MAX_REALS, MAX_VIP_ADDRS, MAX_VIPS, MarkEntry, NewFlowEvent,
+    NicRule, RealDef, TrafficStats, VipKey, VipMeta, conn_sets, counters::NUM_COUNTERS,
 };
 
 /// `BPF_F_NO_COMMON_LRU`: each CPU evicts from its own LRU list (the benchmark's LRU
@@ -89,9 +89,21 @@ pub static REAL_STATS: PerCpuArray<TrafficStats> = PerCpuArray::with_max_entries
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_COUNTERS, 0);
 
-/// New-flow events for the agent's mark manager.
+/// New-flow events for the agent's mark manager: one ring of `EVENT_SLOTS_PER_CPU` per
+/// possible CPU (`marklb_common::event`), mapped by the agent. Sized at load.
 #[map]
-pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENT_RING_BYTES, 0);
+pub static EVENT_SLOTS: Array<NewFlowEvent> =
+    Array::with_max_entries(EVENT_SLOTS_PER_CPU, BPF_F_MMAPABLE);
+
+/// Each CPU's positions in its ring of `EVENT_SLOTS`. Sized at load (possible CPUs).
+#[map]
+pub static EVENT_CURSORS: Array<EventCursor> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+/// The event consumer's doorbell: a record here (with a wake-up) tells the agent to drain
+/// `EVENT_SLOTS` now rather than at its next poll. The benchmark loads it larger, to
+/// measure whole events written here as they were before the per-CPU rings.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENT_DOORBELL_BYTES, 0);
 
 /// Rate limiter state for new-flow events, per CPU.
 #[map]
