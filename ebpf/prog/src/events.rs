@@ -131,22 +131,8 @@ pub fn emit(flow: &FlowKey, hash: u64, pick: &EventPick, now: u64) -> bool {
     let Some(e) = EVENT_SLOTS.get_ptr_mut(event_slot(cpu, head)) else {
         return false;
     };
-    // Field by field: a whole-struct write becomes an out-of-line byte-by-byte memmove on
-    // BPF (hundreds of instructions for 64 bytes).
     unsafe {
-        let f = &mut (*e).flow;
-        for i in 0..4 {
-            f.src_be[i] = flow.src_be[i];
-            f.dst_be[i] = flow.dst_be[i];
-        }
-        f.sport_be = flow.sport_be;
-        f.dport_be = flow.dport_be;
-        f.proto = flow.proto;
-        f._pad = [0; 3];
-        (*e).vip_id = pick.vip_id;
-        (*e).real_id = pick.real_id;
-        (*e).real_gen = pick.real_gen;
-        (*e).ts_ns = now;
+        write_event(e, flow, pick, now);
         // The check last, then the head: a slot is an event only once both are there.
         let check = event_check(hash, pick.vip_id, pick.real_id, pick.real_gen, now, head);
         write_volatile(&mut (*e).check, check);
@@ -164,6 +150,22 @@ pub fn emit_to_kernel_ring(flow: &FlowKey, pick: &EventPick, now: u64) -> bool {
     };
     let e = slot.as_mut_ptr();
     unsafe {
+        write_event(e, flow, pick, now);
+        (*e).check = 0;
+    }
+    slot.submit(BPF_RB_NO_WAKEUP as u64);
+    true
+}
+
+/// Writes every field of the event at `e` but its check word. Field by field: a
+/// whole-struct write becomes an out-of-line byte-by-byte memmove on BPF (hundreds of
+/// instructions for 64 bytes).
+///
+/// # Safety
+/// `e` points to a writable event (a map value or a reserved ring buffer record).
+#[inline(always)]
+unsafe fn write_event(e: *mut NewFlowEvent, flow: &FlowKey, pick: &EventPick, now: u64) {
+    unsafe {
         let f = &mut (*e).flow;
         for i in 0..4 {
             f.src_be[i] = flow.src_be[i];
@@ -176,9 +178,6 @@ pub fn emit_to_kernel_ring(flow: &FlowKey, pick: &EventPick, now: u64) -> bool {
         (*e).vip_id = pick.vip_id;
         (*e).real_id = pick.real_id;
         (*e).real_gen = pick.real_gen;
-        (*e).check = 0;
         (*e).ts_ns = now;
     }
-    slot.submit(BPF_RB_NO_WAKEUP as u64);
-    true
 }
