@@ -54,7 +54,7 @@ pub struct ControlReport {
     pub one_real_change_s: f64,
     /// Marks installed per second by the mark manager (emulated NIC).
     pub mark_installs_per_s: f64,
-    /// Event-to-mark latency from packets through the ring buffer, microseconds.
+    /// Event-to-mark latency from packets through the event rings, microseconds.
     pub event_to_mark_p50_us: f64,
     pub event_to_mark_p99_us: f64,
     /// The same p99 with a `/metrics` scrape every 100 ms (1,000 VIPs, 4,000 reals).

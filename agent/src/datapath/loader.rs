@@ -159,9 +159,8 @@ pub(super) const SIZED_AT_LOAD: &[&str] = &[
     n::EVENTS,
 ];
 
-/// Bytes of the doorbell ring (`EVENTS`) outside the benchmark, and in it, where whole
-/// events go through it for the comparison with the per-CPU rings (4 MiB, what the event
-/// ring buffer was).
+/// Bytes of the doorbell ring (`EVENTS`) in the benchmark, where whole events go through it
+/// for the comparison with the per-CPU rings (4 MiB, what the event ring buffer was).
 const DOORBELL_BYTES_BENCH: u32 = 1 << 22;
 
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map> {

@@ -22,7 +22,7 @@ pub async fn consume_events(
     node: NodeHandle,
     on_mark: impl Fn(&'static str, Duration) + Send,
 ) {
-    // SAFETY: the reader owns the ring buffer's map fd, which stays open and the same for
+    // SAFETY: the reader owns the doorbell ring's map fd, which stays open and the same for
     // as long as the AsyncFd owns the reader.
     let mut fd = match unsafe { AsyncFd::register(reader) } {
         Ok(fd) => fd,

@@ -11,8 +11,8 @@ pub const CFG_F_ICMP_TOO_BIG: u32 = 1 << 1;
 pub const CFG_F_ICMP_ECHO: u32 = 1 << 2;
 /// Emit new-flow events (flow marks are on).
 pub const CFG_F_EVENTS: u32 = 1 << 3;
-/// Wake the event consumer on every event (the ring buffer's default) instead of at most
-/// once per [`EVENT_WAKE_GAP_NS`] per CPU. Only the benchmark sets it, to measure the
+/// Ring the event consumer's doorbell, with a forced wake-up, on every event instead of at
+/// most once per [`EVENT_WAKE_GAP_NS`] per CPU. Only the benchmark sets it, to measure the
 /// difference.
 pub const CFG_F_WAKE_EVERY_EVENT: u32 = 1 << 4;
 
