@@ -536,6 +536,21 @@ async fn loadbalancers_become_programmed_nodes_and_conditions() {
     report(
         "7. node 1's agent pod deleted: established connections keep their real, state stays Ready",
     );
+    // The LoadBalancers' node selectors above are the agents' node affinity: a change of
+    // them rolls the DaemonSet, and node 1's agent may still be being replaced.
+    let t_settle = Instant::now();
+    let old = loop {
+        if let Some(p) = agent_pods(cluster, &client).await.remove(&n1.node.name)
+            && pod_ready(&p)
+        {
+            break p;
+        }
+        assert!(
+            t_settle.elapsed() < WAIT,
+            "no Ready agent pod on node 1 before deleting it"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let before = node_state(&client, "web", &n1.node.name)
         .await
         .and_then(|s| s.status)
@@ -550,7 +565,6 @@ async fn loadbalancers_become_programmed_nodes_and_conditions() {
         T,
     )
     .expect("ten connections");
-    let old = agent_pods(cluster, &client).await[&n1.node.name].clone();
     let old_uid = old.metadata.uid.clone().unwrap();
     let t0 = Instant::now();
     user(
