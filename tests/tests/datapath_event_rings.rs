@@ -63,6 +63,11 @@ fn drain_settled(reader: &mut EventReader) -> Vec<NewFlowEvent> {
     got
 }
 
+/// The flows of [`drain_settled`]'s events, in order.
+fn drained_flows(reader: &mut EventReader) -> Vec<FlowKey> {
+    drain_settled(reader).iter().map(|e| e.flow).collect()
+}
+
 #[test]
 fn a_slot_changed_after_it_was_written_is_skipped_never_delivered() {
     pin_to_current_cpu();
@@ -108,21 +113,14 @@ fn events_not_yet_read_survive_a_restart_on_the_pins() {
         let mut fx = fixture(&pinned_options(&dir));
         let mut reader = fx.dp.take_events().expect("event reader");
         let first = raise(&mut fx, 4200);
-        assert_eq!(
-            drain_settled(&mut reader)
-                .iter()
-                .map(|e| e.flow)
-                .collect::<Vec<_>>(),
-            vec![first]
-        );
+        assert_eq!(drained_flows(&mut reader), vec![first]);
         (1..4).map(|i| raise(&mut fx, 4200 + i)).collect()
         // The agent stops here with three events unread.
     };
     let mut fx = fixture(&pinned_options(&dir));
     let mut reader = fx.dp.take_events().expect("event reader");
     assert_eq!(reader.waiting(), 3);
-    let got = drain_settled(&mut reader);
-    assert_eq!(got.iter().map(|e| e.flow).collect::<Vec<_>>(), flows);
+    assert_eq!(drained_flows(&mut reader), flows);
     assert_eq!(reader.skipped(), 0);
 }
 
@@ -153,11 +151,5 @@ fn a_full_ring_loses_and_counts_what_is_beyond_it_and_takes_new_events_once_read
         "the first events, in order"
     );
     let next = raise(&mut fx, 9_000);
-    assert_eq!(
-        drain_settled(&mut reader)
-            .iter()
-            .map(|e| e.flow)
-            .collect::<Vec<_>>(),
-        vec![next]
-    );
+    assert_eq!(drained_flows(&mut reader), vec![next]);
 }

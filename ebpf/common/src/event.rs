@@ -3,8 +3,8 @@
 //! ring of [`EVENT_SLOTS_PER_CPU`] slots per CPU) with their positions in `EVENT_CURSORS`.
 //!
 //! Why not the kernel's ring buffer: its reserve and submit are two helper calls around a
-//! spinlock shared by every CPU (38-47 ns of a new flow's path here); a CPU's own ring is a
-//! few stores. Each CPU's ring has one producer (XDP and TC programs do not nest on a CPU)
+//! spinlock shared by every CPU; a CPU's own ring is a few stores (the README's benchmark
+//! compares the two). Each CPU's ring has one producer (XDP and TC programs do not nest on a CPU)
 //! and one consumer (the agent), which polls it. A slot carries a check word over its
 //! contents and its position, written last: a slot read before the datapath finished it,
 //! or torn by two producers (a preemptible kernel, the test runner), reads as not an
@@ -52,12 +52,12 @@ pub struct EventCursor {
 const _: () = assert!(core::mem::size_of::<EventCursor>() == 128);
 
 /// Byte offset of [`EventCursor::head`] and [`EventCursor::tail`] in a cursor.
-pub const EVENT_CURSOR_HEAD: usize = 0;
-pub const EVENT_CURSOR_TAIL: usize = 64;
+pub const EVENT_CURSOR_HEAD: usize = core::mem::offset_of!(EventCursor, head);
+pub const EVENT_CURSOR_TAIL: usize = core::mem::offset_of!(EventCursor, tail);
 
 /// The check word of an event at position `pos` of its ring, whose flow's
-/// `hash::flow_hash64` is `flow_hash`. Never 0 for a slot never written (all zeros): see
-/// the constant.
+/// `hash::flow_hash64` is `flow_hash`. The constant keeps a slot never written (all
+/// zeros, check 0) from matching, but for one position in 2^32.
 #[inline(always)]
 pub const fn event_check(
     flow_hash: u64,

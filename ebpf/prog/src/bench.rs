@@ -108,15 +108,10 @@ pub fn step_program(ctx: &XdpContext) -> u32 {
     if upto < STEP_EVENT_RING {
         return xdp_action::XDP_PASS;
     }
-    let event = events::EventPick {
-        vip_id: pick.vip_id,
-        real_id: pick.real_id,
-        real_gen: pick.real.generation,
-    };
     let written = if upto == STEP_KERNEL_RING {
-        events::emit_to_kernel_ring(&p.flow, &event, now)
+        events::emit_to_kernel_ring(&p.flow, &pick, now)
     } else {
-        events::emit(&p.flow, hash, &event, now)
+        events::emit(&p.flow, hash, &pick, now)
     };
     // Counted as the datapath counts them: the benchmark checks that every repetition
     // wrote its event (a full ring's early return would measure something cheaper).

@@ -16,6 +16,7 @@ use marklb_common::{
 
 use crate::{
     maps::{EVENT_BUCKET, EVENT_CURSORS, EVENT_SLOTS, EVENTS},
+    pick::Pick,
     stats::count,
 };
 
@@ -85,7 +86,7 @@ pub fn ring_doorbell() {
 /// Tells user space that `flow` (whose `flow_hash64` is `hash`) was assigned `real_id`,
 /// unless events are off, the CPU is over its rate, or its ring is full (each counted).
 #[inline(always)]
-pub fn notify(cfg: &LbConfig, flow: &FlowKey, hash: u64, pick: &EventPick) {
+pub fn notify(cfg: &LbConfig, flow: &FlowKey, hash: u64, pick: &Pick) {
     if cfg.flags & CFG_F_EVENTS == 0 {
         return;
     }
@@ -104,16 +105,9 @@ pub fn notify(cfg: &LbConfig, flow: &FlowKey, hash: u64, pick: &EventPick) {
     }
 }
 
-/// What an event says of the flow's pick.
-pub struct EventPick {
-    pub vip_id: u32,
-    pub real_id: u32,
-    pub real_gen: u32,
-}
-
 /// Writes one event into this CPU's ring (`marklb_common::event`); false: the ring is full.
 #[inline(always)]
-pub fn emit(flow: &FlowKey, hash: u64, pick: &EventPick, now: u64) -> bool {
+pub fn emit(flow: &FlowKey, hash: u64, pick: &Pick, now: u64) -> bool {
     let cpu = unsafe { bpf_get_smp_processor_id() };
     let Some(cursor) = EVENT_CURSORS.get_ptr_mut(cpu) else {
         return false;
@@ -134,7 +128,14 @@ pub fn emit(flow: &FlowKey, hash: u64, pick: &EventPick, now: u64) -> bool {
     unsafe {
         write_event(e, flow, pick, now);
         // The check last, then the head: a slot is an event only once both are there.
-        let check = event_check(hash, pick.vip_id, pick.real_id, pick.real_gen, now, head);
+        let check = event_check(
+            hash,
+            pick.vip_id,
+            pick.real_id,
+            pick.real.generation,
+            now,
+            head,
+        );
         write_volatile(&mut (*e).check, check);
         write_volatile(&mut (*cursor).head, head + 1);
     }
@@ -144,7 +145,7 @@ pub fn emit(flow: &FlowKey, hash: u64, pick: &EventPick, now: u64) -> bool {
 /// The event as the kernel ring buffer carried it before the per-CPU rings (reserve, write,
 /// submit without a wake-up), for the benchmark's comparison; false: the ring is full.
 #[inline(always)]
-pub fn emit_to_kernel_ring(flow: &FlowKey, pick: &EventPick, now: u64) -> bool {
+pub fn emit_to_kernel_ring(flow: &FlowKey, pick: &Pick, now: u64) -> bool {
     let Some(mut slot) = EVENTS.reserve::<NewFlowEvent>(0) else {
         return false;
     };
@@ -164,7 +165,7 @@ pub fn emit_to_kernel_ring(flow: &FlowKey, pick: &EventPick, now: u64) -> bool {
 /// # Safety
 /// `e` points to a writable event (a map value or a reserved ring buffer record).
 #[inline(always)]
-unsafe fn write_event(e: *mut NewFlowEvent, flow: &FlowKey, pick: &EventPick, now: u64) {
+unsafe fn write_event(e: *mut NewFlowEvent, flow: &FlowKey, pick: &Pick, now: u64) {
     unsafe {
         let f = &mut (*e).flow;
         for i in 0..4 {
@@ -177,7 +178,7 @@ unsafe fn write_event(e: *mut NewFlowEvent, flow: &FlowKey, pick: &EventPick, no
         f._pad = [0; 3];
         (*e).vip_id = pick.vip_id;
         (*e).real_id = pick.real_id;
-        (*e).real_gen = pick.real_gen;
+        (*e).real_gen = pick.real.generation;
         (*e).ts_ns = now;
     }
 }

@@ -78,12 +78,7 @@ pub fn process(ctx: &impl Packet, cfg: &LbConfig) -> Action {
                 events::udp_threshold(cfg)
             };
             if earns && event_due(pick.seen, threshold) {
-                let event = events::EventPick {
-                    vip_id: pick.vip_id,
-                    real_id: pick.real_id,
-                    real_gen: pick.real.generation,
-                };
-                events::notify(cfg, &p.flow, hash, &event);
+                events::notify(cfg, &p.flow, hash, &pick);
             }
             action
         }
