@@ -47,11 +47,17 @@ fn raise(fx: &mut Fixture, sport: u16) -> FlowKey {
     flow
 }
 
-/// Every event the reader delivers until none has come for a few of its grace periods.
+/// Every event the reader delivers until none is waiting and none has come for a few of its
+/// grace periods.
 fn drain_settled(reader: &mut EventReader) -> Vec<NewFlowEvent> {
     let mut got = Vec::new();
-    let mut quiet_since = Instant::now();
-    while quiet_since.elapsed() < Duration::from_millis(5) {
+    let start = Instant::now();
+    let mut quiet_since = start;
+    // Quiet alone is not enough: on a loaded machine one sleep can outlast the window while
+    // a slot still waits out its grace. Nothing waiting is (bounded, so a bug cannot hang).
+    while quiet_since.elapsed() < Duration::from_millis(5)
+        || (reader.waiting() > 0 && start.elapsed() < Duration::from_secs(5))
+    {
         match reader.next_event() {
             Some(ev) => {
                 got.push(ev);
