@@ -8,7 +8,7 @@ use aya::{
     programs::{SchedClassifier, Xdp},
 };
 use marklb_common::{
-    BenchFrame, CONN_SET_MASK_SYMBOL, ConnSet, DEFAULT_CONN_TABLE_SIZE, DEFAULT_NIC_FLOWS,
+    AddrSet, BenchFrame, CONN_SET_MASK_SYMBOL, ConnSet, DEFAULT_CONN_TABLE_SIZE, DEFAULT_NIC_FLOWS,
     DEFAULT_RING_CAPACITY, EVENT_DOORBELL_BYTES, EVENT_SLOTS_PER_CPU, FlowKey, LbConfig, MarkEntry,
     NicRule, RealDef, TrafficStats, VipKey, VipMeta, conn_sets, map_names as n, prog_names,
 };
@@ -100,6 +100,7 @@ pub struct Datapath {
     pub(crate) config: Array<MapData, LbConfig>,
     pub(crate) vips: HashMap<MapData, VipKey, VipMeta>,
     pub(crate) vip_addrs: HashMap<MapData, [u32; 4], u32>,
+    pub(crate) vip_addr_sets: Array<MapData, AddrSet>,
     pub(crate) vip_gens: Array<MapData, u32>,
     pub(crate) reals: Array<MapData, RealDef>,
     pub(crate) rings: RingStore,
@@ -131,6 +132,7 @@ pub(super) const ALL_MAPS: &[&str] = &[
     n::CONFIG,
     n::VIPS,
     n::VIP_ADDRS,
+    n::VIP_ADDR_SETS,
     n::VIP_GENS,
     n::REALS,
     n::RINGS,
@@ -262,10 +264,11 @@ impl Datapath {
             typed!(&mut ebpf, n::EVENTS),
         )?;
 
-        Ok(Self {
+        let mut dp = Self {
             config: typed!(&mut ebpf, n::CONFIG),
             vips: typed!(&mut ebpf, n::VIPS),
             vip_addrs: typed!(&mut ebpf, n::VIP_ADDRS),
+            vip_addr_sets: typed!(&mut ebpf, n::VIP_ADDR_SETS),
             vip_gens: typed!(&mut ebpf, n::VIP_GENS),
             reals: typed!(&mut ebpf, n::REALS),
             conn_table,
@@ -282,7 +285,11 @@ impl Datapath {
             _rings_map: rings_map,
             _conn_map: conn_map,
             ebpf,
-        })
+        };
+        // Adopted or new, the sets must say what the pinned authority says before any
+        // program reads them (a tree before the sets left none).
+        dp.rebuild_vip_addr_sets()?;
+        Ok(dp)
     }
 
     /// The connection table.

@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 
 use aya::maps::{MapData, PerCpuArray};
 use marklb_common::{
-    BenchFrame, ConnEntry, Counter, FlowKey, LbConfig, MarkEntry, NicRule, RealDef, TrafficStats,
-    VipKey, VipMeta, map_names as n,
+    AddrSet, BenchFrame, ConnEntry, Counter, FlowKey, LbConfig, MarkEntry, NicRule, RealDef,
+    TrafficStats, VipKey, VipMeta, addr_set, addr_set_of, map_names as n,
 };
 
 use super::{Datapath, DatapathError, EventReader, Result, map_err};
@@ -89,17 +89,95 @@ impl Datapath {
         self.vip_addrs.get(addr_be, 0).unwrap_or(0)
     }
 
+    /// Sets an address's VIP count (0: not a VIP address), then its address set.
     pub fn set_vip_addr_refs(&mut self, addr_be: &[u32; 4], refs: u32) -> Result<()> {
         if refs == 0 {
             match self.vip_addrs.remove(addr_be) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-                Err(e) => Err(map_err(n::VIP_ADDRS)(e)),
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(n::VIP_ADDRS)(e)),
             }
         } else {
             self.vip_addrs
                 .insert(addr_be, refs, 0)
-                .map_err(map_err(n::VIP_ADDRS))
+                .map_err(map_err(n::VIP_ADDRS))?;
         }
+        self.sync_vip_addr_set(addr_be)
+    }
+
+    /// The address set of `addr_be`, as the datapath reads it.
+    pub fn vip_addr_set(&self, addr_be: &[u32; 4]) -> Result<AddrSet> {
+        self.vip_addr_sets
+            .get(&addr_set_of(addr_be), 0)
+            .map_err(map_err(n::VIP_ADDR_SETS))
+    }
+
+    /// Brings the set of `addr_be` in line with `VIP_ADDRS` (`marklb_common::addr_set`),
+    /// whose change of that address was just written: the set's own addresses and this one
+    /// are checked against it, or, for a set that spilled (which addresses spilled, only the
+    /// hash map knows), every address in it.
+    fn sync_vip_addr_set(&mut self, addr_be: &[u32; 4]) -> Result<()> {
+        let idx = addr_set_of(addr_be);
+        let current = self
+            .vip_addr_sets
+            .get(&idx, 0)
+            .map_err(map_err(n::VIP_ADDR_SETS))?;
+        let desired: Vec<[u32; 4]> = if current.spill != 0 {
+            self.vip_addr_list()?
+                .into_iter()
+                .filter(|a| addr_set_of(a) == idx)
+                .collect()
+        } else {
+            current
+                .addrs
+                .iter()
+                .chain([addr_be])
+                .filter(|a| self.vip_addrs.get(*a, 0).is_ok())
+                .copied()
+                .collect()
+        };
+        self.write_vip_addr_set(idx, &current, &desired)
+    }
+
+    /// Rewrites every address set from `VIP_ADDRS` (at load: the sets may be new, or from
+    /// another run).
+    pub(super) fn rebuild_vip_addr_sets(&mut self) -> Result<()> {
+        let mut by_set: BTreeMap<u32, Vec<[u32; 4]>> = BTreeMap::new();
+        for a in self.vip_addr_list()? {
+            by_set.entry(addr_set_of(&a)).or_default().push(a);
+        }
+        for idx in 0..self.vip_addr_sets.len() {
+            let current = self
+                .vip_addr_sets
+                .get(&idx, 0)
+                .map_err(map_err(n::VIP_ADDR_SETS))?;
+            let desired = by_set.get(&idx).map_or(&[][..], Vec::as_slice);
+            self.write_vip_addr_set(idx, &current, desired)?;
+        }
+        Ok(())
+    }
+
+    fn vip_addr_list(&self) -> Result<Vec<[u32; 4]>> {
+        self.vip_addrs
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(n::VIP_ADDRS))
+    }
+
+    /// One whole-set update, and only if the set changes: addresses that stay keep their
+    /// ways, so a concurrent reader can only misread the ways that change.
+    fn write_vip_addr_set(
+        &mut self,
+        idx: u32,
+        current: &AddrSet,
+        desired: &[[u32; 4]],
+    ) -> Result<()> {
+        let next = addr_set::plan(current, desired);
+        if next == *current {
+            return Ok(());
+        }
+        self.vip_addr_sets
+            .set(idx, next, 0)
+            .map_err(map_err(n::VIP_ADDR_SETS))
     }
 
     /// Generation of a VIP slot (0: free).

@@ -50,6 +50,7 @@ pub mod map_names {
     pub const CONFIG: &str = "CONFIG";
     pub const VIPS: &str = "VIPS";
     pub const VIP_ADDRS: &str = "VIP_ADDRS";
+    pub const VIP_ADDR_SETS: &str = "VIP_ADDR_SETS";
     pub const VIP_GENS: &str = "VIP_GENS";
     pub const REALS: &str = "REALS";
     pub const RINGS: &str = "RINGS";

@@ -7,6 +7,7 @@
 #![no_std]
 
 pub mod addr;
+pub mod addr_set;
 pub mod config;
 pub mod conn;
 pub mod consts;
@@ -20,6 +21,7 @@ pub mod stats;
 pub mod vip;
 
 pub use addr::{addr_words, words_addr};
+pub use addr_set::{ADDR_SETS, ADDR_WAYS, AddrSet, addr_set_of};
 pub use config::*;
 pub use conn::{CONN_WAYS, ConnHash, ConnSet, ConnSlot, conn_sets};
 pub use consts::*;
@@ -59,4 +61,5 @@ impl_pod!(
     VipMeta,
     BenchFrame,
     ConnSlot,
+    AddrSet,
 );

@@ -18,11 +18,12 @@ use marklb_common::{
 
 use crate::{
     conn, events,
-    maps::{BENCH_CONN_COMMON, BENCH_CONN_LRU, BENCH_FRAME, BENCH_NEXT, CONFIG, VIP_ADDRS},
+    maps::{BENCH_CONN_COMMON, BENCH_CONN_LRU, BENCH_FRAME, BENCH_NEXT, CONFIG},
     parse::{self, Verdict, ptr_at},
     pick::{Learn, new_entry, ring_pick, vip_lookup},
     pkt::Packet,
     stats::count,
+    vip_addrs::is_vip_addr,
 };
 
 /// Steps of the new-flow path, cumulative: step `n` does steps 1..=n of
@@ -50,8 +51,7 @@ pub const STEP_KERNEL_RING: u32 = 9;
 pub fn step_program(ctx: &XdpContext) -> u32 {
     let mark = Packet::mark(ctx);
     let upto = mark & 0xff;
-    let Verdict::Flow(p) = parse::parse(ctx, |addr| unsafe { VIP_ADDRS.get(addr) }.is_some())
-    else {
+    let Verdict::Flow(p) = parse::parse(ctx, is_vip_addr) else {
         return xdp_action::XDP_ABORTED;
     };
     if upto < STEP_VIP {

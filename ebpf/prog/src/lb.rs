@@ -9,17 +9,17 @@ use crate::hdr::{TCP_ACK, TCP_RST, TCP_SYN};
 use crate::{
     encap::{self, Inner},
     events, icmp,
-    maps::VIP_ADDRS,
     parse::{self, Verdict, frame_len},
     pick::{Learn, established_packet, ring_pick, vip_lookup},
     pkt::{Action, Packet},
     stats::{account, count, drop, pass},
+    vip_addrs::is_vip_addr,
 };
 
 /// The whole normal path for one packet.
 #[inline(always)]
 pub fn process(ctx: &impl Packet, cfg: &LbConfig) -> Action {
-    let verdict = parse::parse(ctx, |addr| unsafe { VIP_ADDRS.get(addr) }.is_some());
+    let verdict = parse::parse(ctx, is_vip_addr);
     let p = match verdict {
         Verdict::Flow(p) => p,
         Verdict::Icmp(p) => return icmp::handle(ctx, cfg, &p),

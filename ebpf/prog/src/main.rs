@@ -21,6 +21,7 @@ mod parse;
 mod pick;
 mod pkt;
 mod stats;
+mod vip_addrs;
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},

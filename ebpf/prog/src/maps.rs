@@ -8,7 +8,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use marklb_common::{
-    BenchFrame, ConnEntry, ConnSet, DEFAULT_CONN_TABLE_SIZE, DEFAULT_NIC_FLOWS,
+    ADDR_SETS, AddrSet, BenchFrame, ConnEntry, ConnSet, DEFAULT_CONN_TABLE_SIZE, DEFAULT_NIC_FLOWS,
     DEFAULT_RING_CAPACITY, EVENT_DOORBELL_BYTES, EVENT_SLOTS_PER_CPU, EventBucket, EventCursor,
     FlowKey, LbConfig, MAX_MARKS, MAX_REALS, MAX_VIP_ADDRS, MAX_VIPS, MarkEntry, NewFlowEvent,
     NicRule, RealDef, TrafficStats, VipKey, VipMeta, conn_sets, counters::NUM_COUNTERS,
@@ -29,9 +29,15 @@ pub static CONFIG: Array<LbConfig> = Array::with_max_entries(1, 0);
 #[map]
 pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS, 0);
 
-/// Every address that carries a VIP: lets packets for other addresses pass after one lookup.
+/// Every address that carries a VIP, with the number of its VIPs: the authority behind
+/// `VIP_ADDR_SETS`, read by the datapath only for a set that spilled.
 #[map]
 pub static VIP_ADDRS: HashMap<[u32; 4], u32> = HashMap::with_max_entries(MAX_VIP_ADDRS, 0);
+
+/// The same addresses in sets of three (`marklb_common::addr_set`): lets packets for other
+/// addresses pass after one array read.
+#[map]
+pub static VIP_ADDR_SETS: Array<AddrSet> = Array::with_max_entries(ADDR_SETS, 0);
 
 /// vip_id -> generation of the VIP holding the slot (0: free).
 #[map]
