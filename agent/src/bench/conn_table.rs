@@ -207,6 +207,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
         trivial_ns: 0.0,
         floor_ns,
         restore_ns: 0.0,
+        restore_marked_ns: 0.0,
         figures: Vec::new(),
         bench_cpu,
         consumer_cpu: None,

@@ -94,6 +94,7 @@ pub fn combine(mut reports: Vec<Report>) -> Result<Report> {
         trivial_ns: field(|r| r.trivial_ns),
         floor_ns: field(|r| r.floor_ns),
         restore_ns: field(|r| r.restore_ns),
+        restore_marked_ns: field(|r| r.restore_marked_ns),
         bench_cpu: first.bench_cpu,
         consumer_cpu: first.consumer_cpu,
         max_spread,
@@ -132,6 +133,7 @@ mod tests {
             trivial_ns: 10.0,
             floor_ns: floor,
             restore_ns: 0.0,
+            restore_marked_ns: 0.0,
             figures: vec![
                 figure("established (conn table)", est),
                 figure("mark fast path, per flow", mark),
