@@ -1021,8 +1021,11 @@ impl IdProtocol for Udp {
                 Ok((n, from)) => {
                     let mut reply = format!("{} ", w.name).into_bytes();
                     reply.extend_from_slice(&buf[..n]);
-                    if s.send_to(&reply, from).is_ok() {
-                        w.count.fetch_add(1, Ordering::Relaxed);
+                    // Counted before the answer leaves, so a client holding its answer
+                    // finds it counted (CI once read the count between the two).
+                    w.count.fetch_add(1, Ordering::Relaxed);
+                    if s.send_to(&reply, from).is_err() {
+                        w.count.fetch_sub(1, Ordering::Relaxed);
                     }
                 }
                 Err(e) if is_timeout(&e) => {}
