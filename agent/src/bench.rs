@@ -595,8 +595,10 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
         // the frame costs that helper call once in itself and once in the wrapper.
         let grow = bench.wrapped(Prog::BenchGrow, &ack, &[])?.median;
         let restore = ((grow - floor) / 2.0).max(0.0);
-        // Marked frames carry 4 bytes of metadata that the wrapper writes and every
-        // adjust_head moves: their floor and shrink cost are measured with a mark too.
+        // Marked frames carry 4 bytes of metadata, which the wrapper writes and the
+        // forwarding paths drop before they grow the frame (`Packet::open_outer`, as the
+        // calibration program does): their floor and the wrapper's cost of putting the
+        // frame back (shrink, metadata again) are measured with a mark too.
         let with_mark = BenchFrame { mark: 1, ..ack };
         let floor_marked = bench.wrapped(Prog::BenchTrivial, &with_mark, &[])?.median;
         let grow_marked = bench.wrapped(Prog::BenchGrow, &with_mark, &[])?.median;

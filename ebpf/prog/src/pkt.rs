@@ -11,7 +11,7 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_csum_diff, bpf_csum_update, bpf_skb_change_tail, bpf_xdp_adjust_head,
-        bpf_xdp_adjust_tail,
+        bpf_xdp_adjust_meta, bpf_xdp_adjust_tail,
     },
     programs::{TcContext, XdpContext},
 };
@@ -79,8 +79,15 @@ impl Packet for XdpContext {
     fn is_gso(&self) -> bool {
         false
     }
+    /// Lets the metadata go first (the mark in it has been read): a growth moves the
+    /// metadata along with the frame's start, a memmove that cost 16-21 ns a packet here,
+    /// while dropping it only moves a pointer.
     #[inline(always)]
     fn open_outer(&self, n: usize, _outer_v6: bool) -> Option<usize> {
+        let meta = XdpContext::data(self) - self.metadata();
+        if meta != 0 && unsafe { bpf_xdp_adjust_meta(self.ctx, meta as i32) } != 0 {
+            return None;
+        }
         if unsafe { bpf_xdp_adjust_head(self.ctx, -(n as i32)) } != 0 {
             return None;
         }
