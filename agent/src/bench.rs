@@ -125,8 +125,9 @@ pub struct Report {
     /// The wrapper's extra cost of shrinking a forwarded (grown) frame back, also
     /// subtracted from forwarding paths (calibrated with a grow-only program).
     pub restore_ns: f64,
-    /// The same with 4 bytes of metadata (a marked frame), subtracted from the mark rows:
-    /// every `bpf_xdp_adjust_head` moves the metadata too.
+    /// The same for a frame with 4 bytes of metadata (a marked frame), subtracted from the
+    /// mark rows: the forwarding paths drop the metadata before they grow the frame, and the
+    /// wrapper puts it back along with the shrink.
     pub restore_marked_ns: f64,
     pub figures: Vec<Figure>,
     /// CPU the measuring thread (and so every BPF_PROG_TEST_RUN) is pinned to.
