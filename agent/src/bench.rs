@@ -19,7 +19,8 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use marklb_common::{
     BENCH_FRAME_MAX, BenchFrame, CFG_F_ENABLED, CFG_F_EVENTS, CFG_F_ICMP_ECHO, CFG_F_ICMP_TOO_BIG,
-    CFG_F_WAKE_EVERY_EVENT, Counter, EVENT_SLOTS_PER_CPU, LbConfig, MarkEntry, addr_words,
+    CFG_F_WAKE_EVERY_EVENT, Counter, DEFAULT_CONN_TABLE_SIZE, EVENT_SLOTS_PER_CPU, LbConfig,
+    MarkEntry, addr_words,
 };
 use serde::Serialize;
 
@@ -45,6 +46,11 @@ pub struct BenchOptions {
     pub rounds: u32,
     /// Distinct flows of the many-flows variant.
     pub flows: u32,
+    /// Flows of the rows after the SYN (one repetition each per round).
+    pub after_syn_flows: u32,
+    /// Connection-table entries of the datapath measured (the agent's default unless
+    /// asked): how much memory the many-flows rows' sets are spread over.
+    pub conn_table_size: u32,
 }
 
 impl Default for BenchOptions {
@@ -53,6 +59,8 @@ impl Default for BenchOptions {
             repeat: 1_000_000,
             rounds: 5,
             flows: 50_000,
+            after_syn_flows: AFTER_SYN_FLOWS,
+            conn_table_size: DEFAULT_CONN_TABLE_SIZE,
         }
     }
 }
@@ -129,6 +137,8 @@ pub struct Report {
     /// mark rows: the forwarding paths drop the metadata before they grow the frame, and the
     /// wrapper puts it back along with the shrink.
     pub restore_marked_ns: f64,
+    /// Connection-table entries of the datapath measured (`None`: several, per row).
+    pub conn_table_size: Option<u32>,
     pub figures: Vec<Figure>,
     /// CPU the measuring thread (and so every BPF_PROG_TEST_RUN) is pinned to.
     pub bench_cpu: Option<usize>,
@@ -178,10 +188,10 @@ const STEP_EVENT: u32 = 7;
 /// Repetitions of an event step's round: what a CPU's ring holds.
 const EVENT_STEP_REPEAT: u32 = EVENT_SLOTS_PER_CPU;
 const BASE_SPORT: u16 = 10_000;
-/// Flows of the rows after the SYN: one repetition each per round; twice what a CPU's event
-/// ring holds, so a consumer that falls behind loses some (counted: the rows accept an
-/// event sent or lost).
-const AFTER_SYN_FLOWS: u32 = 16_384;
+/// Flows of the rows after the SYN by default: one repetition each per round; twice what a
+/// CPU's event ring holds, so a consumer that falls behind loses some (counted: the rows
+/// accept an event sent or lost).
+pub const AFTER_SYN_FLOWS: u32 = 16_384;
 /// SYNs per round of the absent-key row: up to 21 rounds (warm-up, re-measurements) stay
 /// within the benchmark CPU's share of an unfilled connection table's free entries.
 const FRESH_SYNS: u32 = 2_048;
@@ -367,12 +377,12 @@ impl Bench<'_> {
         Ok((r.ns_per_run as f64, delta))
     }
 
-    /// ns/packet of the `skip + 1`-th packet after the SYN over [`AFTER_SYN_FLOWS`] flows
+    /// ns/packet of the `skip + 1`-th packet after the SYN over `after_syn_flows` flows
     /// (one repetition per flow). Every round first sends each flow's SYN (a new pick, its
     /// count back to 1) and the `skip` packets before, unmeasured. Checks that each measured
     /// packet raised an event (`skip` 0: sent or lost for a full ring) or none.
     fn after_syn(&mut self, syn: &BenchFrame, ack: &BenchFrame, skip: u32) -> Result<Spread> {
-        let n = AFTER_SYN_FLOWS;
+        let n = self.opts.after_syn_flows;
         let learn = BenchFrame {
             flows: n,
             seq: 0,
@@ -544,13 +554,37 @@ impl EventDrain {
 }
 
 /// Runs the whole benchmark.
-pub fn run(opts: &BenchOptions) -> Result<Report> {
+/// Refuses settings the rows cannot be measured with, before anything is loaded.
+fn check_options(opts: &BenchOptions) -> Result<()> {
     ensure!(
-        opts.flows >= 2 && opts.flows <= 60_000,
+        (2..=60_000).contains(&opts.flows),
         "--flows must be within 2..=60000"
     );
-    let mut dp = Datapath::load_for_bench(&LoadOptions::default())
-        .context("loading the datapath (the benchmark needs root and bpf())")?;
+    ensure!(
+        (2..=60_000).contains(&opts.after_syn_flows),
+        "--after-syn-flows must be within 2..=60000"
+    );
+    // Four ways a set: a table under four entries a flow would let flows in full sets go
+    // between their SYN and the packets measured after it.
+    let most = opts.flows.max(opts.after_syn_flows);
+    ensure!(
+        opts.conn_table_size / 4 >= most && opts.conn_table_size <= 1 << 24,
+        "--conn-table-size {} cannot hold the benchmark's {most} flows without evicting \
+         them: give it at least {} entries (and at most {})",
+        opts.conn_table_size,
+        most * 4,
+        1 << 24
+    );
+    Ok(())
+}
+
+pub fn run(opts: &BenchOptions) -> Result<Report> {
+    check_options(opts)?;
+    let mut dp = Datapath::load_for_bench(&LoadOptions {
+        conn_table_size: opts.conn_table_size,
+        ..LoadOptions::default()
+    })
+    .context("loading the datapath (the benchmark needs root and bpf())")?;
     dp.set_config(&bench_config())?;
     let mut lb = DatapathModel::new(&dp);
     // The measuring thread on the first allowed CPU, the event consumer on the last (the
@@ -638,7 +672,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
         // next to the packet after it on the same flows (no event): the event's cost.
         rows.push((
             "after SYN: event",
-            AFTER_SYN_FLOWS,
+            opts.after_syn_flows,
             bench.after_syn(&syn, &ack, 0)?,
         ));
         let with_events = bench.dp.config()?;
@@ -648,13 +682,13 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
         })?;
         rows.push((
             "after SYN: event, wake each",
-            AFTER_SYN_FLOWS,
+            opts.after_syn_flows,
             bench.after_syn(&syn, &ack, 0)?,
         ));
         bench.dp.set_config(&with_events)?;
         rows.push((
             "established (after SYN)",
-            AFTER_SYN_FLOWS,
+            opts.after_syn_flows,
             bench.after_syn(&syn, &ack, 1)?,
         ));
         // The new-flow path step by step (the step number rides in the mark).
@@ -883,6 +917,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
         floor_ns,
         restore_ns,
         restore_marked_ns,
+        conn_table_size: Some(opts.conn_table_size),
         figures,
         bench_cpu,
         consumer_cpu,
@@ -948,6 +983,14 @@ pub fn render(r: &Report) -> String {
          (also subtracted)",
         r.trivial_ns, r.floor_ns, r.restore_ns, r.restore_marked_ns
     );
+    if let Some(entries) = r.conn_table_size {
+        let sets = marklb_common::conn_sets(entries) as usize;
+        let _ = writeln!(
+            s,
+            "connection table: {entries} entries ({} MiB of sets)",
+            (sets * std::mem::size_of::<marklb_common::ConnSet>()) >> 20
+        );
+    }
     let _ = writeln!(
         s,
         "{:<6} {:<28} {:>7} {:>17} {:>7} {:>11} {:>8}",
@@ -1018,4 +1061,33 @@ pub fn render(r: &Report) -> String {
         r.events_sent, r.events_lost
     );
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_options_pass_and_a_table_too_small_for_the_flows_is_refused() {
+        let ok = BenchOptions::default();
+        check_options(&ok).unwrap();
+        let small = BenchOptions {
+            flows: 4_096,
+            after_syn_flows: 4_096,
+            conn_table_size: 1 << 16,
+            ..ok.clone()
+        };
+        check_options(&small).unwrap();
+        let too_small = BenchOptions {
+            conn_table_size: 1 << 16,
+            ..ok.clone()
+        };
+        let err = check_options(&too_small).unwrap_err().to_string();
+        assert!(err.contains("at least 200000 entries"), "{err}");
+        let too_few = BenchOptions {
+            after_syn_flows: 1,
+            ..ok
+        };
+        assert!(check_options(&too_few).is_err());
+    }
 }

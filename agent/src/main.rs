@@ -57,6 +57,14 @@ enum Command {
         /// Distinct flows in the many-flows variant.
         #[arg(long, default_value_t = 50_000)]
         flows: u32,
+        /// Flows of the rows after the SYN (each flow's SYN unmeasured, then one packet
+        /// each a round).
+        #[arg(long, default_value_t = marklb_agent::bench::AFTER_SYN_FLOWS)]
+        after_syn_flows: u32,
+        /// Connection-table entries of the datapath measured (the agent's default: the
+        /// memory the many-flows rows' sets spread over).
+        #[arg(long, default_value_t = marklb_common::DEFAULT_CONN_TABLE_SIZE)]
+        conn_table_size: u32,
         /// Freshly loaded datapaths to measure one after the other (each row reports the
         /// median load's figures and the loads' range): shows how far a row moves with
         /// where the maps land and with the machine's drift.
@@ -151,6 +159,8 @@ fn main() -> Result<()> {
             repeat,
             rounds,
             flows,
+            after_syn_flows,
+            conn_table_size,
             json,
             loads,
             conn_table,
@@ -161,6 +171,8 @@ fn main() -> Result<()> {
                 repeat,
                 rounds,
                 flows,
+                after_syn_flows,
+                conn_table_size,
             };
             let report = if conn_table {
                 marklb_agent::bench::run_conn_table(&opts)?

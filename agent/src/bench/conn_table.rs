@@ -208,6 +208,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
         floor_ns,
         restore_ns: 0.0,
         restore_marked_ns: 0.0,
+        conn_table_size: None,
         figures: Vec::new(),
         bench_cpu,
         consumer_cpu: None,

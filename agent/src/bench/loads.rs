@@ -95,6 +95,7 @@ pub fn combine(mut reports: Vec<Report>) -> Result<Report> {
         floor_ns: field(|r| r.floor_ns),
         restore_ns: field(|r| r.restore_ns),
         restore_marked_ns: field(|r| r.restore_marked_ns),
+        conn_table_size: first.conn_table_size,
         bench_cpu: first.bench_cpu,
         consumer_cpu: first.consumer_cpu,
         max_spread,
@@ -134,6 +135,7 @@ mod tests {
             floor_ns: floor,
             restore_ns: 0.0,
             restore_marked_ns: 0.0,
+            conn_table_size: Some(1 << 19),
             figures: vec![
                 figure("established (conn table)", est),
                 figure("mark fast path, per flow", mark),
