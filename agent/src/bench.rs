@@ -18,7 +18,9 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use marklb_common::{
-    BENCH_FRAME_MAX, BenchFrame, CFG_F_ENABLED, CFG_F_EVENTS, CFG_F_ICMP_ECHO, CFG_F_ICMP_TOO_BIG,
+    BENCH_FRAME_MAX, BENCH_STEP_CLOCK, BENCH_STEP_CONN, BENCH_STEP_DOORBELL, BENCH_STEP_EVENT_RING,
+    BENCH_STEP_KERNEL_RING, BENCH_STEP_LIMITER, BENCH_STEP_MAGLEV, BENCH_STEP_PARSE,
+    BENCH_STEP_VIP, BenchFrame, CFG_F_ENABLED, CFG_F_EVENTS, CFG_F_ICMP_ECHO, CFG_F_ICMP_TOO_BIG,
     CFG_F_WAKE_EVERY_EVENT, Counter, DEFAULT_CONN_TABLE_SIZE, EVENT_SLOTS_PER_CPU, LbConfig,
     MarkEntry, addr_words,
 };
@@ -169,22 +171,31 @@ pub struct StepFigure {
 const REALS: u8 = 10;
 const XDP_PASS: u32 = 2;
 
-/// The steps of `marklb_bench_step` (cumulative; the number is the packet's mark).
 /// The step program's cuts (`marklb_bench_step`): number, name, and the step whose figure
 /// its cost is measured from (the one before, but for the two variants after the limiter).
 const STEPS: [(u32, &str, u32); 9] = [
-    (1, "parse", 0),
-    (2, "VIP lookup", 1),
-    (3, "Maglev read", 2),
-    (4, "conn table write", 3),
-    (5, "clock read", 4),
-    (6, "limiter", 5),
-    (7, "event in the CPU's ring", 6),
-    (8, "doorbell with wake-up", 7),
-    (9, "kernel ring buffer instead (before)", 6),
+    (BENCH_STEP_PARSE, "parse", 0),
+    (BENCH_STEP_VIP, "VIP lookup", BENCH_STEP_PARSE),
+    (BENCH_STEP_MAGLEV, "Maglev read", BENCH_STEP_VIP),
+    (BENCH_STEP_CONN, "conn table write", BENCH_STEP_MAGLEV),
+    (BENCH_STEP_CLOCK, "clock read", BENCH_STEP_CONN),
+    (BENCH_STEP_LIMITER, "limiter", BENCH_STEP_CLOCK),
+    (
+        BENCH_STEP_EVENT_RING,
+        "event in the CPU's ring",
+        BENCH_STEP_LIMITER,
+    ),
+    (
+        BENCH_STEP_DOORBELL,
+        "doorbell with wake-up",
+        BENCH_STEP_EVENT_RING,
+    ),
+    (
+        BENCH_STEP_KERNEL_RING,
+        "kernel ring buffer instead (before)",
+        BENCH_STEP_LIMITER,
+    ),
 ];
-/// The first step that writes an event (each repetition must have written one).
-const STEP_EVENT: u32 = 7;
 /// Repetitions of an event step's round: what a CPU's ring holds.
 const EVENT_STEP_REPEAT: u32 = EVENT_SLOTS_PER_CPU;
 const BASE_SPORT: u16 = 10_000;
@@ -697,8 +708,8 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
             let cut = BenchFrame { mark: n, ..syn };
             // The limiter's cut too: the event steps' costs are measured from it, at the
             // same repetitions a round.
-            let r = if n >= STEP_EVENT - 1 {
-                let expect: &[Counter] = if n >= STEP_EVENT {
+            let r = if n >= BENCH_STEP_LIMITER {
+                let expect: &[Counter] = if n >= BENCH_STEP_EVENT_RING {
                     &[Counter::EventSent]
                 } else {
                     &[]

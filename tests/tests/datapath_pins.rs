@@ -16,7 +16,7 @@ use marklb_agent::datapath::{
     pin_compat::{self, Difference, MapDef},
 };
 use marklb_common::{LbConfig, RealDef, map_names as n};
-use marklb_tests::pins::{Bpffs, pin_map, pinned};
+use marklb_tests::pins::{Bpffs, create_map, pin_map, pinned};
 
 const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 const BPF_F_MMAPABLE: u32 = 1 << 10;
@@ -256,4 +256,31 @@ fn a_pin_that_is_not_a_map_is_a_clear_error_and_nothing_is_removed() {
         }]
     );
     assert!(!dir.join(n::REALS).exists(), "the incompatible pin is gone");
+}
+
+/// A map of another kind where the loader needs an array is named for what it is (the
+/// error used to call it missing).
+#[test]
+fn a_map_of_the_wrong_kind_is_named_for_what_it_is() {
+    marklb_tests::datapath_fixture::require_root_bpf();
+    let def = |map_type: MapType| MapDef {
+        map_type: map_type as u32,
+        key_size: 4,
+        value_size: 8,
+        max_entries: 4,
+        flags: 0,
+    };
+    let data = |t| aya::maps::MapData::from_fd(create_map(def(t)).unwrap()).unwrap();
+    let hash = aya::maps::Map::HashMap(data(MapType::Hash));
+    assert_eq!(marklb_agent::datapath::map_kind(&hash), "HashMap");
+    let per_cpu = aya::maps::Map::PerCpuArray(data(MapType::PerCpuArray));
+    assert_eq!(marklb_agent::datapath::map_kind(&per_cpu), "PerCpuArray");
+    let err = DatapathError::NotAnArray {
+        name: n::CONN_TABLE,
+        kind: marklb_agent::datapath::map_kind(&hash),
+    };
+    assert_eq!(
+        err.to_string(),
+        "map CONN_TABLE is a HashMap, not the array the datapath needs"
+    );
 }

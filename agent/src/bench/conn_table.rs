@@ -9,7 +9,8 @@
 
 use anyhow::{Context, Result};
 use marklb_common::{
-    BENCH_STEP_COMMON_LRU, BENCH_STEP_LRU, BENCH_STEP_NOEXIST, BENCH_STEP_UPDATE, BenchFrame,
+    BENCH_STEP_COMMON_LRU, BENCH_STEP_CONN, BENCH_STEP_LRU, BENCH_STEP_MAGLEV, BENCH_STEP_NOEXIST,
+    BENCH_STEP_UPDATE, BenchFrame,
 };
 
 use super::{
@@ -26,9 +27,6 @@ use crate::{
 
 /// Connection-table sizes compared.
 const SIZES: [u32; 3] = [1 << 10, 1 << 14, 1 << 18];
-/// Step numbers of `marklb_bench_step` (see `super::STEPS`).
-const STEP_MAGLEV: u32 = 3;
-const STEP_WRITE: u32 = 4;
 
 /// One table under test: the bits that choose it and the nodes the benchmark CPU can take
 /// before it must evict (a per-CPU list owns its share of the entries).
@@ -79,7 +77,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
             .wrapped(Prog::BenchTrivial, &BenchFrame { mark: 1, ..syn }, &[])?
             .median;
         floor_ns = floor;
-        let cut = with_flows(&syn, STEP_MAGLEV, 1, 0);
+        let cut = with_flows(&syn, BENCH_STEP_MAGLEV, 1, 0);
         // The program before the write, for one flow and for a new flow per repetition
         // (the wrapper's source rewrite costs a few ns).
         let before_one = bench.wrapped(Prog::BenchStep, &cut, &[])?.median;
@@ -92,7 +90,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
             })
         };
         let small = (opts.repeat / 16).max(1);
-        let before_new = new_flows(&mut bench, &mut fresh, STEP_MAGLEV, small)?.median;
+        let before_new = new_flows(&mut bench, &mut fresh, BENCH_STEP_MAGLEV, small)?.median;
         let ncpu = aya::util::nr_cpus().map_err(|(_, e)| e)? as u32;
         let kinds = [
             // `size` entries in sets of 4 (a power of two: SIZES are), shared by all CPUs.
@@ -131,8 +129,9 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
             let absent = (kind.room / 64).max(4);
             // Its base: the program before the write over as many new flows per call (a
             // call's fixed costs weigh on few repetitions).
-            let before_absent = new_flows(&mut bench, &mut fresh, STEP_MAGLEV, absent)?.median;
-            let write = |bits: u32| STEP_WRITE | kind.bits | bits;
+            let before_absent =
+                new_flows(&mut bench, &mut fresh, BENCH_STEP_MAGLEV, absent)?.median;
+            let write = |bits: u32| BENCH_STEP_CONN | kind.bits | bits;
             let absent_row = |bench: &mut Bench, fresh: &mut Fresh, bits: u32| {
                 new_flows(bench, fresh, write(bits), absent)
             };

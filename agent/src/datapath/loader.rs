@@ -183,8 +183,18 @@ pub(super) fn event_ring_sizes() -> std::io::Result<[(&'static str, u32); 2]> {
 fn array_data(ebpf: &mut Ebpf, name: &'static str) -> Result<MapData> {
     match take(ebpf, name)? {
         Map::Array(data) => Ok(data),
-        _ => Err(DatapathError::MissingMap(name)),
+        other => Err(DatapathError::NotAnArray {
+            name,
+            kind: map_kind(&other),
+        }),
     }
+}
+
+/// The kind of `map` as aya names it ("HashMap", "PerCpuArray", ...): its variant, without
+/// the map's data (an error names what a map is instead of calling it missing).
+pub fn map_kind(map: &Map) -> String {
+    let debug = format!("{map:?}");
+    debug.split('(').next().unwrap_or(&debug).to_string()
 }
 
 macro_rules! typed {
@@ -236,17 +246,11 @@ impl Datapath {
         }
         let mut ebpf = loader.load(OBJECT)?;
 
-        let rings_map = match take(&mut ebpf, n::RINGS)? {
-            Map::Array(data) => data,
-            _ => return Err(DatapathError::MissingMap(n::RINGS)),
-        };
+        let rings_map = array_data(&mut ebpf, n::RINGS)?;
         let ring_entries = rings_map.info().map_err(map_err(n::RINGS))?.max_entries();
         // Two u32 ring slots per 8-byte array element.
         let rings = RingStore::map(rings_map.fd(), ring_entries * 2)?;
-        let conn_map = match take(&mut ebpf, n::CONN_TABLE)? {
-            Map::Array(data) => data,
-            _ => return Err(DatapathError::MissingMap(n::CONN_TABLE)),
-        };
+        let conn_map = array_data(&mut ebpf, n::CONN_TABLE)?;
         let sets = conn_map
             .info()
             .map_err(map_err(n::CONN_TABLE))?

@@ -16,7 +16,7 @@ pub mod testrun;
 pub use conn_table::ConnTable;
 pub use event_rings::EventReader;
 pub use handles::{NicFlowTable, StatsReader};
-pub use loader::{Datapath, LoadOptions, Prog, TcProg};
+pub use loader::{Datapath, LoadOptions, Prog, TcProg, map_kind};
 pub use maps::CounterSnapshot;
 pub use pinned::PinnedMaps;
 pub use rings::RingStore;
@@ -40,6 +40,8 @@ pub enum DatapathError {
     },
     #[error("map {0} is missing from the object")]
     MissingMap(&'static str),
+    #[error("map {name} is a {kind}, not the array the datapath needs")]
+    NotAnArray { name: &'static str, kind: String },
     #[error("program {0} is missing from the object")]
     MissingProgram(&'static str),
     #[error("mapping the ring storage failed: {0}")]

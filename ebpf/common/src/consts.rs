@@ -29,6 +29,21 @@ pub const BENCH_FRAME_MAX: usize = 128;
 /// The program global holding `CONN_TABLE`'s number of sets minus one (set at load).
 pub const CONN_SET_MASK_SYMBOL: &str = "CONN_SET_MASK";
 
+/// Cuts of the benchmark's new-flow step program (`marklb_bench_step`), the packet's mark
+/// (bits 0-7): cut `n` does steps 1..=n, so the difference between two consecutive cuts is
+/// one step's cost. The datapath's program and the benchmark read these same numbers.
+pub const BENCH_STEP_PARSE: u32 = 1;
+pub const BENCH_STEP_VIP: u32 = 2;
+pub const BENCH_STEP_MAGLEV: u32 = 3;
+pub const BENCH_STEP_CONN: u32 = 4;
+pub const BENCH_STEP_CLOCK: u32 = 5;
+pub const BENCH_STEP_LIMITER: u32 = 6;
+pub const BENCH_STEP_EVENT_RING: u32 = 7;
+/// Not cumulative: the per-CPU ring's event, then the doorbell with its wake-up ...
+pub const BENCH_STEP_DOORBELL: u32 = 8;
+/// ... or instead of the per-CPU ring, the kernel ring buffer as events went before it.
+pub const BENCH_STEP_KERNEL_RING: u32 = 9;
+
 /// Variants of the benchmark's new-flow step program (`marklb_bench_step`), in the mark
 /// above the step number (bits 0-7); none: the connection table's sets written as a SYN
 /// does it. The kernel LRU hash instead, on per-CPU lists (`BENCH_CONN_LRU`) ...

@@ -12,8 +12,10 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use marklb_common::{
-    BENCH_FRAME_MAX, BENCH_STEP_COMMON_LRU, BENCH_STEP_LRU, BENCH_STEP_NOEXIST, BENCH_STEP_UPDATE,
-    BENCH_TARGET, ConnEntry, Counter, FlowKey, hash::flow_hash64,
+    BENCH_FRAME_MAX, BENCH_STEP_CLOCK, BENCH_STEP_COMMON_LRU, BENCH_STEP_CONN, BENCH_STEP_DOORBELL,
+    BENCH_STEP_EVENT_RING, BENCH_STEP_KERNEL_RING, BENCH_STEP_LIMITER, BENCH_STEP_LRU,
+    BENCH_STEP_MAGLEV, BENCH_STEP_NOEXIST, BENCH_STEP_UPDATE, BENCH_STEP_VIP, BENCH_TARGET,
+    ConnEntry, Counter, FlowKey, hash::flow_hash64,
 };
 
 use crate::{
@@ -26,23 +28,9 @@ use crate::{
     vip_addrs::is_vip_addr,
 };
 
-/// Steps of the new-flow path, cumulative: step `n` does steps 1..=n of
-/// [`step_program`], so the difference between two consecutive steps is one step's cost.
-/// Step 1 is the parse alone.
-pub const STEP_VIP: u32 = 2;
-pub const STEP_MAGLEV: u32 = 3;
-pub const STEP_CONN: u32 = 4;
-pub const STEP_CLOCK: u32 = 5;
-pub const STEP_LIMITER: u32 = 6;
-pub const STEP_EVENT_RING: u32 = 7;
-/// Not cumulative: the per-CPU ring's event, then the doorbell with its wake-up ...
-pub const STEP_DOORBELL: u32 = 8;
-/// ... or instead of the per-CPU ring, the kernel ring buffer as events went before it.
-pub const STEP_KERNEL_RING: u32 = 9;
-
 /// The new-flow path cut after a step (the step number comes as the packet's mark, which
 /// the wrapper writes): parse, VIP lookup, Maglev read, connection-table write, clock
-/// read, limiter, the event in this CPU's ring; [`STEP_DOORBELL`] and [`STEP_KERNEL_RING`]
+/// read, limiter, the event in this CPU's ring; [`BENCH_STEP_DOORBELL`] and [`BENCH_STEP_KERNEL_RING`]
 /// are the two variants after it. Returns XDP_PASS, or XDP_ABORTED if the
 /// path could not go as far as asked (the benchmark checks the action). The mark's bits
 /// above the step choose how the write is done (`marklb_common::BENCH_STEP_*`; none: as
@@ -54,20 +42,20 @@ pub fn step_program(ctx: &XdpContext) -> u32 {
     let Verdict::Flow(p) = parse::parse(ctx, is_vip_addr) else {
         return xdp_action::XDP_ABORTED;
     };
-    if upto < STEP_VIP {
+    if upto < BENCH_STEP_VIP {
         return xdp_action::XDP_PASS;
     }
     let Some(vip) = vip_lookup(&p.flow) else {
         return xdp_action::XDP_ABORTED;
     };
-    if upto < STEP_MAGLEV {
+    if upto < BENCH_STEP_MAGLEV {
         return xdp_action::XDP_PASS;
     }
     let hash = flow_hash64(&p.flow);
     let Ok(pick) = ring_pick(&p.flow, hash, vip, Learn::No) else {
         return xdp_action::XDP_ABORTED;
     };
-    if upto >= STEP_CONN {
+    if upto >= BENCH_STEP_CONN {
         let entry = new_entry(pick.real_id, pick.real, vip);
         if mark & (BENCH_STEP_LRU | BENCH_STEP_COMMON_LRU) == 0 {
             conn::learn_syn(&p.flow, hash, &entry);
@@ -88,11 +76,11 @@ pub fn step_program(ctx: &XdpContext) -> u32 {
             }
         }
     }
-    if upto < STEP_CLOCK {
+    if upto < BENCH_STEP_CLOCK {
         return xdp_action::XDP_PASS;
     }
     let now = unsafe { bpf_ktime_get_ns() };
-    if upto < STEP_LIMITER {
+    if upto < BENCH_STEP_LIMITER {
         return if now != 0 {
             xdp_action::XDP_PASS
         } else {
@@ -105,10 +93,10 @@ pub fn step_program(ctx: &XdpContext) -> u32 {
     if !events::allow(cfg, now) {
         return xdp_action::XDP_ABORTED;
     }
-    if upto < STEP_EVENT_RING {
+    if upto < BENCH_STEP_EVENT_RING {
         return xdp_action::XDP_PASS;
     }
-    let written = if upto == STEP_KERNEL_RING {
+    let written = if upto == BENCH_STEP_KERNEL_RING {
         events::emit_to_kernel_ring(&p.flow, &pick, now)
     } else {
         events::emit(&p.flow, hash, &pick, now)
@@ -120,7 +108,7 @@ pub fn step_program(ctx: &XdpContext) -> u32 {
         return xdp_action::XDP_ABORTED;
     }
     count(Counter::EventSent);
-    if upto == STEP_DOORBELL {
+    if upto == BENCH_STEP_DOORBELL {
         events::ring_doorbell();
     }
     xdp_action::XDP_PASS
