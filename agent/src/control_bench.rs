@@ -203,6 +203,7 @@ fn plan(vips: usize, reals: usize, table_size: u32, pool: &[IpAddr]) -> Desired 
             icmp_echo: true,
             encap_src_v4_be: u32::from_be_bytes([172, 16, 0, 0]).to_be(),
             encap_src_v6_be: [0; 4],
+            udp_packets_before_mark: marklb_common::DEFAULT_UDP_EVENT_PACKETS,
         },
     }
 }

@@ -25,6 +25,11 @@ pub const MAX_MAGLEV_TABLE_SIZE: u32 = 1_000_003;
 pub const MAX_MARK_CAPACITY: u32 = 65_535;
 /// Longest accepted idle timeout of a flow mark (one day).
 pub const MAX_MARK_IDLE_TIMEOUT_SECONDS: u32 = 86_400;
+/// Packets a UDP flow sends before the datapath asks for its mark, by default: a DNS query
+/// and its retry never take a mark, a flow that keeps going does.
+pub const DEFAULT_UDP_PACKETS_BEFORE_MARK: u32 = 4;
+/// Most packets a UDP flow may be asked to send first: the datapath counts them in 8 bits.
+pub const MAX_UDP_PACKETS_BEFORE_MARK: u32 = 255;
 /// Smallest accepted MTU: the IPv6 minimum link MTU, so IPv6 reals always work.
 pub const MIN_MTU: u32 = 1280;
 /// Largest accepted MTU: the usual jumbo-frame ceiling of data-centre NICs.

@@ -26,7 +26,8 @@ use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 use crate::limits::{
-    DEFAULT_ENCAP_PREFIX_V4, DEFAULT_ENCAP_PREFIX_V6, DEFAULT_MAGLEV_TABLE_SIZE, MAX_MARK_CAPACITY,
+    DEFAULT_ENCAP_PREFIX_V4, DEFAULT_ENCAP_PREFIX_V6, DEFAULT_MAGLEV_TABLE_SIZE,
+    DEFAULT_UDP_PACKETS_BEFORE_MARK, MAX_MARK_CAPACITY,
 };
 use crate::parse::{IpPrefix, parse_ip, parse_mac, parse_prefix};
 
@@ -408,6 +409,12 @@ pub struct FlowMarks {
     /// A mark unused for this long is released and its NIC rule removed.
     #[schemars(range(min = 1, max = 86_400))]
     pub idle_timeout_seconds: u32,
+
+    /// Packets a UDP flow sends before the node asks for its mark (the packet that makes
+    /// the count included). TCP flows ask with the first packet after the SYN. Higher
+    /// values keep short UDP exchanges (DNS) from taking marks and NIC rules.
+    #[schemars(range(min = 1, max = 255))]
+    pub udp_packets_before_mark: u32,
 }
 
 impl Default for FlowMarks {
@@ -416,6 +423,7 @@ impl Default for FlowMarks {
             scope: MarkScope::PerFlow,
             capacity: MAX_MARK_CAPACITY,
             idle_timeout_seconds: 30,
+            udp_packets_before_mark: DEFAULT_UDP_PACKETS_BEFORE_MARK,
         }
     }
 }

@@ -20,8 +20,8 @@ use std::net::IpAddr;
 
 use crate::limits::{
     ENCAP_V4_PREFIX_LEN, ENCAP_V6_PREFIX_LEN, MAX_BACKENDS_PER_VIP, MAX_MAGLEV_TABLE_SIZE,
-    MAX_MARK_CAPACITY, MAX_MARK_IDLE_TIMEOUT_SECONDS, MAX_MTU, MAX_VIPS_PER_LOADBALANCER,
-    MIN_MAGLEV_TABLE_SIZE, MIN_MTU, is_prime,
+    MAX_MARK_CAPACITY, MAX_MARK_IDLE_TIMEOUT_SECONDS, MAX_MTU, MAX_UDP_PACKETS_BEFORE_MARK,
+    MAX_VIPS_PER_LOADBALANCER, MIN_MAGLEV_TABLE_SIZE, MIN_MTU, is_prime,
 };
 use crate::loadbalancer::{LoadBalancerSpec, Protocol, Vip};
 use crate::node_state::LoadBalancerNodeStateSpec;
@@ -272,6 +272,15 @@ impl LoadBalancerSpec {
                 format!(
                     "{} is out of range, must be between 1 and {MAX_MARK_IDLE_TIMEOUT_SECONDS}",
                     marks.idle_timeout_seconds
+                ),
+            );
+        }
+        if !(1..=MAX_UDP_PACKETS_BEFORE_MARK).contains(&marks.udp_packets_before_mark) {
+            errors.push(
+                format!("{p}.flowMarks.udpPacketsBeforeMark"),
+                format!(
+                    "{} is out of range, must be between 1 and {MAX_UDP_PACKETS_BEFORE_MARK}",
+                    marks.udp_packets_before_mark
                 ),
             );
         }

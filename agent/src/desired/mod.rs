@@ -94,6 +94,8 @@ pub struct NodeSettings {
     pub icmp_echo: bool,
     pub encap_src_v4_be: u32,
     pub encap_src_v6_be: [u32; 4],
+    /// Packets a UDP flow sends before its new-flow event (`flowMarks.udpPacketsBeforeMark`).
+    pub udp_packets_before_mark: u8,
 }
 
 impl Default for NodeSettings {
@@ -125,10 +127,11 @@ impl NodeSettings {
         };
         let marks = |s: &Self| {
             format!(
-                "{:?}/{}/{}s",
+                "{:?}/{}/{}s/udp {}",
                 s.marks.scope,
                 s.marks.capacity,
-                s.marks.idle_timeout.as_secs()
+                s.marks.idle_timeout.as_secs(),
+                s.udp_packets_before_mark
             )
         };
         let mtu = |s: &Self| {
@@ -166,9 +169,11 @@ pub struct Desired {
 /// New-flow events a CPU may send per second (bounds a SYN flood's cost to user space).
 pub const EVENTS_PER_SEC_PER_CPU: u32 = 200_000;
 pub const EVENTS_BURST: u32 = 4_096;
-/// Packets a UDP flow sends before it earns a mark (TCP flows: the first packet after the
-/// SYN). The datapath's default, stated here so the agent's choice is explicit.
-pub const UDP_EVENT_PACKETS: u8 = marklb_common::DEFAULT_UDP_EVENT_PACKETS;
+// The API's default is the datapath's own (what a zero in `LbConfig` means).
+const _: () = assert!(
+    marklb_crds::limits::DEFAULT_UDP_PACKETS_BEFORE_MARK
+        == marklb_common::DEFAULT_UDP_EVENT_PACKETS as u32
+);
 
 /// One LoadBalancer's part of a node's desired state.
 #[derive(Clone, Debug, PartialEq)]
@@ -211,6 +216,10 @@ fn settings_of(spec: &LoadBalancerSpec) -> Result<NodeSettings, String> {
         icmp_echo: spec.icmp_echo,
         encap_src_v4_be: addr_words(v4.addr)[0],
         encap_src_v6_be: addr_words(v6.addr),
+        udp_packets_before_mark: u8::try_from(spec.flow_marks.udp_packets_before_mark)
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or("spec.flowMarks.udpPacketsBeforeMark: must be between 1 and 255")?,
     })
 }
 
@@ -292,7 +301,7 @@ impl Desired {
             flags,
             mtu: s.mtu,
             next_hop_mac,
-            udp_event_packets: UDP_EVENT_PACKETS,
+            udp_event_packets: s.udp_packets_before_mark,
             _pad0: 0,
             encap_src_v4_be: s.encap_src_v4_be,
             encap_src_v6_be: s.encap_src_v6_be,

@@ -136,7 +136,7 @@ fn a_different_node_wide_setting_is_a_conflict_naming_the_setting() {
     );
     assert_eq!(m.desired.vips.len(), 1);
     type Edit = fn(&mut LoadBalancerSpec);
-    let edits: [(&str, Edit); 5] = [
+    let edits: [(&str, Edit); 6] = [
         ("nextHop", |s| {
             s.next_hop = Some(SpecNextHop {
                 mac: Some("02:00:00:00:00:01".into()),
@@ -147,6 +147,7 @@ fn a_different_node_wide_setting_is_a_conflict_naming_the_setting() {
             s.encap.source_prefix_v4 = "172.17.0.0/16".into()
         }),
         ("flowMarks", |s| s.flow_marks.idle_timeout_seconds = 5),
+        ("flowMarks", |s| s.flow_marks.udp_packets_before_mark = 10),
         ("icmpEcho", |s| s.icmp_echo = false),
         ("interface", |s| s.interface = Some("eth9".into())),
     ];
@@ -234,4 +235,12 @@ fn lb_config_follows_the_settings() {
         c.encap_src_v4_be,
         u32::from_be_bytes([172, 16, 0, 0]).to_be()
     );
+    assert_eq!(
+        c.udp_event_packets,
+        marklb_common::DEFAULT_UDP_EVENT_PACKETS,
+        "the default spec asks for the datapath's default"
+    );
+    s.flow_marks.udp_packets_before_mark = 12;
+    let d = merge(&[part("", "a", &s)], None).desired;
+    assert_eq!(d.lb_config([0; 6]).udp_event_packets, 12);
 }

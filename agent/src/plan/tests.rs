@@ -91,6 +91,7 @@ fn desired(vips: &[(&str, &[&str])]) -> Desired {
             icmp_echo: true,
             encap_src_v4_be: 0,
             encap_src_v6_be: [0; 4],
+            udp_packets_before_mark: marklb_common::DEFAULT_UDP_EVENT_PACKETS,
         },
         vips: vips
             .iter()

@@ -6,7 +6,8 @@ use serde_json::Value;
 use super::*;
 use crate::limits::{
     MAX_BACKENDS_PER_VIP, MAX_MAGLEV_TABLE_SIZE, MAX_MARK_CAPACITY, MAX_MARK_IDLE_TIMEOUT_SECONDS,
-    MAX_MTU, MAX_VIPS_PER_LOADBALANCER, MIN_MAGLEV_TABLE_SIZE, MIN_MTU,
+    MAX_MTU, MAX_UDP_PACKETS_BEFORE_MARK, MAX_VIPS_PER_LOADBALANCER, MIN_MAGLEV_TABLE_SIZE,
+    MIN_MTU,
 };
 use crate::schema_check;
 
@@ -404,6 +405,12 @@ fn schema_bounds_match_the_rust_constants() {
     assert_eq!(
         timeout["maximum"].as_f64(),
         Some(f64::from(MAX_MARK_IDLE_TIMEOUT_SECONDS))
+    );
+    let udp = &spec["flowMarks"]["properties"]["udpPacketsBeforeMark"];
+    assert_eq!(udp["minimum"].as_f64(), Some(1.0));
+    assert_eq!(
+        udp["maximum"].as_f64(),
+        Some(f64::from(MAX_UDP_PACKETS_BEFORE_MARK))
     );
     let mtu = &spec["mtu"]["properties"]["size"];
     assert_eq!(mtu["minimum"].as_f64(), Some(f64::from(MIN_MTU)));

@@ -429,6 +429,22 @@ fn mark_capacity_and_idle_timeout_ranges() {
 }
 
 #[test]
+fn udp_packets_before_mark_range() {
+    ok("flowMarks: {udpPacketsBeforeMark: 1}");
+    ok("flowMarks: {udpPacketsBeforeMark: 255}");
+    refused(
+        "flowMarks: {udpPacketsBeforeMark: 0}",
+        "spec.flowMarks.udpPacketsBeforeMark",
+        "0 is out of range",
+    );
+    refused(
+        "flowMarks: {udpPacketsBeforeMark: 256}",
+        "spec.flowMarks.udpPacketsBeforeMark",
+        "between 1 and 255",
+    );
+}
+
+#[test]
 fn mtu_range() {
     ok("mtu: {size: 1280}");
     ok("mtu: {size: 9216, tooBig: Drop}");
