@@ -21,8 +21,8 @@ use marklb_common::{
     BENCH_FRAME_MAX, BENCH_STEP_CLOCK, BENCH_STEP_CONN, BENCH_STEP_DOORBELL, BENCH_STEP_EVENT_RING,
     BENCH_STEP_KERNEL_RING, BENCH_STEP_LIMITER, BENCH_STEP_MAGLEV, BENCH_STEP_PARSE,
     BENCH_STEP_VIP, BenchFrame, CFG_F_ENABLED, CFG_F_EVENTS, CFG_F_ICMP_ECHO, CFG_F_ICMP_TOO_BIG,
-    CFG_F_WAKE_EVERY_EVENT, Counter, DEFAULT_CONN_TABLE_SIZE, EVENT_SLOTS_PER_CPU, LbConfig,
-    MarkEntry, addr_words,
+    CFG_F_WAKE_EVERY_EVENT, CONN_WAYS, Counter, DEFAULT_CONN_TABLE_SIZE, EVENT_SLOTS_PER_CPU,
+    LbConfig, MarkEntry, addr_words,
 };
 use serde::Serialize;
 
@@ -565,6 +565,9 @@ impl EventDrain {
 }
 
 /// Runs the whole benchmark.
+/// Largest `--conn-table-size` the benchmark loads (1 GiB of sets).
+const MAX_BENCH_CONN_TABLE: u32 = 1 << 24;
+
 /// Refuses settings the rows cannot be measured with, before anything is loaded.
 fn check_options(opts: &BenchOptions) -> Result<()> {
     ensure!(
@@ -575,16 +578,16 @@ fn check_options(opts: &BenchOptions) -> Result<()> {
         (2..=60_000).contains(&opts.after_syn_flows),
         "--after-syn-flows must be within 2..=60000"
     );
-    // Four ways a set: a table under four entries a flow would let flows in full sets go
-    // between their SYN and the packets measured after it.
+    // A table under one set (of CONN_WAYS) a flow would let flows in full sets go between
+    // their SYN and the packets measured after it.
     let most = opts.flows.max(opts.after_syn_flows);
+    let ways = CONN_WAYS as u32;
     ensure!(
-        opts.conn_table_size / 4 >= most && opts.conn_table_size <= 1 << 24,
+        opts.conn_table_size / ways >= most && opts.conn_table_size <= MAX_BENCH_CONN_TABLE,
         "--conn-table-size {} cannot hold the benchmark's {most} flows without evicting \
-         them: give it at least {} entries (and at most {})",
+         them: give it at least {} entries (and at most {MAX_BENCH_CONN_TABLE})",
         opts.conn_table_size,
-        most * 4,
-        1 << 24
+        most * ways,
     );
     Ok(())
 }

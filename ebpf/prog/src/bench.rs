@@ -30,11 +30,11 @@ use crate::{
 
 /// The new-flow path cut after a step (the step number comes as the packet's mark, which
 /// the wrapper writes): parse, VIP lookup, Maglev read, connection-table write, clock
-/// read, limiter, the event in this CPU's ring; [`BENCH_STEP_DOORBELL`] and [`BENCH_STEP_KERNEL_RING`]
-/// are the two variants after it. Returns XDP_PASS, or XDP_ABORTED if the
-/// path could not go as far as asked (the benchmark checks the action). The mark's bits
-/// above the step choose how the write is done (`marklb_common::BENCH_STEP_*`; none: as
-/// a SYN does it).
+/// read, limiter, the event in this CPU's ring; [`BENCH_STEP_DOORBELL`] and
+/// [`BENCH_STEP_KERNEL_RING`] are the two variants after it. Returns XDP_PASS, or
+/// XDP_ABORTED if the path could not go as far as asked (the benchmark checks the action).
+/// The mark's bits above the step choose how the write is done
+/// (`marklb_common::BENCH_STEP_*`; none: as a SYN does it).
 #[inline(always)]
 pub fn step_program(ctx: &XdpContext) -> u32 {
     let mark = Packet::mark(ctx);
