@@ -27,8 +27,10 @@ use marklb_common::{
 use serde::Serialize;
 
 mod conn_table;
+mod flood;
 mod loads;
 pub use conn_table::run as run_conn_table;
+pub use flood::{FloodEvents, FloodFigure, FloodTotals};
 pub use loads::run_loads;
 
 use crate::{
@@ -151,6 +153,10 @@ pub struct Report {
     pub rows_remeasured: usize,
     pub rows_unstable: usize,
     pub steps: Vec<StepFigure>,
+    /// Established rows quiet and while `flood_cpu` floods the connection table.
+    pub flood: Vec<FloodFigure>,
+    /// CPU the flood runs on (None: one CPU only, no flood rows).
+    pub flood_cpu: Option<usize>,
     pub events_sent: u64,
     pub events_lost: u64,
 }
@@ -282,7 +288,9 @@ fn bench_frame(spec: &FrameSpec) -> Result<BenchFrame> {
         saddr_off,
         mark_span: 0,
         seq: 0,
+        handshake_tcp_off: 0,
         data,
+        _pad: [0; 32],
     })
 }
 
@@ -300,9 +308,30 @@ fn with_flows(f: &BenchFrame, mark: u32, flows: u32, seq: u32) -> BenchFrame {
 struct Bench<'a> {
     dp: &'a mut Datapath,
     opts: &'a BenchOptions,
+    /// The CPU the measuring thread is pinned to: its wrapper's frame is the one written
+    /// and its counters the ones checked, whatever another CPU runs meanwhile (None:
+    /// unpinned, every CPU's).
+    cpu: Option<usize>,
 }
 
 impl Bench<'_> {
+    /// The path counters of the measuring CPU (summed over CPUs when unpinned).
+    fn counters(&self) -> Result<CounterSnapshot> {
+        Ok(match self.cpu {
+            Some(cpu) => self.dp.counters_on(cpu)?,
+            None => self.dp.counters()?,
+        })
+    }
+
+    /// Gives the measuring CPU's wrapper `frame` (every CPU's when unpinned).
+    fn set_frame(&mut self, frame: &BenchFrame) -> Result<()> {
+        match self.cpu {
+            Some(cpu) => self.dp.set_bench_frame_on(cpu, frame)?,
+            None => self.dp.set_bench_frame(frame)?,
+        }
+        Ok(())
+    }
+
     /// ns/packet of `target` behind the wrapper over the rounds, checking that `expect`
     /// counted every repetition.
     fn wrapped(&mut self, target: Prog, frame: &BenchFrame, expect: &[Counter]) -> Result<Spread> {
@@ -369,13 +398,13 @@ impl Bench<'_> {
         frame: &BenchFrame,
         repeat: u32,
     ) -> Result<(f64, CounterSnapshot)> {
-        self.dp.set_bench_frame(frame)?;
-        let before = self.dp.counters()?;
+        self.set_frame(frame)?;
+        let before = self.counters()?;
         let input = &frame.data[..frame.len as usize];
         let r = self
             .dp
             .test_run_repeat(Prog::BenchRestore, input, None, repeat)?;
-        let delta = self.dp.counters()?.since(&before);
+        let delta = self.counters()?.since(&before);
         // The step program passes what it could do to the end, aborts otherwise.
         if target == Prog::BenchStep && r.action != XDP_PASS {
             bail!(
@@ -607,8 +636,27 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
     let consumer_cpu = cpus.last().copied();
     let drain = EventDrain::start(&mut dp, consumer_cpu)?;
     let bench_cpu = pin_to(cpus[0]);
+    // The flood shares the consumer's CPU: the only other one on two cores.
+    let mut flood_plan = match (bench_cpu, consumer_cpu) {
+        (Some(b), Some(c)) if b != c => Some(flood::FloodPlan::new(c)),
+        _ => None,
+    };
+    let mut flood_rows = Vec::new();
 
-    let mut bench = Bench { dp: &mut dp, opts };
+    // Without it every test run waits for an RCU grace period (the same-CPU flood rows,
+    // thousands of short runs, then take too long to measure and are left out).
+    let hold = match dp.hold_in_xdp_dispatcher(Prog::BenchRestore) {
+        Ok(hold) => Some(hold),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot hold the wrapper in the XDP dispatcher");
+            None
+        }
+    };
+    let mut bench = Bench {
+        dp: &mut dp,
+        opts,
+        cpu: bench_cpu,
+    };
     let trivial_ns = bench
         .direct(
             Prog::BenchTrivial,
@@ -797,6 +845,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
         let mut learner = Bench {
             dp: &mut *bench.dp,
             opts: &learn_opts,
+            cpu: bench_cpu,
         };
         learner.wrapped(Prog::Balancer, &many(&syn), &[Counter::NewFlow])?;
         let _ = saved_repeat;
@@ -889,6 +938,26 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
             bench.wrapped(Prog::Balancer, &fresh, &[Counter::NewFlow])?,
         ));
 
+        // Established flows while the other CPU floods the table, now full, with flows
+        // never seen; its events as the agent limits them.
+        if let Some(plan) = flood_plan.as_mut() {
+            bench.dp.set_config(&flood::agent_limiter(&with_events))?;
+            for flows in [1, n] {
+                let above = |ns| ns - floor - restore;
+                let measured = flood::Measured {
+                    family: fam.name,
+                    syn: &syn,
+                    ack: &ack,
+                    flows,
+                };
+                flood_rows.extend(bench.established_under_floods(plan, &measured, above)?);
+                if hold.is_some() {
+                    flood_rows.push(bench.established_between_syns(plan, &measured, above)?);
+                }
+            }
+            bench.dp.set_config(&with_events)?;
+        }
+
         // Everything but the non-VIP pass forwards (grows the frame).
         let above_floor = |path: &str, ns: f64| {
             if path.starts_with("non-VIP") {
@@ -922,6 +991,7 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
     }
     let counters = dp.counters()?;
     let _seen = drain.stop();
+    drop(hold);
     let (max_spread, rows_remeasured, rows_unstable) = spread_totals(&figures);
     Ok(Report {
         repeat: opts.repeat,
@@ -939,6 +1009,8 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
         rows_remeasured,
         rows_unstable,
         steps,
+        flood: flood_rows,
+        flood_cpu: flood_plan.map(|p| p.cpu),
         events_sent: counters.get(Counter::EventSent),
         events_lost: counters.get(Counter::EventLost),
     })
@@ -1061,6 +1133,7 @@ pub fn render(r: &Report) -> String {
             if st.rounds.unstable { " UNSTABLE" } else { "" }
         );
     }
+    render_flood(&mut s, r);
     let _ = writeln!(
         s,
         "run spread: largest row {:.1}% (limit {:.0}%); {} rows re-measured, {} unstable",
@@ -1075,6 +1148,70 @@ pub fn render(r: &Report) -> String {
         r.events_sent, r.events_lost
     );
     s
+}
+
+/// The flood section of [`render`].
+fn render_flood(s: &mut String, r: &Report) {
+    use std::fmt::Write;
+    let Some(cpu) = r.flood_cpu.filter(|_| !r.flood.is_empty()) else {
+        if !r.figures.is_empty() {
+            let _ = writeln!(s, "no flood rows: they need a second CPU");
+        }
+        return;
+    };
+    let _ = writeln!(
+        s,
+        "established flows while CPU {cpu} floods the full connection table with flows never \
+         seen, in rounds taken in turns with the flood paused (its events limited as the \
+         agent does: {} a second a CPU, burst {}; the event consumer shares CPU {cpu}; \
+         re-picked: packets whose flow was evicted, quiet / flooded):",
+        crate::desired::EVENTS_PER_SEC_PER_CPU,
+        crate::desired::EVENTS_BURST
+    );
+    let _ = writeln!(
+        s,
+        "{:<6} {:>6} {:<14} {:>13} {:>13} {:>15} {:>6} {:>15} | {:>8} {:>6} {:>8} {:>24}",
+        "family",
+        "flows",
+        "flood",
+        "quiet",
+        "flooded",
+        "above floor",
+        "ratio",
+        "re-picked",
+        "flood",
+        "ns/pkt",
+        "evicted",
+        "events sent/limited/lost"
+    );
+    let pct = |n: u64, of: u64| 100.0 * n as f64 / of.max(1) as f64;
+    for f in &r.flood {
+        let t = &f.flooder;
+        let mmm = |x: &Spread| format!("{:.0}/{:.0}/{:.0}", x.min, x.median, x.max);
+        let _ = writeln!(
+            s,
+            "{:<6} {:>6} {:<14} {:>13} {:>13} {:>15} {:>5.2}x {:>15} | {:>8} {:>6.1} {:>8} {:>24}",
+            f.family,
+            f.flows,
+            f.flood,
+            mmm(&f.quiet),
+            mmm(&f.flooded),
+            format!("{:.1} -> {:.1}", f.quiet_above, f.flooded_above),
+            f.ratio,
+            format!(
+                "{:.2}% / {:.2}%",
+                pct(f.quiet_repicked, f.quiet_packets),
+                pct(f.repicked, f.flooded_packets)
+            ),
+            t.packets,
+            t.ns_per_packet,
+            t.evicted,
+            t.events.as_ref().map_or_else(
+                || "-".to_string(),
+                |e| format!("{}/{}/{}", e.sent, e.rate_limited, e.lost)
+            ),
+        );
+    }
 }
 
 #[cfg(test)]

@@ -61,7 +61,11 @@ struct LinkInfo {
 
 /// Kernel ids of the link pinned at `path` and of its program (0: detached). Reads only.
 pub fn pinned_link_ids(path: &Path) -> io::Result<(u32, u32)> {
-    let fd = obj_get(path)?;
+    link_ids(obj_get(path)?.as_fd())
+}
+
+/// Kernel ids of the link `fd` and of its program (0: detached).
+pub fn link_ids(fd: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
     let mut info = LinkInfo::default();
     let mut attr = InfoAttr {
         bpf_fd: fd.as_raw_fd() as u32,

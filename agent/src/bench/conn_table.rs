@@ -72,7 +72,11 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
             .collect();
         lb.set_vip(&mut dp, VipId::tcp(fam.vip, 80), &backends, 65_537)?;
         let syn = bench_frame(&FrameSpec::tcp(fam.client, BASE_SPORT, fam.vip, 80, true))?;
-        let mut bench = Bench { dp: &mut dp, opts };
+        let mut bench = Bench {
+            dp: &mut dp,
+            opts,
+            cpu: bench_cpu,
+        };
         let floor = bench
             .wrapped(Prog::BenchTrivial, &BenchFrame { mark: 1, ..syn }, &[])?
             .median;
@@ -211,6 +215,8 @@ pub fn run(opts: &BenchOptions) -> Result<Report> {
         figures: Vec::new(),
         bench_cpu,
         consumer_cpu: None,
+        flood: Vec::new(),
+        flood_cpu: None,
         max_spread,
         rows_remeasured: steps.iter().filter(|s| s.rounds.remeasured > 0).count(),
         rows_unstable: steps.iter().filter(|s| s.rounds.unstable).count(),

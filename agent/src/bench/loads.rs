@@ -13,7 +13,7 @@
 
 use anyhow::{Result, ensure};
 
-use super::{BenchOptions, Figure, Report, Spread, StepFigure, run, spread_totals};
+use super::{BenchOptions, Figure, FloodFigure, Report, Spread, StepFigure, run, spread_totals};
 
 /// Runs the benchmark on `loads` freshly loaded datapaths and combines the reports.
 pub fn run_loads(opts: &BenchOptions, loads: u32) -> Result<Report> {
@@ -43,7 +43,9 @@ pub fn combine(mut reports: Vec<Report>) -> Result<Report> {
     let first = &reports[0];
     for r in &reports[1..] {
         ensure!(
-            r.figures.len() == first.figures.len() && r.steps.len() == first.steps.len(),
+            r.figures.len() == first.figures.len()
+                && r.steps.len() == first.steps.len()
+                && r.flood.len() == first.flood.len(),
             "benchmark runs measured different rows"
         );
     }
@@ -85,6 +87,13 @@ pub fn combine(mut reports: Vec<Report>) -> Result<Report> {
         s.across_loads = Some(Spread::of(ns));
         steps.push(s);
     }
+    // The flood rows as the steps: the median load's, with the loads' spread.
+    let mut flood: Vec<FloodFigure> = Vec::with_capacity(first.flood.len());
+    for i in 0..first.flood.len() {
+        let rows: Vec<&FloodFigure> = reports.iter().map(|r| &r.flood[i]).collect();
+        let ns: Vec<f64> = rows.iter().map(|f| f.flooded.median).collect();
+        flood.push(rows[median_index(&ns)].clone());
+    }
     let field = |get: fn(&Report) -> f64| median(&reports.iter().map(get).collect::<Vec<_>>());
     let (max_spread, rows_remeasured, rows_unstable) = spread_totals(&figures);
     Ok(Report {
@@ -103,8 +112,10 @@ pub fn combine(mut reports: Vec<Report>) -> Result<Report> {
         rows_unstable,
         events_sent: reports.iter().map(|r| r.events_sent).sum(),
         events_lost: reports.iter().map(|r| r.events_lost).sum(),
+        flood_cpu: first.flood_cpu,
         figures,
         steps,
+        flood,
     })
 }
 
@@ -146,6 +157,8 @@ mod tests {
             rows_remeasured: 0,
             rows_unstable: 0,
             steps: Vec::new(),
+            flood: Vec::new(),
+            flood_cpu: Some(1),
             events_sent: 1,
             events_lost: 0,
         }

@@ -169,13 +169,15 @@ fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map> {
     ebpf.take_map(name).ok_or(DatapathError::MissingMap(name))
 }
 
-/// The event rings' sizes: one ring of `EVENT_SLOTS_PER_CPU` per possible CPU
-/// (`bpf_get_smp_processor_id` ranges over them), and a cursor each.
-pub(super) fn event_ring_sizes() -> std::io::Result<[(&'static str, u32); 2]> {
+/// The sizes of the maps with an element a possible CPU (`bpf_get_smp_processor_id` ranges
+/// over them): the event rings (`EVENT_SLOTS_PER_CPU` slots each) and their cursors, and
+/// the benchmark wrapper's frames.
+pub(super) fn per_cpu_sizes() -> std::io::Result<[(&'static str, u32); 3]> {
     let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)? as u32;
     Ok([
         (n::EVENT_SLOTS, cpus * EVENT_SLOTS_PER_CPU),
         (n::EVENT_CURSORS, cpus),
+        (n::BENCH_FRAME, cpus),
     ])
 }
 
@@ -222,7 +224,8 @@ impl Datapath {
         if let Some(dir) = &opts.pin_dir {
             pin_compat::replace_incompatible(dir)?;
         }
-        let [(_, event_slots), (_, cpus)] = event_ring_sizes().map_err(DatapathError::Io)?;
+        let [(_, event_slots), (_, cpus), (_, bench_frames)] =
+            per_cpu_sizes().map_err(DatapathError::Io)?;
         // After the check: a pinned table of another layout is gone by now.
         let conn_sets = conn_table_sets(opts);
         let conn_set_mask = conn_sets - 1;
@@ -236,7 +239,8 @@ impl Datapath {
             .map_max_entries(n::NIC_FLOWS, opts.nic_flows)
             .map_max_entries(n::EVENTS, doorbell_bytes)
             .map_max_entries(n::EVENT_SLOTS, event_slots)
-            .map_max_entries(n::EVENT_CURSORS, cpus);
+            .map_max_entries(n::EVENT_CURSORS, cpus)
+            .map_max_entries(n::BENCH_FRAME, bench_frames);
         let pins: Vec<(&'static str, PathBuf)> = match &opts.pin_dir {
             Some(dir) => ALL_MAPS.iter().map(|m| (*m, dir.join(m))).collect(),
             None => Vec::new(),
@@ -303,6 +307,18 @@ impl Datapath {
 
     pub fn conn_table_mut(&mut self) -> &mut ConnTable {
         &mut self.conn_table
+    }
+
+    /// A descriptor of its own on `prog` (loaded first if need be), for a user that
+    /// outlives a borrow of the datapath: another thread, a link.
+    pub(crate) fn program_fd(&mut self, prog: Prog) -> Result<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd;
+        self.program(prog)?
+            .fd()
+            .map_err(prog_err(prog.name()))?
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(DatapathError::Io)
     }
 
     /// The program, loaded into the kernel (verified) on first use.

@@ -47,10 +47,19 @@ pub(crate) fn stats_slot(
 
 /// Sum over CPUs of every path counter.
 pub(crate) fn counter_snapshot(map: &PerCpuArray<MapData, u64>) -> Result<CounterSnapshot> {
+    counters_of(map, None)
+}
+
+/// Every path counter of `cpu`, or summed over CPUs.
+fn counters_of(map: &PerCpuArray<MapData, u64>, cpu: Option<usize>) -> Result<CounterSnapshot> {
     let mut snap = BTreeMap::new();
     for &c in Counter::ALL {
         let per_cpu = map.get(&(c as u32), 0).map_err(map_err(n::COUNTERS))?;
-        snap.insert(c.label(), per_cpu.iter().sum());
+        let value = match cpu {
+            Some(cpu) => per_cpu.get(cpu).copied().unwrap_or(0),
+            None => per_cpu.iter().sum(),
+        };
+        snap.insert(c.label(), value);
     }
     Ok(CounterSnapshot(snap))
 }
@@ -286,6 +295,12 @@ impl Datapath {
         counter_snapshot(&self.counters)
     }
 
+    /// The path counters of one CPU: what the packets run there took, whatever other CPUs
+    /// did meanwhile.
+    pub fn counters_on(&self, cpu: usize) -> Result<CounterSnapshot> {
+        counters_of(&self.counters, Some(cpu))
+    }
+
     pub fn vip_stats(&self, vip_id: u32) -> Result<TrafficStats> {
         stats_slot(&self.vip_stats, n::VIP_STATS, vip_id)
     }
@@ -313,9 +328,21 @@ impl Datapath {
         Ok(())
     }
 
+    /// Gives every CPU's benchmark wrapper `frame`.
     pub fn set_bench_frame(&mut self, frame: &BenchFrame) -> Result<()> {
+        for cpu in 0..self.bench_frame.len() {
+            self.bench_frame
+                .set(cpu, frame, 0)
+                .map_err(map_err(n::BENCH_FRAME))?;
+        }
+        Ok(())
+    }
+
+    /// Gives the benchmark wrapper on `cpu` alone `frame` (another CPU may be running its
+    /// own meanwhile).
+    pub fn set_bench_frame_on(&mut self, cpu: usize, frame: &BenchFrame) -> Result<()> {
         self.bench_frame
-            .set(0, frame, 0)
+            .set(cpu as u32, frame, 0)
             .map_err(map_err(n::BENCH_FRAME))
     }
 

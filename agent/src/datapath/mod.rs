@@ -3,6 +3,7 @@
 //! VIPs, reals, rings and marks.
 
 mod conn_table;
+mod dispatcher;
 mod event_rings;
 mod handles;
 mod loader;
@@ -14,6 +15,7 @@ mod rings;
 pub mod testrun;
 
 pub use conn_table::ConnTable;
+pub use dispatcher::DispatcherHold;
 pub use event_rings::EventReader;
 pub use handles::{NicFlowTable, StatsReader};
 pub use loader::{Datapath, LoadOptions, Prog, TcProg, map_kind};

@@ -238,11 +238,12 @@ fn pinned_def(name: &'static str, path: &Path) -> Result<MapDef, PinCompatError>
 
 /// Checks every pin under `dir` against the embedded object and unpins those that differ
 /// (see the module comment); what [`super::Datapath::load`] does first with a pin directory.
-/// The per-CPU event rings are sized at load by the CPU count, and a pin of another count
-/// is replaced like a fixed-size map of another size.
+/// The maps with an element a CPU (the event rings, the benchmark's frames) are sized at
+/// load by the CPU count, and a pin of another count is replaced like a fixed-size map of
+/// another size.
 pub fn replace_incompatible(dir: &Path) -> Result<Vec<ReplacedPin>, PinCompatError> {
-    use super::loader::{ALL_MAPS, OBJECT, SIZED_AT_LOAD, event_ring_sizes};
-    let per_cpu = event_ring_sizes().map_err(PinCompatError::Cpus)?;
+    use super::loader::{ALL_MAPS, OBJECT, SIZED_AT_LOAD, per_cpu_sizes};
+    let per_cpu = per_cpu_sizes().map_err(PinCompatError::Cpus)?;
     replace_incompatible_pins(OBJECT, dir, ALL_MAPS, SIZED_AT_LOAD, &per_cpu)
 }
 

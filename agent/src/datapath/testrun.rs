@@ -1,6 +1,8 @@
 //! `BPF_PROG_TEST_RUN` of the datapath's programs on crafted frames, with the mark passed
 //! as XDP metadata the way a NIC (or the emulated one) leaves it.
 
+use std::os::fd::{AsRawFd, OwnedFd};
+
 use aya::programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions, Xdp};
 
 use super::{Datapath, Prog, Result, TcProg, prog_err};
@@ -51,6 +53,60 @@ impl Datapath {
     ) -> Result<RunResult> {
         let xdp = self.program(prog)?;
         run_xdp(xdp, frame, mark, repeat).map_err(prog_err(prog.name()))
+    }
+}
+
+/// A loaded XDP program that another thread runs with `BPF_PROG_TEST_RUN` through its own
+/// file descriptor, while the [`Datapath`] stays with its owner: the benchmark's flood on
+/// one CPU while it measures on another.
+pub struct XdpRunner {
+    fd: OwnedFd,
+}
+
+/// `union bpf_attr` for `BPF_PROG_TEST_RUN` (the `test` member, up to `cpu`).
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+}
+
+const BPF_PROG_TEST_RUN: libc::c_int = 10;
+
+impl XdpRunner {
+    /// Runs the program `repeat` times on `frame` (no metadata, nothing copied back):
+    /// its action and the kernel's average ns a repetition.
+    pub fn run(&self, frame: &[u8], repeat: u32) -> std::io::Result<(u32, u32)> {
+        let mut attr = TestRunAttr {
+            prog_fd: self.fd.as_raw_fd() as u32,
+            data_size_in: frame.len() as u32,
+            data_in: frame.as_ptr() as u64,
+            repeat,
+            ..Default::default()
+        };
+        crate::xdp_link::bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+        Ok((attr.retval, attr.duration))
+    }
+}
+
+impl Datapath {
+    /// A runner of `prog` for another thread (its own duplicate of the program's fd).
+    pub fn xdp_runner(&mut self, prog: Prog) -> Result<XdpRunner> {
+        Ok(XdpRunner {
+            fd: self.program_fd(prog)?,
+        })
     }
 }
 

@@ -85,6 +85,16 @@ pub struct BenchFrame {
     pub mark_span: u32,
     /// Repetition counter (wrapper-owned).
     pub seq: u32,
+    /// Non-zero: byte offset of the TCP header, and the repetitions go in handshakes: the
+    /// even ones send flow `seq / 2` as the frame has it (a SYN), the odd ones the same
+    /// flow with its flags set to a bare ACK. 0: every repetition sends the frame's flags.
+    pub handshake_tcp_off: u32,
     pub data: [u8; crate::consts::BENCH_FRAME_MAX],
+    /// Unused: `BENCH_FRAME` holds one frame a CPU, and the wrapper writes `seq` on every
+    /// repetition; at 192 bytes the bytes one CPU's wrapper touches (the header and a frame
+    /// of at most 80 bytes) never share a cache line with another CPU's.
+    pub _pad: [u8; 32],
 }
-const _: () = assert!(core::mem::size_of::<BenchFrame>() == 28 + crate::consts::BENCH_FRAME_MAX);
+const _: () = assert!(core::mem::size_of::<BenchFrame>() == 192);
+const _: () =
+    assert!(core::mem::size_of::<BenchFrame>() == 32 + crate::consts::BENCH_FRAME_MAX + 32);

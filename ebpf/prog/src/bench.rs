@@ -7,7 +7,9 @@
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, xdp_action},
-    helpers::{bpf_ktime_get_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_meta},
+    helpers::{
+        bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_meta,
+    },
     maps::LruHashMap,
     programs::XdpContext,
 };
@@ -20,6 +22,7 @@ use marklb_common::{
 
 use crate::{
     conn, events,
+    hdr::TCP_ACK,
     maps::{BENCH_CONN_COMMON, BENCH_CONN_LRU, BENCH_FRAME, BENCH_NEXT, CONFIG},
     parse::{self, Verdict, ptr_at},
     pick::{Learn, new_entry, ring_pick, vip_lookup},
@@ -135,7 +138,10 @@ fn lru_learn_syn(table: &LruHashMap<FlowKey, ConnEntry>, flow: &FlowKey, entry: 
 
 #[inline(always)]
 pub fn restore(ctx: &XdpContext) -> u32 {
-    let Some(frame) = BENCH_FRAME.get_ptr_mut(0) else {
+    // This CPU's frame: the benchmark floods the connection table from one CPU while it
+    // measures on another, each restoring its own frame and counting its own repetitions.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let Some(frame) = BENCH_FRAME.get_ptr_mut(cpu) else {
         return xdp_action::XDP_ABORTED;
     };
     let frame = unsafe { &mut *frame };
@@ -164,8 +170,20 @@ pub fn restore(ctx: &XdpContext) -> u32 {
         }
         i += 1;
     }
+    // In handshakes every flow goes twice: its SYN, then its ACK.
+    let handshake = frame.handshake_tcp_off != 0;
+    let flow_seq = if handshake { frame.seq >> 1 } else { frame.seq };
+    if handshake && frame.seq & 1 == 1 {
+        // The flags byte goes with the data offset before it: a 16-bit access, which the
+        // verifier bounds where the compiler's check of a 1-byte one loses its range.
+        let off = (frame.handshake_tcp_off as usize + 12) & 0x7f;
+        let Some(word) = ptr_at::<u16>(ctx, off) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        unsafe { *word = ((u16::from_be(*word) & 0xff00) | TCP_ACK as u16).to_be() };
+    }
     let n = if frame.flows > 1 {
-        frame.seq % frame.flows
+        flow_seq % frame.flows
     } else {
         0
     };

@@ -123,7 +123,8 @@ pub static NIC_FLOWS: HashMap<FlowKey, NicRule> = HashMap::with_max_entries(DEFA
 #[map]
 pub static NIC_NEXT: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
-/// Benchmark wrapper: the frame to restore before every repetition.
+/// Benchmark wrapper: the frame to restore before every repetition, one a CPU (indexed by
+/// `bpf_get_smp_processor_id`; sized at load by the possible CPUs).
 #[map]
 pub static BENCH_FRAME: Array<BenchFrame> = Array::with_max_entries(1, 0);
 
