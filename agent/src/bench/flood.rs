@@ -1,4 +1,4 @@
-//! Established flows while another CPU floods the connection table.
+//! Established flows while a flood of new flows goes through the connection table.
 //!
 //! A flood thread pinned to a second CPU runs the balancer, behind the wrapper, on flows
 //! never seen before, for as long as the measuring CPU times the packets of flows it
@@ -43,7 +43,8 @@ const FLOOD_CHUNK: u32 = 20_000;
 /// Where the floods' flows start (the wrapper adds the repetition number to the source
 /// port and address): past every other row's flows.
 const FLOOD_SEQ: u32 = 1 << 29;
-/// Flows apart two floods start: more than one flood sends.
+/// Flows apart two floods start: ten times what one sends at the default repetitions (at
+/// most about 6 million), so that no flood meets another's flows.
 const FLOOD_SEQ_STRIDE: u32 = 1 << 26;
 
 /// What floods the table.
@@ -58,13 +59,13 @@ pub enum FloodKind {
 impl FloodKind {
     fn name(self) -> &'static str {
         match self {
-            FloodKind::Syns => "SYNs",
-            FloodKind::Handshakes => "handshakes",
+            FloodKind::Syns => "SYNs, other CPU",
+            FloodKind::Handshakes => "handshakes, other CPU",
         }
     }
 }
 
-/// What the flood CPU did while one row was measured.
+/// What the flood did while one row was measured.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct FloodTotals {
     pub packets: u64,
@@ -87,13 +88,12 @@ pub struct FloodEvents {
     pub lost: u64,
 }
 
-/// Established packets of some flows in rounds taken in turns: quiet, then while the
-/// other CPU floods (its figures: the same rounds).
+/// Established packets of some flows in rounds taken in turns: quiet, then flooded.
 #[derive(Clone, Debug, Serialize)]
 pub struct FloodFigure {
     pub family: &'static str,
     pub flows: u32,
-    /// What the other CPU sent.
+    /// What flooded the table, and from which CPU.
     pub flood: &'static str,
     pub quiet: Spread,
     pub flooded: Spread,
