@@ -294,6 +294,11 @@ fn bench_frame(spec: &FrameSpec) -> Result<BenchFrame> {
     })
 }
 
+/// The bytes of `f` the wrapper restores: what a test run of it is given.
+fn frame_bytes(f: &BenchFrame) -> &[u8] {
+    &f.data[..f.len as usize]
+}
+
 /// `f` with another mark and flows, starting at `seq`. (A function: closures building the
 /// frame in place with `..*f` make rustc's borrow checker fail on the data array.)
 fn with_flows(f: &BenchFrame, mark: u32, flows: u32, seq: u32) -> BenchFrame {
@@ -400,10 +405,9 @@ impl Bench<'_> {
     ) -> Result<(f64, CounterSnapshot)> {
         self.set_frame(frame)?;
         let before = self.counters()?;
-        let input = &frame.data[..frame.len as usize];
         let r = self
             .dp
-            .test_run_repeat(Prog::BenchRestore, input, None, repeat)?;
+            .test_run_repeat(Prog::BenchRestore, frame_bytes(frame), None, repeat)?;
         let delta = self.counters()?.since(&before);
         // The step program passes what it could do to the end, aborts otherwise.
         if target == Prog::BenchStep && r.action != XDP_PASS {

@@ -31,10 +31,10 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 use marklb_common::{BenchFrame, Counter, LbConfig};
 use serde::Serialize;
 
-use super::{Bench, Spread, pin_to};
+use super::{Bench, Spread, frame_bytes, pin_to};
 use crate::{
     datapath::{CounterSnapshot, Prog, testrun::XdpRunner},
-    desired::{EVENTS_BURST, EVENTS_PER_SEC_PER_CPU},
+    desired::{EVENT_INTERVAL_NS, EVENTS_BURST},
 };
 
 /// Repetitions of one `BPF_PROG_TEST_RUN` call of the flood (about 20 ms of SYNs): short
@@ -116,7 +116,7 @@ pub struct FloodFigure {
 /// benchmark's own config lets every event through, which no node does.
 pub fn agent_limiter(cfg: &LbConfig) -> LbConfig {
     LbConfig {
-        event_interval_ns: 1_000_000_000 / EVENTS_PER_SEC_PER_CPU,
+        event_interval_ns: EVENT_INTERVAL_NS,
         events_burst: EVENTS_BURST,
         ..*cfg
     }
@@ -174,8 +174,18 @@ impl Flooder {
         }
     }
 
-    /// Tells the thread `command` and waits until it idles (`idle`) or runs.
-    fn set(&self, command: u8, idle: bool) {
+    /// Pauses the flood: returns once the thread sends nothing.
+    fn pause(&self) {
+        self.tell(PAUSE, true);
+    }
+
+    /// Resumes the flood: returns once the thread is sending.
+    fn resume(&self) {
+        self.tell(RUN, false);
+    }
+
+    /// Tells the thread `command` and waits until its idle flag reads `idle` (or it ended).
+    fn tell(&self, command: u8, idle: bool) {
         self.command.store(command, Ordering::Release);
         while self.idle.load(Ordering::Acquire) != idle && !self.handle.is_finished() {
             std::thread::sleep(Duration::from_micros(10));
@@ -319,13 +329,12 @@ impl Bench<'_> {
             self.dp.set_bench_frame_on(plan.cpu, &frame)?;
             let before = self.dp.counters_on(plan.cpu)?;
             let runner = self.dp.xdp_runner(Prog::BenchRestore)?;
-            let flooder =
-                Flooder::start(runner, plan.cpu, frame.data[..frame.len as usize].to_vec());
+            let flooder = Flooder::start(runner, plan.cpu, frame_bytes(&frame).to_vec());
             let turns = in_turns(self.opts.rounds, |flooded, tally| {
                 if flooded {
-                    flooder.set(RUN, false);
+                    flooder.resume();
                 } else {
-                    flooder.set(PAUSE, true);
+                    flooder.pause();
                 }
                 self.established_round(&legit, tally)
             });
@@ -415,8 +424,8 @@ impl Bench<'_> {
     /// the flood's SYNs when `flood`: the measured batches' mean ns a packet.
     fn batch_round(&mut self, b: &mut Batches, flood: bool, tally: &mut Tally) -> Result<f64> {
         let before = self.counters()?;
-        let legit_input = b.legit.data[..b.legit.len as usize].to_vec();
-        let flood_input = b.flood.data[..b.flood.len as usize].to_vec();
+        let legit_input = frame_bytes(&b.legit).to_vec();
+        let flood_input = frame_bytes(&b.flood).to_vec();
         let (mut legit_ns, mut flood_packets) = (0.0, 0u64);
         for _ in 0..b.count {
             if flood {

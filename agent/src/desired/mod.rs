@@ -168,6 +168,8 @@ pub struct Desired {
 
 /// New-flow events a CPU may send per second (bounds a SYN flood's cost to user space).
 pub const EVENTS_PER_SEC_PER_CPU: u32 = 200_000;
+/// The limiter's spacing of those events (`LbConfig::event_interval_ns`).
+pub const EVENT_INTERVAL_NS: u32 = 1_000_000_000 / EVENTS_PER_SEC_PER_CPU;
 pub const EVENTS_BURST: u32 = 4_096;
 // The API's default is the datapath's own (what a zero in `LbConfig` means).
 const _: () = assert!(
@@ -305,7 +307,7 @@ impl Desired {
             _pad0: 0,
             encap_src_v4_be: s.encap_src_v4_be,
             encap_src_v6_be: s.encap_src_v6_be,
-            event_interval_ns: 1_000_000_000 / EVENTS_PER_SEC_PER_CPU,
+            event_interval_ns: EVENT_INTERVAL_NS,
             events_burst: EVENTS_BURST,
         }
     }

@@ -96,5 +96,3 @@ pub struct BenchFrame {
     pub _pad: [u8; 32],
 }
 const _: () = assert!(core::mem::size_of::<BenchFrame>() == 192);
-const _: () =
-    assert!(core::mem::size_of::<BenchFrame>() == 32 + crate::consts::BENCH_FRAME_MAX + 32);
